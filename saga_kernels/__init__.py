@@ -1,0 +1,8 @@
+"""saga-kernels: memory-lean Triton kernels for training vision encoders through frozen MLLMs.
+
+Every op has three implementations (Triton, a tiled PyTorch fallback, and ``reference``); see
+``saga_kernels._dispatch`` for which one runs.
+"""
+from ._dispatch import ImplUnavailableError
+
+__version__ = "0.1.0"

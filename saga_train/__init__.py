@@ -1,0 +1,1 @@
+"""saga_train: the thin SAGA training driver (``python -m saga_train``)."""

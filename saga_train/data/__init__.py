@@ -1,0 +1,1 @@
+"""Datasets, splits and samplers for SAGA training and zero-shot retrieval evaluation."""

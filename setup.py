@@ -1,0 +1,45 @@
+"""saga-kernels: Triton kernels and a thin PyTorch driver for SAGA (frozen-MLLM-supervised retrieval)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="saga-kernels",
+    version="0.1.0",
+    description="Fused log-prob/GRPO, attention-probe and streaming metric-loss kernels, and the SAGA trainer",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["saga_kernels", "saga_kernels.*", "saga_train", "saga_train.*"]),
+    python_requires=">=3.10",
+    # torch is deliberately unpinned from above: GPU users bring their own build.
+    install_requires=["torch>=2.4", "triton>=3.2; platform_system == 'Linux'", "numpy"],
+    extras_require={
+        "train": [
+            "transformers>=4.57",
+            "tokenizers",
+            "safetensors",
+            "tqdm",
+            "pillow",
+            "scipy",
+            "scikit-learn",
+            "faiss-cpu",
+            "matplotlib",
+        ],
+        "test": [
+            "pytest",
+            "pytest-benchmark",
+            "transformers>=4.57",
+            "tokenizers",
+            "safetensors",
+            "tqdm",
+            "pillow",
+            "scipy",
+            "scikit-learn",
+            "faiss-cpu",
+            "matplotlib",
+            "liger-kernel==0.8.5",
+            "cut-cross-entropy",
+            "pytorch-metric-learning==2.9.0",
+        ],
+        "gpu": ["faiss-gpu", "flash-attn", "liger-kernel"],
+    },
+    entry_points={"console_scripts": ["saga-train=saga_train.__main__:main"]},
+)
