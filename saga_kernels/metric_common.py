@@ -1,0 +1,100 @@
+"""Shared machinery of the streaming metric losses (SupCon, Multi-Similarity, Proxy Anchor, Potential Field).
+
+* :func:`check_embeddings_labels` validates an ``[N, D]`` float embedding matrix and its ``[N]`` integer
+  labels (lengths, dtypes, device, finiteness) with errors that name the argument;
+* :func:`l2_normalize` is ``x / max(||x||_2, eps)`` row-wise (pytorch-metric-learning's cosine
+  convention), differentiable through autograd, so the kernels only ever see unit rows;
+* :func:`remap_labels` turns arbitrary integer labels (negative, sparse, huge) into dense ``int32``
+  class ids ``0..K-1`` shared across several label tensors, which is all the kernels compare;
+* :func:`zero_loss` is a zero that stays connected to the autograd graph (the documented loss of a
+  batch without the pairs a loss needs), and :func:`check_positive` validates scalar hyper-parameters;
+* :func:`compute_dtype` / :func:`tile_size` fix the precision and tile size of the PyTorch fallbacks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import FLOAT_DTYPES, check_finite, check_index_range, check_same_device, check_tensor
+
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+# Rows x columns of one similarity tile in the PyTorch fallbacks: 4 MiB of fp32 per tile.
+FALLBACK_TILE_ELEMS = 1 << 20
+
+
+def check_embeddings_labels(
+    embeddings,
+    labels,
+    *,
+    embeddings_name: str = "embeddings",
+    labels_name: str = "labels",
+) -> None:
+    """Raise a TypeError/ValueError naming the argument unless ``embeddings`` is a finite float ``[N, D]``
+    tensor (N, D >= 1) and ``labels`` an integer ``[N]`` tensor on the same device."""
+    check_tensor(embeddings_name, embeddings, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor(labels_name, labels, ndim=1, dtypes=INT_DTYPES)
+    n, d = embeddings.shape
+    if n == 0 or d == 0:
+        raise ValueError(f"{embeddings_name} must have at least one row and one column, got shape {list(embeddings.shape)}")
+    if labels.shape[0] != n:
+        raise ValueError(
+            f"{labels_name} has {labels.shape[0]} entries but {embeddings_name} has {n} rows; they must match"
+        )
+    check_same_device(**{embeddings_name: embeddings, labels_name: labels})
+    check_finite(embeddings_name, embeddings)
+
+
+def check_label_range(name: str, labels: torch.Tensor, num_classes: int) -> None:
+    """Every label lies in ``[0, num_classes)`` (e.g. labels indexing a proxy table)."""
+    check_index_range(name, labels, num_classes)
+
+
+def check_positive(name: str, value) -> float:
+    """``value`` is a finite real number > 0; return it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Row-wise ``x / max(||x||_2, eps)``; its backward is autograd's
+    ``(g - x_hat * <x_hat, g>) / ||x||`` (pytorch-metric-learning's CosineSimilarity uses the same)."""
+    return F.normalize(x, p=2, dim=1, eps=eps)
+
+
+def remap_labels(*labels: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """Map the values of all ``labels`` tensors jointly to dense ``int32`` ids in ``[0, K)``.
+
+    Equal values get equal ids across tensors, so ``a[i] == b[j]`` is preserved. Returns the remapped
+    tensors (same shapes, contiguous) and K, the number of distinct values.
+    """
+    flat = torch.cat([lab.reshape(-1).to(torch.int64) for lab in labels])
+    uniq, inverse = torch.unique(flat, return_inverse=True)
+    out, start = [], 0
+    for lab in labels:
+        out.append(inverse[start : start + lab.numel()].to(torch.int32).reshape(lab.shape).contiguous())
+        start += lab.numel()
+    return out, int(uniq.numel())
+
+
+def zero_loss(*tensors: torch.Tensor | None) -> torch.Tensor:
+    """A scalar 0 connected to every given tensor's graph (their gradients come back as zeros)."""
+    present = [t for t in tensors if t is not None]
+    total = sum((t * 0).sum() for t in present)
+    return total.to(present[0].dtype)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the fallbacks: float64 stays float64, everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tile_size(n_cols: int, tile_elems: int = FALLBACK_TILE_ELEMS) -> int:
+    """Rows per fallback tile so that one ``[rows, n_cols]`` tile holds about ``tile_elems`` entries."""
+    return max(1, min(n_cols, tile_elems // max(n_cols, 1)))
