@@ -1,0 +1,188 @@
+"""The one training configuration: a frozen dataclass, presets, and CLI flags generated from it.
+
+Precedence: dataclass defaults < ``--preset`` < ``--config file.json`` < explicit CLI flags.
+``Config()`` with no arguments is the embedded CPU default (``python -m saga_train``).
+"""
+import argparse
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+
+POOLERS = ("attention", "mean")
+DML_LOSSES = ("potential_field", "proxy_anchor", "multi_similarity", "supcon")
+PROMPTS = ("dataset", "generic")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that does not exist or cannot be used."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a SAGA training run (METHOD.md names in comments)."""
+
+    # model and data
+    model: str = "tiny-random"  # a local Qwen3-VL directory, or "tiny-random" (G's tiny kit, random init)
+    dataset: str = "synthetic"  # synthetic | cub | cars | aircraft | inat | folder
+    data_root: str = ""  # dataset directory (unused for "synthetic")
+    image_size: int = 64  # images are resized to image_size x image_size (paper: 224)
+    synthetic_images_per_class: int = 8  # SyntheticBirds size (train and test split)
+    max_eval_images: int = 0  # cap on test images for evaluation (0 = all)
+    # embedding map g = pooler o tower
+    pooler: str = "attention"  # attention | mean
+    embedding_size: int = 128  # D_e (paper: 4096)
+    # losses: lambda_dml L_DML + lambda_lm L_GRPO + lambda_kl L_KL (0 turns one off)
+    dml: str = "potential_field"
+    lambda_dml: float = 1.0
+    lambda_lm: float = 1.0
+    lambda_kl: float = 1.0
+    proxies_per_class: int = 15  # Potential Field M
+    # optimization
+    lr_encoder: float = 2e-5
+    lr_pooler: float = 1e-4
+    lr_proxies: float = 2e-3  # 100x the encoder lr (PF / PA papers)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    epochs: int = 1
+    steps_per_epoch: int = 0  # 0 = one pass of the class-balanced sampler over the train split
+    max_steps: int = 0  # 0 = epochs * steps_per_epoch; otherwise stop after this many steps
+    warmup_fraction: float = 0.05
+    classes_per_batch: int = 8  # P x K images per micro-batch (paper: 64 images)
+    images_per_class: int = 4
+    # phase B: rollouts
+    pairs_per_step: int = 4  # P pairs drawn per micro-batch (paper: 8)
+    group_size: int = 4  # G samples per pair (paper: 8)
+    contributing_pairs: int = 2  # K pairs with reward variance buffered per step (paper: 8)
+    max_pair_draws: int = 8  # cap on pairs drawn per step while looking for K contributing pairs
+    temperature: float = 1.0  # paper: 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 48  # paper: 1024
+    kl_layer: int = -1  # LLM layer of the attention teacher; -1 = round(26/36 * layers) (26 for 8B)
+    prompt: str = "dataset"  # dataset | generic
+    # run
+    seed: int = 0
+    run_dir: str = "runs/saga-default"
+    resume: bool = False
+    eval_before: bool = True
+    eval_every_epoch: bool = True
+    checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end of each epoch)
+    device: str = "auto"  # auto | cpu | cuda
+    bf16: bool = True  # autocast on CUDA only
+    grad_checkpointing: bool = True  # on the LLM, CUDA only
+    liger: bool = True  # Liger-Kernel Qwen3-VL patches, CUDA only and when installed
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self):
+        _check_choice("pooler", self.pooler, POOLERS)
+        _check_choice("dml", self.dml, DML_LOSSES)
+        _check_choice("prompt", self.prompt, PROMPTS)
+        _check_choice("device", self.device, DEVICES)
+        for name in ("image_size", "embedding_size", "epochs", "classes_per_batch", "images_per_class",
+                     "pairs_per_step", "group_size", "contributing_pairs", "max_pair_draws", "max_new_tokens",
+                     "synthetic_images_per_class", "proxies_per_class"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lambda_dml", "lambda_lm", "lambda_kl", "lr_encoder", "lr_pooler", "lr_proxies",
+                     "weight_decay", "grad_clip", "steps_per_epoch", "max_steps", "checkpoint_every",
+                     "max_eval_images"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0.0 < self.top_p <= 1.0 or self.temperature <= 0:
+            raise ConfigError(f"need 0 < top_p <= 1 and temperature > 0, got {self.top_p}, {self.temperature}")
+        if self.group_size < 2 and self.lambda_lm > 0:
+            raise ConfigError("group_size must be >= 2 for group-normalized advantages")
+        if self.images_per_class < 2:
+            raise ConfigError("images_per_class must be >= 2 so that a batch holds same-class pairs")
+
+    @property
+    def batch_size(self) -> int:
+        return self.classes_per_batch * self.images_per_class
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The 8B recipe of METHOD.md (one H200, bf16); pass --model DIR --dataset NAME --data-root DIR with it.
+PRESETS = {
+    "default": {},
+    "paper": dict(
+        image_size=224, pooler="attention", embedding_size=4096, dml="potential_field", epochs=3,
+        classes_per_batch=16, images_per_class=4, pairs_per_step=8, group_size=8, contributing_pairs=8,
+        max_pair_draws=64, temperature=0.7, top_p=0.95, max_new_tokens=1024, kl_layer=26,
+        lr_encoder=2e-5, lr_pooler=1e-4, lr_proxies=2e-3, run_dir="runs/saga-paper", checkpoint_every=500,
+    ),
+}
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _field_types() -> dict:
+    return typing.get_type_hints(Config)
+
+
+def make_config(base: Config | None = None, **overrides) -> Config:
+    """``base`` (default: ``Config()``) with ``overrides``; an unknown key raises ConfigError naming it."""
+    types = _field_types()
+    unknown = sorted(set(overrides) - set(types))
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)} (known: {', '.join(types)})")
+    clean = {}
+    for key, value in overrides.items():
+        kind = types[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"config key {key!r} needs a {kind.__name__}, got {value!r}")
+        clean[key] = value
+    return dataclasses.replace(base or Config(), **clean)
+
+
+def load_config_file(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m saga_train",
+        description="SAGA: train a Qwen3-VL vision tower + pooler through its own frozen LLM. "
+        "No arguments = the embedded CPU default (synthetic birds, tiny Qwen3-VL).",
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--config", help="JSON file of config keys (CLI flags win)")
+    defaults = Config()
+    for name, kind in _field_types().items():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"(default {default})")
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=None, help=f"(default {default})")
+    return parser
+
+
+def parse_args(argv=None) -> Config:
+    """Config from the command line: defaults < preset < --config file < explicit flags."""
+    args = vars(build_parser().parse_args(argv))
+    base = make_config(**PRESETS[args.pop("preset")])
+    config_path = args.pop("config")
+    if config_path:
+        base = make_config(base, **load_config_file(config_path))
+    explicit = {k: v for k, v in args.items() if v is not None}
+    return make_config(base, **explicit)
