@@ -8,11 +8,14 @@
   class ids ``0..K-1`` shared across several label tensors, which is all the kernels compare;
 * :func:`zero_loss` is a zero that stays connected to the autograd graph (the documented loss of a
   batch without the pairs a loss needs), and :func:`check_positive` validates scalar hyper-parameters;
-* :func:`compute_dtype` / :func:`tile_size` fix the precision and tile size of the PyTorch fallbacks.
+* :func:`compute_dtype` / :func:`tile_size` fix the precision and tile size of the PyTorch fallbacks;
+  :func:`pair_tiles` and :func:`tiled_pair_backward` are the fallbacks' streaming loops over row
+  blocks of the similarity matrix (one ``[rows, M]`` tile alive at a time, never ``[N, M]``).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -98,3 +101,53 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def tile_size(n_cols: int, tile_elems: int = FALLBACK_TILE_ELEMS) -> int:
     """Rows per fallback tile so that one ``[rows, n_cols]`` tile holds about ``tile_elems`` entries."""
     return max(1, min(n_cols, tile_elems // max(n_cols, 1)))
+
+
+def pair_masks(lq: torch.Tensor, lk: torch.Tensor, row_offset: int, self_pairs: bool):
+    """(positive, negative, valid) masks of the tile ``rows = row_offset + arange(len(lq))`` x all columns;
+    ``self_pairs`` drops the diagonal ``i == j`` (query and key sets are the same batch)."""
+    same = lq[:, None] == lk[None, :]
+    valid = torch.ones_like(same)
+    if self_pairs:
+        r = torch.arange(lq.numel(), device=lq.device)
+        valid[r, r + row_offset] = False
+    return same & valid, ~same & valid, valid
+
+
+def pair_tiles(q: torch.Tensor, k: torch.Tensor, lq: torch.Tensor, lk: torch.Tensor, self_pairs: bool) -> Iterator:
+    """Yield ``(r0, r1, s, pos, neg, valid)`` per block of query rows, ``s = q[r0:r1] @ k^T`` in the
+    compute dtype. The tiling depends only on the shapes, so a backward that calls this again sees
+    bit-identical similarities (and identical mining decisions)."""
+    cd = compute_dtype(q.dtype)
+    kc = k.to(cd)
+    rows = tile_size(k.shape[0])
+    for r0 in range(0, q.shape[0], rows):
+        r1 = min(q.shape[0], r0 + rows)
+        s = q[r0:r1].to(cd) @ kc.T
+        yield (r0, r1, s, *pair_masks(lq[r0:r1], lk, r0, self_pairs))
+
+
+def tiled_pair_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lq: torch.Tensor,
+    lk: torch.Tensor,
+    grad_tile: Callable,
+    *,
+    self_pairs: bool,
+    need_dq: bool,
+    need_dk: bool,
+):
+    """``dq = G k`` and ``dk = G^T q`` for ``G = dLoss/dS`` built tile by tile by
+    ``grad_tile(r0, r1, s, pos, neg, valid)``; returns (dq, dk) in the compute dtype (None if not needed)."""
+    cd = compute_dtype(q.dtype)
+    kc = k.to(cd)
+    dq = torch.zeros(q.shape, dtype=cd, device=q.device) if need_dq else None
+    dk = torch.zeros(k.shape, dtype=cd, device=k.device) if need_dk else None
+    for r0, r1, s, pos, neg, valid in pair_tiles(q, k, lq, lk, self_pairs):
+        g = grad_tile(r0, r1, s, pos, neg, valid)
+        if need_dq:
+            dq[r0:r1] = g @ kc
+        if need_dk:
+            dk += g.T @ q[r0:r1].to(cd)
+    return dq, dk
