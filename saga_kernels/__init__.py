@@ -6,3 +6,5 @@ Every op has three implementations (Triton, a tiled PyTorch fallback, and ``refe
 from ._dispatch import ImplUnavailableError
 
 __version__ = "0.1.0"
+from .logprob import linear_logprobs  # noqa: E402
+from .grpo import LinearGRPOLoss, grpo_loss, linear_grpo_loss  # noqa: E402

@@ -1,0 +1,194 @@
+"""The GRPO-family policy loss (grpo / bnpo / dr_grpo / dapo, as TRL defines them), on log-probs or
+fused with the LM head.
+
+Per completion token t of sequence i, with advantage A_i and log-probs lp (current), old, ref:
+
+    r      = exp(lp - old)                                  (importance_sampling_level="token")
+           = exp(sum_t m (lp - old) / sum_t m)              ("sequence", GSPO; one ratio per sequence)
+    L_it   = -min(r A_i, clip(r, 1 - eps_low, 1 + eps_high) A_i) + beta * (exp(ref - lp) - (ref - lp) - 1)
+
+and the masked per-token losses are reduced by the loss type:
+
+    grpo     (1/B) sum_i (sum_t m L / sum_t m)          per-sequence mean, then mean over sequences
+    bnpo     sum m L / sum m                            token mean over the batch
+    dapo     sum m L / sum m                            same on one process (TRL divides by the
+                                                        global token count over processes)
+    dr_grpo  sum m L / (B * max_completion_length)
+
+Without old log-probs, old = lp.detach(): r == 1 exactly, clipping never acts, and the gradient is
+that of the advantage-weighted NLL -sum m A lp / norm (SAGA's L_GRPO with "dapo"); the loss
+*value* is then -sum m A / norm, the surrogate at r = 1, as in TRL.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import check_finite, check_index_range, check_same_device, check_tensor
+from .logprob import linear_logprobs
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IS_LEVELS = ("token", "sequence")
+_LOGPROB_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_options(beta, epsilon_low, epsilon_high, loss_type, max_completion_length, importance_sampling_level):
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IS_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got {importance_sampling_level!r}")
+    for name, value in (("beta", beta), ("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if loss_type == "dr_grpo":
+        if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) \
+                or max_completion_length <= 0:
+            raise ValueError(f"max_completion_length must be a positive int for loss_type='dr_grpo', "
+                             f"got {max_completion_length!r}")
+
+
+def _check_ref(beta, ref_logprobs):
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs is required when beta > 0 (the KL term needs the reference log-probs)")
+
+
+def _check_batch(logprobs, completion_mask, advantages, old_logprobs, ref_logprobs):
+    check_tensor("logprobs", logprobs, ndim=2, dtypes=_LOGPROB_DTYPES)
+    b, t = logprobs.shape
+    check_tensor("completion_mask", completion_mask, shape=(b, t))
+    if completion_mask.is_floating_point() or completion_mask.is_complex():
+        if not bool(((completion_mask == 0) | (completion_mask == 1)).all()):
+            raise ValueError("completion_mask must hold only 0 and 1")
+    check_tensor("advantages", advantages, shape=(b,), dtypes=_LOGPROB_DTYPES)
+    check_finite("advantages", advantages)
+    if old_logprobs is not None:
+        check_tensor("old_logprobs", old_logprobs, shape=(b, t), dtypes=_LOGPROB_DTYPES)
+    if ref_logprobs is not None:
+        check_tensor("ref_logprobs", ref_logprobs, shape=(b, t), dtypes=_LOGPROB_DTYPES)
+    check_same_device(logprobs=logprobs, completion_mask=completion_mask, advantages=advantages,
+                      old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
+
+
+def _masked_mean(x, mask):
+    return torch.where(mask.bool(), x, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def _grpo_core(logprobs, completion_mask, advantages, old_logprobs, ref_logprobs, beta, epsilon_low, epsilon_high,
+               loss_type, max_completion_length, importance_sampling_level):
+    """The loss math (inputs already validated); returns (loss, stats)."""
+    dtype = torch.promote_types(logprobs.dtype, torch.float32)
+    lp = logprobs.to(dtype)
+    keep = completion_mask.bool()
+    mask = keep.to(dtype)
+    adv = advantages.to(dtype).unsqueeze(-1)  # [B, 1]
+    old = lp.detach() if old_logprobs is None else old_logprobs.to(dtype)
+    log_ratio = lp - old
+    if importance_sampling_level == "sequence":
+        log_ratio = (torch.where(keep, log_ratio, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)  # [B, 1]
+    ratio = torch.exp(log_ratio)
+    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.minimum(ratio * adv, clipped_ratio * adv)
+    kl = None
+    if ref_logprobs is not None:
+        d = ref_logprobs.to(dtype) - lp
+        kl = torch.exp(d) - d - 1  # k3 estimator of KL(pi || pi_ref)
+        if beta > 0:
+            per_token = per_token + beta * kl
+    masked = torch.where(keep, per_token, 0.0)  # where, not *, so junk at padded positions cannot leak
+    batch = lp.shape[0]
+    if loss_type == "grpo":
+        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / max(batch, 1)
+    elif loss_type == "dr_grpo":
+        loss = masked.sum() / (batch * max_completion_length)
+    else:  # bnpo, dapo
+        loss = masked.sum() / mask.sum().clamp(min=1)
+
+    with torch.no_grad():
+        low = ((ratio < 1 - epsilon_low) & (adv < 0)).expand_as(mask).to(dtype)
+        high = ((ratio > 1 + epsilon_high) & (adv > 0)).expand_as(mask).to(dtype)
+        stats = {
+            "kl": _masked_mean(kl, mask) if kl is not None else lp.new_zeros(()),
+            "clip_ratio": _masked_mean(low + high, mask),
+            "clip_ratio_low": _masked_mean(low, mask),
+            "clip_ratio_high": _masked_mean(high, mask),
+            "ratio_mean": _masked_mean(ratio.expand_as(mask), mask),
+            "num_tokens": mask.sum(),
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def grpo_loss(logprobs, completion_mask, advantages, *, old_logprobs=None, ref_logprobs=None, beta=0.0,
+              epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", max_completion_length=None,
+              importance_sampling_level="token"):
+    """GRPO-family loss on per-token log-probs (formulas in the module docstring).
+
+    logprobs ``[B, T]`` (differentiable), completion_mask ``[B, T]`` (0/1, bool or numeric),
+    advantages ``[B]`` (finite), old_logprobs / ref_logprobs ``[B, T]`` or None. ``beta > 0``
+    needs ref_logprobs; "dr_grpo" needs max_completion_length. Returns ``(loss, stats)``: a scalar
+    in at least fp32, and detached scalars "kl" (masked mean k3 KL to ref; 0 without ref),
+    "clip_ratio", "clip_ratio_low", "clip_ratio_high" (fractions of completion tokens whose
+    objective is clipped, TRL's definition), "ratio_mean" and "num_tokens".
+    """
+    _check_options(beta, epsilon_low, epsilon_high, loss_type, max_completion_length, importance_sampling_level)
+    _check_ref(beta, ref_logprobs)
+    _check_batch(logprobs, completion_mask, advantages, old_logprobs, ref_logprobs)
+    return _grpo_core(logprobs, completion_mask, advantages, old_logprobs, ref_logprobs, beta, epsilon_low,
+                      epsilon_high, loss_type, max_completion_length, importance_sampling_level)
+
+
+def linear_grpo_loss(hidden, weight, completion_ids, completion_mask, advantages, *, bias=None, temperature=1.0,
+                     old_logprobs=None, ref_logprobs=None, beta=0.0, epsilon_low=0.2, epsilon_high=0.2,
+                     loss_type="dapo", max_completion_length=None, importance_sampling_level="token", impl=None):
+    """``grpo_loss`` straight from hidden states ``[B, T, H]`` and the LM head ``weight [V, H]``
+    (+ ``bias [V]``): log-probs of ``completion_ids [B, T]`` under softmax(logits / temperature)
+    come from :func:`saga_kernels.linear_logprobs` (no [B*T, V] buffer). Masked positions are
+    passed to it as ignored tokens: their ids are never read, they cost no softmax gradient, and
+    their hidden-state gradient is exactly 0. Returns ``(loss, stats)`` like ``grpo_loss``.
+    """
+    _check_options(beta, epsilon_low, epsilon_high, loss_type, max_completion_length, importance_sampling_level)
+    _check_ref(beta, ref_logprobs)
+    check_tensor("hidden", hidden, ndim=3)
+    b, t, _ = hidden.shape
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("completion_ids", completion_ids, shape=(b, t), dtypes=(torch.int64, torch.int32))
+    check_tensor("completion_mask", completion_mask, shape=(b, t))
+    check_same_device(hidden=hidden, weight=weight, completion_ids=completion_ids, completion_mask=completion_mask)
+    keep = completion_mask.bool()
+    check_index_range("completion_ids", completion_ids[keep], weight.shape[0])
+    ignore_index = -1
+    targets = torch.where(keep, completion_ids.to(torch.int64), ignore_index)
+    logprobs = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                               ignore_index=ignore_index, impl=impl)
+    return grpo_loss(logprobs, completion_mask, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                     beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
+                     max_completion_length=max_completion_length,
+                     importance_sampling_level=importance_sampling_level)
+
+
+class LinearGRPOLoss(torch.nn.Module):
+    """Module form of :func:`linear_grpo_loss`; the options are fixed at construction.
+
+    ``loss_fn(hidden, weight, completion_ids, completion_mask, advantages, bias=None,
+    old_logprobs=None, ref_logprobs=None) -> (loss, stats)``.
+    """
+
+    def __init__(self, *, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", max_completion_length=None,
+                 importance_sampling_level="token", temperature=1.0, impl=None):
+        super().__init__()
+        _check_options(beta, epsilon_low, epsilon_high, loss_type, max_completion_length, importance_sampling_level)
+        self.beta, self.epsilon_low, self.epsilon_high = beta, epsilon_low, epsilon_high
+        self.loss_type, self.max_completion_length = loss_type, max_completion_length
+        self.importance_sampling_level, self.temperature, self.impl = importance_sampling_level, temperature, impl
+
+    def forward(self, hidden, weight, completion_ids, completion_mask, advantages, bias=None, old_logprobs=None,
+                ref_logprobs=None):
+        return linear_grpo_loss(hidden, weight, completion_ids, completion_mask, advantages, bias=bias,
+                                temperature=self.temperature, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+                                beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+                                loss_type=self.loss_type, max_completion_length=self.max_completion_length,
+                                importance_sampling_level=self.importance_sampling_level, impl=self.impl)
+
+    def extra_repr(self):
+        return (f"loss_type={self.loss_type!r}, beta={self.beta}, epsilon=({self.epsilon_low}, {self.epsilon_high}), "
+                f"importance_sampling_level={self.importance_sampling_level!r}, temperature={self.temperature}")
