@@ -7,7 +7,8 @@
 * :func:`remap_labels` turns arbitrary integer labels (negative, sparse, huge) into dense ``int32``
   class ids ``0..K-1`` shared across several label tensors, which is all the kernels compare;
 * :func:`zero_loss` is a zero that stays connected to the autograd graph (the documented loss of a
-  batch without the pairs a loss needs), and :func:`check_positive` validates scalar hyper-parameters;
+  batch without the pairs a loss needs); :func:`check_real` / :func:`check_positive` validate scalar
+  hyper-parameters;
 * :func:`compute_dtype` / :func:`tile_size` fix the precision and tile size of the PyTorch fallbacks;
   :func:`pair_tiles` and :func:`tiled_pair_backward` are the fallbacks' streaming loops over row
   blocks of the similarity matrix (one ``[rows, M]`` tile alive at a time, never ``[N, M]``).
@@ -55,13 +56,21 @@ def check_label_range(name: str, labels: torch.Tensor, num_classes: int) -> None
     check_index_range(name, labels, num_classes)
 
 
-def check_positive(name: str, value) -> float:
-    """``value`` is a finite real number > 0; return it as a float."""
+def check_real(name: str, value) -> float:
+    """``value`` is a finite real number; return it as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_positive(name: str, value) -> float:
+    """``value`` is a finite real number > 0; return it as a float."""
+    value = check_real(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
     return value
 
 
