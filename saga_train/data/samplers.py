@@ -1,0 +1,145 @@
+"""Class-balanced P x K batches and balanced same/different pairs."""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def _as_label_list(labels, name: str = "labels") -> list[int]:
+    if isinstance(labels, torch.Tensor):
+        if labels.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(labels.shape)}")
+        labels = labels.tolist()
+    out = [int(v) for v in labels]
+    if not out:
+        raise ValueError(f"{name} is empty")
+    return out
+
+
+class ClassBalancedBatchSampler:
+    """Batches of ``classes_per_batch`` (P) distinct classes x ``images_per_class`` (K) indices each.
+
+    Classes are visited in a shuffled cycle and each class's images in a shuffled cycle, so one epoch
+    touches classes and images evenly. A class with fewer than K images contributes all of them plus
+    draws with replacement. ``len`` = batches per epoch = max(1, N // (P * K)). Deterministic in
+    (seed, epoch); call ``set_epoch`` to get the next epoch's order.
+    """
+
+    def __init__(self, labels: Sequence[int], classes_per_batch: int, images_per_class: int, seed: int = 0):
+        labels = _as_label_list(labels)
+        by_class = defaultdict(list)
+        for i, y in enumerate(labels):
+            by_class[y].append(i)
+        if images_per_class < 1:
+            raise ValueError(f"images_per_class must be >= 1, got {images_per_class}")
+        if not 1 <= classes_per_batch <= len(by_class):
+            raise ValueError(f"classes_per_batch must be in [1, {len(by_class)}] (the number of classes in labels), "
+                             f"got {classes_per_batch}")
+        self.classes = sorted(by_class)
+        self.by_class = {c: np.array(by_class[c]) for c in self.classes}
+        self.classes_per_batch, self.images_per_class = classes_per_batch, images_per_class
+        self.seed, self.epoch = seed, 0
+        self.num_batches = max(1, len(labels) // (classes_per_batch * images_per_class))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        K = self.images_per_class
+        orders = {c: rng.permutation(idx) for c, idx in self.by_class.items()}
+        cursor = dict.fromkeys(self.classes, 0)
+        queue: list = []
+        for _ in range(self.num_batches):
+            chosen: list = []
+            while len(chosen) < self.classes_per_batch:
+                if not queue:
+                    queue = [self.classes[j] for j in rng.permutation(len(self.classes))]
+                c = queue.pop()
+                if c in chosen:  # only after a refill: keep it for a later batch
+                    queue.insert(0, c)
+                    continue
+                chosen.append(c)
+            batch = []
+            for c in chosen:
+                idx = self.by_class[c]
+                if len(idx) < K:
+                    batch.extend(idx.tolist() + rng.choice(idx, K - len(idx), replace=True).tolist())
+                    continue
+                if cursor[c] + K > len(idx):
+                    orders[c], cursor[c] = rng.permutation(idx), 0
+                batch.extend(orders[c][cursor[c]:cursor[c] + K].tolist())
+                cursor[c] += K
+            yield batch
+
+
+def _randbelow(generator, n: int) -> int:
+    """A uniform int in [0, n) from a torch / numpy / ``random`` generator."""
+    if isinstance(generator, torch.Generator):
+        return int(torch.randint(n, (1,), generator=generator).item())
+    if isinstance(generator, np.random.Generator):
+        return int(generator.integers(n))
+    return generator.randrange(n)
+
+
+def sample_pairs(labels: Sequence[int], num_pairs: int, generator=None) -> list[tuple[int, int, bool]]:
+    """``num_pairs`` index pairs (i, j, same) over a batch: ceil(num_pairs/2) same-class, the rest different.
+
+    ``generator``: a ``torch.Generator``, ``numpy.random.Generator``, ``random.Random``, an int seed, or
+    None (seed 0). Pairs are distinct (i < j, no repeats) while enough distinct pairs exist; beyond that
+    repeats are allowed. Raises ValueError when a kind of pair is needed but impossible (no class with
+    two items for a same pair, a single class for a different pair). The order is shuffled.
+    """
+    labels = _as_label_list(labels)
+    if num_pairs < 1:
+        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+    if generator is None or isinstance(generator, int):
+        generator = random.Random(generator or 0)
+    by_class = defaultdict(list)
+    for i, y in enumerate(labels):
+        by_class[y].append(i)
+    n_same = (num_pairs + 1) // 2
+    n_diff = num_pairs - n_same
+    multi = [c for c in sorted(by_class) if len(by_class[c]) >= 2]
+    if n_same and not multi:
+        raise ValueError("cannot draw a same-class pair: no class in labels has 2 or more items "
+                         "(use a class-balanced batch with images_per_class >= 2)")
+    if n_diff and len(by_class) < 2:
+        raise ValueError("cannot draw a different-class pair: labels hold a single class")
+    possible_same = sum(len(by_class[c]) * (len(by_class[c]) - 1) // 2 for c in multi)
+    possible_diff = len(labels) * (len(labels) - 1) // 2 - possible_same
+
+    def draw_same():
+        members = by_class[multi[_randbelow(generator, len(multi))]]
+        a = _randbelow(generator, len(members))
+        b = _randbelow(generator, len(members) - 1)
+        return members[a], members[b + (b >= a)]
+
+    def draw_diff():
+        while True:
+            a, b = _randbelow(generator, len(labels)), _randbelow(generator, len(labels))
+            if labels[a] != labels[b]:
+                return a, b
+
+    pairs = []
+    for count, possible, draw, same in ((n_same, possible_same, draw_same, True),
+                                        (n_diff, possible_diff, draw_diff, False)):
+        seen: set = set()
+        for _ in range(count):
+            i, j = sorted(draw())
+            while (i, j) in seen and len(seen) < possible:
+                i, j = sorted(draw())
+            seen.add((i, j))
+            pairs.append((i, j, same))
+    order = list(range(len(pairs)))
+    for k in range(len(order) - 1, 0, -1):  # Fisher-Yates with the caller's generator
+        r = _randbelow(generator, k + 1)
+        order[k], order[r] = order[r], order[k]
+    return [pairs[k] for k in order]
