@@ -8,3 +8,5 @@ from ._dispatch import ImplUnavailableError
 __version__ = "0.1.0"
 from .logprob import linear_logprobs  # noqa: E402
 from .grpo import LinearGRPOLoss, grpo_loss, linear_grpo_loss  # noqa: E402
+from .supcon import supcon_loss  # noqa: E402
+from .multi_similarity import multi_similarity_loss  # noqa: E402

@@ -61,3 +61,112 @@ def grpo_loss_reference(logprobs, completion_mask, advantages, old_logprobs=None
     if loss_type == "dr_grpo":
         return per_token.sum() / (batch * max_completion_length)
     raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def proxy_anchor_loss_reference(embeddings, labels, proxies, *, margin=0.1, alpha=32.0):
+    """Proxy Anchor (pml 2.9 conventions): s = cos(x_i, w_c), P = classes present in the batch,
+    L = 1/|P| sum_c log(1 + sum_{y_i=c} e^{-alpha (s - margin)}) + 1/C sum_c log(1 + sum_{y_i!=c} e^{alpha (s + margin)})."""
+    num_classes = proxies.shape[0]
+    cos = F.normalize(embeddings, dim=1) @ F.normalize(proxies, dim=1).T
+    pos = F.one_hot(labels.long(), num_classes).bool()
+    pos_sum = torch.where(pos, torch.exp(-alpha * (cos - margin)), torch.zeros_like(cos)).sum(0)
+    neg_sum = torch.where(pos, torch.zeros_like(cos), torch.exp(alpha * (cos + margin))).sum(0)
+    num_present = pos.any(0).sum()
+    return torch.log1p(pos_sum).sum() / num_present + torch.log1p(neg_sum).sum() / num_classes
+
+
+def potential_field_loss_reference(embeddings, labels, proxies, proxy_labels, *, alpha=4.0, delta=0.2, min_distance=1e-2):
+    """Potential Field energy over A = normalized embeddings U normalized proxies (METHOD.md):
+    d = max(||a - s||, min_distance), psi = -max(d, delta)^-alpha (same class) or min(d, delta)^-alpha (other),
+    L = mean_a mean_{s != a (by index)} psi(d(a, s))."""
+    points = torch.cat([F.normalize(embeddings, dim=1), F.normalize(proxies, dim=1)])
+    classes = torch.cat([labels.long(), proxy_labels.long()])
+    n = points.shape[0]
+    sq = (points[:, None, :] - points[None, :, :]).pow(2).sum(-1)
+    dist = sq.clamp(min=min_distance**2).sqrt()
+    same = classes[:, None] == classes[None, :]
+    psi = torch.where(same, -dist.clamp(min=delta).pow(-alpha), dist.clamp(max=delta).pow(-alpha))
+    others = ~torch.eye(n, dtype=torch.bool, device=points.device)
+    per_element = torch.where(others, psi, torch.zeros_like(psi)).sum(1) / (n - 1)
+    return per_element.mean()
+
+
+def supcon_loss_reference(embeddings, labels, *, temperature=0.1, ref_embeddings=None, ref_labels=None):
+    """SupCon (pml 2.9 SupConLoss conventions): z = cos(q_i, k_j) / T over kept pairs (j != i unless a
+    reference set is given), loss_i = -mean_{positives p} log softmax_j(z_ij)[p], mean over anchors with
+    loss_i > 0; 0 without a positive pair, without a negative pair, or with at most one of each."""
+    q = F.normalize(embeddings, dim=1)
+    self_pairs = ref_embeddings is None
+    k = q if self_pairs else F.normalize(ref_embeddings, dim=1)
+    key_labels = labels if self_pairs else ref_labels
+    z = q @ k.T / temperature
+    keep = torch.ones_like(z, dtype=torch.bool)
+    if self_pairs:
+        keep.fill_diagonal_(False)
+    same = labels[:, None] == key_labels[None, :]
+    pos, neg = same & keep, ~same & keep
+    zero = z.sum() * 0
+    num_pos, num_neg = int(pos.sum()), int(neg.sum())
+    if num_pos == 0 or num_neg == 0 or (num_pos <= 1 and num_neg <= 1):
+        return zero
+    log_prob = z - torch.logsumexp(z.masked_fill(~keep, float("-inf")), dim=1, keepdim=True)
+    per_anchor = -torch.where(pos, log_prob, torch.zeros_like(z)).sum(1) / pos.sum(1).clamp(min=1)
+    counted = per_anchor > 0
+    return per_anchor[counted].mean() if bool(counted.any()) else zero
+
+
+def multi_similarity_loss_reference(embeddings, labels, *, alpha=2.0, beta=50.0, base=0.5, miner_epsilon=0.1):
+    """Multi-Similarity (pml 2.9 MultiSimilarityLoss + MultiSimilarityMiner(epsilon) conventions), s = cos:
+    keep positive (i, p) iff s_ip - eps < max negative s_i., negative (i, n) iff s_in + eps > min positive s_i.;
+    L = mean_i [1/alpha log(1 + sum_p e^{-alpha (s_ip - base)}) + 1/beta log(1 + sum_n e^{beta (s_in - base)})];
+    0 when (mining) the batch lacks positive or negative pairs, or at most one pair of each kind is kept."""
+    x = F.normalize(embeddings, dim=1)
+    s = x @ x.T
+    eye = torch.eye(s.shape[0], dtype=torch.bool, device=s.device)
+    same = labels[:, None] == labels[None, :]
+    pos, neg = same & ~eye, ~same
+    zero = s.sum() * 0
+    if miner_epsilon is not None:
+        if not bool(pos.any()) or not bool(neg.any()):
+            return zero
+        hardest_neg = torch.where(neg, s, torch.full_like(s, float("-inf"))).amax(1, keepdim=True)
+        hardest_pos = torch.where(pos, s, torch.full_like(s, float("inf"))).amin(1, keepdim=True)
+        pos = pos & (s - miner_epsilon < hardest_neg)
+        neg = neg & (s + miner_epsilon > hardest_pos)
+    if int(pos.sum()) <= 1 and int(neg.sum()) <= 1:
+        return zero
+    pos_term = torch.log1p(torch.where(pos, torch.exp(-alpha * (s - base)), torch.zeros_like(s)).sum(1)) / alpha
+    neg_term = torch.log1p(torch.where(neg, torch.exp(beta * (s - base)), torch.zeros_like(s)).sum(1)) / beta
+    return (pos_term + neg_term).mean()
+
+
+def attention_probs(q, k, key_index, query_positions=None, key_padding_mask=None, scale=None, reduce_heads="mean"):
+    """Full softmax(scale * q k^T) over visible keys (causal at query_positions, padding), gathered at key_index."""
+    bsz, hq, lq, dim = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if query_positions is None:
+        query_positions = torch.arange(lk - lq, lk, device=q.device).expand(bsz, lq)
+    scale = dim ** -0.5 if scale is None else scale
+    k_full = k.repeat_interleave(hq // hkv, dim=1)
+    scores = scale * q @ k_full.transpose(-1, -2)  # [B, Hq, Lq, Lk]
+    visible = torch.arange(lk, device=q.device)[None, None, :] <= query_positions[:, :, None]
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, :]
+    probs = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), dim=-1)
+    probs = probs.gather(3, key_index[:, None, None, :].expand(bsz, hq, lq, key_index.shape[1]))
+    return probs.mean(dim=1) if reduce_heads == "mean" else probs
+
+
+def attention_kl(logits, target, mask=None, reduction="batchmean"):
+    """KL(t || softmax(logits)) per row over the masked entries, t = target renormalized there; 0 log 0 = 0."""
+    if mask is None:
+        mask = torch.ones_like(logits, dtype=torch.bool)
+    t = torch.where(mask, target, torch.zeros_like(target))
+    t = t / t.sum(dim=-1, keepdim=True)
+    log_q = torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    terms = torch.where(t > 0, t * (torch.log(t) - log_q), torch.zeros_like(t))
+    per_row = terms.sum(dim=-1)
+    if reduction == "none":
+        return per_row
+    total = per_row.sum()
+    return total / per_row.numel() if reduction == "batchmean" else total
