@@ -10,3 +10,6 @@ from .logprob import linear_logprobs  # noqa: E402
 from .grpo import LinearGRPOLoss, grpo_loss, linear_grpo_loss  # noqa: E402
 from .supcon import supcon_loss  # noqa: E402
 from .multi_similarity import multi_similarity_loss  # noqa: E402
+from .proxy_anchor import proxy_anchor_loss  # noqa: E402
+from .potential_field import potential_field_loss  # noqa: E402
+from .metric_modules import MultiSimilarityLoss, PotentialFieldLoss, ProxyAnchorLoss, SupConLoss  # noqa: E402
