@@ -13,3 +13,5 @@ from .multi_similarity import multi_similarity_loss  # noqa: E402
 from .proxy_anchor import proxy_anchor_loss  # noqa: E402
 from .potential_field import potential_field_loss  # noqa: E402
 from .metric_modules import MultiSimilarityLoss, PotentialFieldLoss, ProxyAnchorLoss, SupConLoss  # noqa: E402
+from .attention import attention_probs  # noqa: E402
+from .attention_kl import attention_kl  # noqa: E402

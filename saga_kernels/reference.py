@@ -140,7 +140,7 @@ def multi_similarity_loss_reference(embeddings, labels, *, alpha=2.0, beta=50.0,
     return (pos_term + neg_term).mean()
 
 
-def attention_probs(q, k, key_index, query_positions=None, key_padding_mask=None, scale=None, reduce_heads="mean"):
+def attention_probs_reference(q, k, key_index, query_positions=None, key_padding_mask=None, scale=None, reduce_heads="mean"):
     """Full softmax(scale * q k^T) over visible keys (causal at query_positions, padding), gathered at key_index."""
     bsz, hq, lq, dim = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -157,7 +157,7 @@ def attention_probs(q, k, key_index, query_positions=None, key_padding_mask=None
     return probs.mean(dim=1) if reduce_heads == "mean" else probs
 
 
-def attention_kl(logits, target, mask=None, reduction="batchmean"):
+def attention_kl_reference(logits, target, mask=None, reduction="batchmean"):
     """KL(t || softmax(logits)) per row over the masked entries, t = target renormalized there; 0 log 0 = 0."""
     if mask is None:
         mask = torch.ones_like(logits, dtype=torch.bool)

@@ -1,0 +1,123 @@
+"""attention_probs vs the float64 reference: odd shapes, GQA groups 1/2/4, padding, rows anywhere."""
+import pytest
+import torch
+
+from saga_kernels import attention_probs
+from saga_kernels.reference import attention_probs_reference
+
+SLACK = 1e-6
+
+
+def _inputs(bsz, hq, hkv, lq, lk, dim, n, device, dtype=torch.float32, seed=0, left_pad=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(bsz, hq, lq, dim, generator=g).to(device, dtype)
+    k = (1.5 * torch.randn(bsz, hkv, lk, dim, generator=g)).to(device, dtype)
+    pad = torch.ones(bsz, lk, dtype=torch.bool)
+    for b, count in enumerate(left_pad or []):
+        pad[b, :count] = False
+    lo = max(left_pad or [0])
+    qpos = torch.randint(lo, lk, (bsz, lq), generator=g)
+    kidx = torch.randint(0, lk, (bsz, n), generator=g)
+    return q, k, kidx.to(device), qpos.to(device), pad.to(device)
+
+
+def _same_dtype_torch(q, k, kidx, qpos, pad, reduce_heads):
+    """The obvious computation in the inputs' own dtype: the error budget of the tolerance rule."""
+    return attention_probs_reference(q, k, kidx, qpos, pad, reduce_heads=reduce_heads).float()
+
+
+@pytest.mark.parametrize("hq,hkv", [(3, 3), (4, 2), (8, 2)])
+@pytest.mark.parametrize("reduce_heads", ["mean", None])
+def test_matches_float64_reference(impl, device, hq, hkv, reduce_heads):
+    q, k, kidx, qpos, pad = _inputs(2, hq, hkv, 7, 45, 24, 9, device, left_pad=[0, 5])
+    out = attention_probs(q, k, kidx, query_positions=qpos, key_padding_mask=pad, reduce_heads=reduce_heads,
+                          impl=impl)
+    gold = attention_probs_reference(q.double(), k.double(), kidx, qpos, pad, reduce_heads=reduce_heads)
+    same = _same_dtype_torch(q, k, kidx, qpos, pad, reduce_heads)
+    assert out.dtype == torch.float32
+    assert out.shape == gold.shape
+    assert ((out.double() - gold).abs() <= (same.double() - gold).abs() + SLACK).all()
+
+
+def test_half_precision_inputs(impl, device):
+    q, k, kidx, qpos, pad = _inputs(1, 4, 1, 5, 33, 16, 6, device, dtype=torch.bfloat16, seed=3)
+    out = attention_probs(q, k, kidx, query_positions=qpos, key_padding_mask=pad, impl=impl)
+    gold = attention_probs_reference(q.double(), k.double(), kidx, qpos, pad)
+    same = _same_dtype_torch(q, k, kidx, qpos, pad, "mean")
+    assert ((out.double() - gold).abs() <= (same.double() - gold).abs() + 1e-3).all()
+
+
+def test_default_positions_and_whole_row_sums_to_one(impl, device):
+    """Default query positions = the last Lq; gathering every key gives rows that sum to 1 and are
+    exactly zero on the causally hidden keys."""
+    q, k, _, _, _ = _inputs(2, 4, 2, 5, 19, 16, 1, device, seed=1)
+    kidx = torch.arange(19, device=device).expand(2, 19)
+    out = attention_probs(q, k, kidx, reduce_heads=None, impl=impl)
+    torch.testing.assert_close(out.sum(-1), torch.ones(2, 4, 5, device=device))
+    for i in range(5):
+        assert (out[:, :, i, 14 + i + 1:] == 0).all()
+    gold = attention_probs_reference(q.double(), k.double(), kidx, None, None, reduce_heads=None)
+    torch.testing.assert_close(out.double(), gold, atol=1e-6, rtol=1e-5)
+
+
+def test_padded_and_future_columns_are_zero(impl, device):
+    q, k, _, _, pad = _inputs(2, 2, 2, 3, 20, 16, 1, device, seed=2, left_pad=[4, 0])
+    qpos = torch.tensor([[10, 12, 19], [0, 7, 3]], device=device)
+    kidx = torch.tensor([[0, 3, 4, 11, 19], [0, 1, 8, 3, 19]], device=device)
+    out = attention_probs(q, k, kidx, query_positions=qpos, key_padding_mask=pad, impl=impl)
+    assert (out[0, :, :2] == 0).all()  # keys 0 and 3 are padding in batch 0
+    assert out[0, 0, 3] == 0 and out[0, 1, 3] > 0  # key 11: future for the row at 10, visible at 12
+    assert (out[1, 0, 1:] == 0).all() and out[1, 0, 0] == 1  # the row at position 0 sees only key 0
+    assert (out[1, :, 4][:2] == 0).all() and out[1, 2, 3] > 0
+
+
+def test_large_logits_stay_finite(impl, device):
+    q, k, kidx, qpos, pad = _inputs(1, 2, 1, 4, 70, 32, 5, device, seed=4)
+    out = attention_probs(40 * q, k, kidx, query_positions=qpos, key_padding_mask=pad, impl=impl)
+    gold = attention_probs_reference(40 * q.double(), k.double(), kidx, qpos, pad)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), gold, atol=1e-5, rtol=1e-4)
+
+
+def test_noncontiguous_inputs(impl, device):
+    q, k, kidx, qpos, pad = _inputs(2, 4, 2, 6, 25, 16, 4, device, seed=5)
+    q_t = q.transpose(1, 2).contiguous().transpose(1, 2)  # [B, Lq, Hq, D] storage
+    k_t = k.transpose(1, 2).contiguous().transpose(1, 2)
+    out = attention_probs(q_t, k_t, kidx, query_positions=qpos, impl=impl)
+    gold = attention_probs_reference(q.double(), k.double(), kidx, qpos, None)
+    torch.testing.assert_close(out.double(), gold, atol=1e-6, rtol=1e-5)
+
+
+def test_backward_raises_a_clear_error(device):
+    q, k, kidx, qpos, _ = _inputs(1, 2, 1, 3, 10, 16, 3, device)
+    q.requires_grad_(True)
+    out = attention_probs(q, k, kidx, query_positions=qpos)
+    with pytest.raises(RuntimeError, match="detached teacher"):
+        out.sum().backward()
+    assert attention_probs(q.detach(), k, kidx, query_positions=qpos).grad_fn is None
+
+
+def test_bad_inputs(device):
+    q, k, kidx, qpos, pad = _inputs(2, 4, 2, 3, 12, 16, 3, device)
+    with pytest.raises(ValueError, match="multiple of k heads"):
+        attention_probs(q[:, :3], k, kidx)
+    with pytest.raises(ValueError, match="key_index must lie in"):
+        attention_probs(q, k, kidx + 12)
+    with pytest.raises(ValueError, match="query_positions must lie in"):
+        attention_probs(q, k, kidx, query_positions=qpos - 20)
+    no_key = pad.clone()
+    no_key[0, :5] = False
+    with pytest.raises(ValueError, match="no visible key"):
+        attention_probs(q, k, kidx, query_positions=torch.full_like(qpos, 4), key_padding_mask=no_key)
+    with pytest.raises(TypeError, match="key_index must have dtype"):
+        attention_probs(q, k, kidx.float())
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        attention_probs(q, k, kidx, key_padding_mask=pad[:, :5])
+    with pytest.raises(TypeError, match="share a dtype"):
+        attention_probs(q, k.double().half(), kidx)
+    with pytest.raises(ValueError, match="k must have shape"):
+        attention_probs(q, k[..., :8], kidx)
+    with pytest.raises(ValueError, match="reduce_heads"):
+        attention_probs(q, k, kidx, reduce_heads="sum")
+    with pytest.raises(ValueError, match="pass query_positions"):
+        attention_probs(torch.randn(2, 4, 13, 16, device=device), k, kidx)
