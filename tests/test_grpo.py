@@ -1,0 +1,208 @@
+"""grpo_loss / linear_grpo_loss / LinearGRPOLoss against the float64 reference and Liger-Kernel."""
+import pytest
+import torch
+
+from saga_kernels import LinearGRPOLoss, grpo_loss, linear_grpo_loss
+from saga_kernels.reference import grpo_loss_reference, linear_logprobs_reference
+
+LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
+B, T, H, V = 3, 11, 37, 1001
+
+
+def make_batch(seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    logprobs = -torch.rand(B, T, generator=g, dtype=torch.float64) * 5
+    mask = (torch.rand(B, T, generator=g) > 0.25).long()
+    mask[0] = 1
+    mask[1, :3] = 1
+    mask[2] = 0  # one empty completion
+    mask[2, 0] = 1
+    advantages = torch.randn(B, generator=g, dtype=torch.float64)
+    advantages[1] = -advantages[1].abs()
+    # token ratios spread around 1; per-sequence offsets push whole-sequence (GSPO) ratios out of the clip range too
+    offset = torch.tensor([[-0.3], [0.4], [0.0]], dtype=torch.float64)
+    old = logprobs + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3 + offset
+    ref = logprobs + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3
+    return [t.to(device) for t in (logprobs, mask, advantages, old, ref)]
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("with_old,with_ref", [(False, False), (True, False), (True, True), (False, True)])
+def test_grpo_loss_matches_reference(loss_type, level, with_old, with_ref):
+    logprobs, mask, adv, old, ref = make_batch()
+    kw = dict(old_logprobs=old if with_old else None, ref_logprobs=ref if with_ref else None,
+              beta=0.04 if with_ref else 0.0, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type,
+              max_completion_length=T + 2, importance_sampling_level=level)
+    lp1 = logprobs.clone().requires_grad_(True)
+    lp2 = logprobs.clone().requires_grad_(True)
+    loss, stats = grpo_loss(lp1, mask, adv, **kw)
+    gold = grpo_loss_reference(lp2, mask, adv, **kw)
+    loss.backward()
+    gold.backward()
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, gold, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lp1.grad, lp2.grad, rtol=1e-12, atol=1e-12)
+    assert torch.all(lp1.grad[mask == 0] == 0)
+    assert all(not v.requires_grad for v in stats.values())
+    if with_old:
+        assert 0 < stats["clip_ratio"] < 1
+        torch.testing.assert_close(stats["clip_ratio"], stats["clip_ratio_low"] + stats["clip_ratio_high"])
+
+
+def test_clip_stats_by_hand():
+    lp = torch.zeros(2, 4)
+    old = torch.log(torch.tensor([[1.0, 2.0, 0.5, 1.1], [0.5, 2.0, 1.0, 1.0]]))  # ratio = 1 / those
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    adv = torch.tensor([1.0, -1.0])
+    # row 0 (A > 0): ratios 1, 0.5, 2, 0.909 -> only ratio 2 > 1.2 is clipped (high)
+    # row 1 (A < 0): ratios 2, 0.5, 1 -> only 0.5 < 0.8 is clipped (low); the last token is masked
+    _, stats = grpo_loss(lp, mask, adv, old_logprobs=old)
+    assert stats["clip_ratio_high"].item() == pytest.approx(1 / 7)
+    assert stats["clip_ratio_low"].item() == pytest.approx(1 / 7)
+    assert stats["clip_ratio"].item() == pytest.approx(2 / 7)
+    assert stats["num_tokens"].item() == 7
+    assert stats["kl"].item() == 0
+
+
+def test_no_old_logprobs_is_advantage_weighted_nll():
+    """SAGA's case: ratio exactly 1, no clipping, gradient of -sum(m A lp) / sum(m)."""
+    logprobs, mask, adv, _, _ = make_batch(seed=1)
+    lp1 = logprobs.clone().requires_grad_(True)
+    loss, stats = grpo_loss(lp1, mask, adv, loss_type="dapo")
+    loss.backward()
+    lp2 = logprobs.clone().requires_grad_(True)
+    m = mask.double()
+    nll = -(adv[:, None] * lp2 * m).sum() / m.sum()
+    nll.backward()
+    assert torch.equal(lp1.grad, lp2.grad) or torch.allclose(lp1.grad, lp2.grad, rtol=1e-14, atol=0)
+    assert stats["ratio_mean"].item() == 1.0 and stats["clip_ratio"].item() == 0.0
+    torch.testing.assert_close(loss, -(adv[:, None] * m).sum() / m.sum())
+
+
+def _liger_loss(loss_type, beta, with_ref, level):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    return LigerFusedLinearGRPOLoss(beta=beta, compiled=False, use_ref_model=with_ref, loss_type=loss_type,
+                                    max_completion_length=T + 2, importance_sampling_level=level, temperature=0.9,
+                                    epsilon_low=0.2, epsilon_high=0.28)
+
+
+def _linear_inputs(device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g).to(device)
+    weight = (torch.randn(V, H, generator=g) * 0.3).to(device)
+    ids = torch.randint(0, V, (B, T), generator=g).to(device)
+    _, mask, adv, _, _ = make_batch(seed)
+    with torch.no_grad():
+        lp = linear_logprobs_reference(hidden.double(), weight.double(), ids, temperature=0.9).float()
+    old = lp + torch.randn(B, T, generator=g) * 0.3 + torch.tensor([[-0.3], [0.4], [0.0]])
+    ref = lp + torch.randn(B, T, generator=g) * 0.3
+    return hidden, weight, ids, mask.to(device), adv.float().to(device), old.to(device), ref.to(device)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("with_old,with_ref", [(False, False), (True, False), (True, True)])
+def test_matches_liger(impl, device, loss_type, with_old, with_ref):
+    pytest.importorskip("liger_kernel")
+    hidden, weight, ids, mask, adv, old, ref = _linear_inputs(device)
+    beta = 0.04 if with_ref else 0.0
+    level = "sequence" if loss_type == "bnpo" and with_old else "token"  # GSPO once, vs liger too
+    h1 = hidden.clone().requires_grad_(True)
+    w1 = weight.clone().requires_grad_(True)
+    out = _liger_loss(loss_type, beta, with_ref, level)(
+        h1, w1, ids, mask, adv, ref_per_token_logps=ref if with_ref else None,
+        old_per_token_logps=old if with_old else None)
+    out[0].backward()
+    h2 = hidden.clone().requires_grad_(True)
+    w2 = weight.clone().requires_grad_(True)
+    loss, stats = linear_grpo_loss(h2, w2, ids, mask, adv, temperature=0.9, old_logprobs=old if with_old else None,
+                                   ref_logprobs=ref if with_ref else None, beta=beta, epsilon_low=0.2,
+                                   epsilon_high=0.28, loss_type=loss_type, max_completion_length=T + 2,
+                                   importance_sampling_level=level, impl=impl)
+    loss.backward()
+    torch.testing.assert_close(loss, out[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(stats["clip_ratio"], out[1][-1].float())
+    if with_ref:
+        torch.testing.assert_close(stats["kl"], out[1][0].float())
+    if with_old:
+        assert stats["clip_ratio"] > 0  # the comparison covers clipping
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter warns on the NaN rows
+def test_masked_tokens_cost_nothing(impl, device):
+    hidden, weight, ids, mask, adv, _, _ = _linear_inputs(device, seed=3)
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, V + 50))  # junk ids under the mask are never read
+    hidden[mask == 0] = float("nan")  # nor are the hidden states there
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    loss, _ = linear_grpo_loss(h, w, ids, mask, adv, loss_type="grpo", impl=impl)  # no clipping: every kept
+    assert torch.isfinite(loss)  # token has a non-zero gradient
+    loss.backward()
+    assert torch.all(h.grad[mask == 0] == 0)
+    assert torch.all(h.grad[mask == 1].abs().sum(-1) > 0)
+    assert torch.isfinite(w.grad).all()
+
+
+def test_frozen_head_gets_no_grad(impl, device):
+    hidden, weight, ids, mask, adv, _, _ = _linear_inputs(device, seed=4)
+    bias = torch.randn(V, device=device)
+    h = hidden.clone().requires_grad_(True)
+    loss, _ = linear_grpo_loss(h, weight, ids, mask, adv, bias=bias, impl=impl)
+    loss.backward()
+    assert weight.grad is None and bias.grad is None and h.grad is not None
+
+
+def test_module_equals_function(impl, device):
+    hidden, weight, ids, mask, adv, old, ref = _linear_inputs(device, seed=5)
+    module = LinearGRPOLoss(beta=0.1, loss_type="dr_grpo", max_completion_length=16, temperature=1.3, impl=impl)
+    assert "dr_grpo" in repr(module)
+    got, got_stats = module(hidden, weight, ids, mask, adv, old_logprobs=old, ref_logprobs=ref)
+    want, want_stats = linear_grpo_loss(hidden, weight, ids, mask, adv, temperature=1.3, old_logprobs=old,
+                                        ref_logprobs=ref, beta=0.1, loss_type="dr_grpo", max_completion_length=16,
+                                        impl=impl)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got_stats.keys() == want_stats.keys()
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(loss_type="ppo"), ValueError, "loss_type"),
+        (dict(loss_type="dr_grpo"), ValueError, "max_completion_length"),
+        (dict(importance_sampling_level="batch"), ValueError, "importance_sampling_level"),
+        (dict(beta=0.1), ValueError, "ref_logprobs"),
+        (dict(epsilon_low=-0.1), ValueError, "epsilon_low"),
+        (dict(advantages=torch.tensor([1.0, float("nan"), 0.0])), ValueError, "advantages"),
+        (dict(advantages=torch.zeros(B, 1)), ValueError, "advantages"),
+        (dict(completion_mask=torch.ones(B, T + 1)), ValueError, "completion_mask"),
+        (dict(completion_mask=torch.full((B, T), 0.5)), ValueError, "completion_mask"),
+        (dict(old_logprobs=torch.zeros(B, T - 1)), ValueError, "old_logprobs"),
+        (dict(ref_logprobs=torch.zeros(B, T, dtype=torch.long)), TypeError, "ref_logprobs"),
+        (dict(logprobs=torch.zeros(B * T)), ValueError, "logprobs"),
+    ],
+)
+def test_grpo_bad_input(kwargs, exc, match):
+    logprobs, mask, adv, _, _ = make_batch()
+    args = dict(logprobs=logprobs, completion_mask=mask, advantages=adv)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        grpo_loss(args.pop("logprobs"), args.pop("completion_mask"), args.pop("advantages"), **args)
+
+
+def test_linear_grpo_bad_input():
+    hidden, weight, ids, mask, adv, _, _ = _linear_inputs("cpu")
+    bad_ids = ids.clone()
+    bad_ids[0, 0] = V  # mask[0] is all ones, so this id is used
+    with pytest.raises(ValueError, match="completion_ids"):
+        linear_grpo_loss(hidden, weight, bad_ids, mask, adv, impl="torch")
+    with pytest.raises(ValueError, match="hidden"):
+        linear_grpo_loss(hidden[0], weight, ids, mask, adv, impl="torch")
+    with pytest.raises(ValueError, match="completion_ids"):
+        linear_grpo_loss(hidden, weight, ids[:, :-1], mask, adv, impl="torch")
+    with pytest.raises(TypeError, match="weight"):
+        linear_grpo_loss(hidden, weight.double(), ids, mask, adv, impl="torch")
+    with pytest.raises(ValueError, match="loss_type"):
+        LinearGRPOLoss(loss_type="gspo")
