@@ -47,7 +47,8 @@ class Config:
     grad_clip: float = 1.0
     epochs: int = 1
     steps_per_epoch: int = 0  # 0 = one pass of the class-balanced sampler over the train split
-    max_steps: int = 0  # 0 = epochs * steps_per_epoch; otherwise stop after this many steps
+    max_steps: int = 0  # 0 = epochs * steps_per_epoch; otherwise the schedule's total number of steps
+    stop_after: int = 0  # stop (with a checkpoint) once this many steps are done; the schedule is unchanged
     warmup_fraction: float = 0.05
     classes_per_batch: int = 8  # P x K images per micro-batch (paper: 64 images)
     images_per_class: int = 4
@@ -85,7 +86,7 @@ class Config:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lambda_dml", "lambda_lm", "lambda_kl", "lr_encoder", "lr_pooler", "lr_proxies",
-                     "weight_decay", "grad_clip", "steps_per_epoch", "max_steps", "checkpoint_every",
+                     "weight_decay", "grad_clip", "steps_per_epoch", "max_steps", "stop_after", "checkpoint_every",
                      "max_eval_images"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -1,0 +1,35 @@
+"""``python -m saga_train [flags]``: train SAGA; no flags = the embedded CPU default (see config.py)."""
+import sys
+
+from .config import ConfigError, parse_args
+from .model import ModelLoadError
+from .train import format_metrics, train
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(argv)
+        result = train(cfg)
+    except (ConfigError, ModelLoadError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if "before" in result:
+        print(f"before training: {format_metrics(result['before'])}")
+    if result.get("after"):
+        print(f"after training:  {format_metrics(result['after'])}")
+    if "reward_rate" in result:
+        r = result["rollouts"]
+        print(f"reward rate {result['reward_rate']:.3f} over {int(r['completions'])} completions "
+              f"({int(r['unparseable'])} unparseable); {int(r['groups_kept'])} of {int(r['pairs_drawn'])} pairs had "
+              f"reward variance; shortfall against K: {int(r['shortfall'])}")
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in result["phase_share"].items())
+        print(f"{result['seconds_per_step']:.2f} s/step ({shares}); wall {result['wall_seconds']:.0f} s")
+    if "RANDOM INIT" in result["model"]:
+        print("The supervisor MLLM was randomly initialized: its verdicts are noise, so no GRPO or attention "
+              "signal was meaningful in this run.")
+    print(f"run directory: {result['run_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

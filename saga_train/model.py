@@ -1,0 +1,181 @@
+"""Model wiring: load (or build) Qwen3-VL, freeze its LLM, and the Embedder (tower + pooler).
+
+Trainable: the vision tower ``model.model.visual`` (patch embed, ViT blocks, merger, deepstack
+mergers) and the pooler. Frozen: the language model and the LM head (requires_grad False, still
+differentiable, so GRPO gradients pass through them into the tower).
+"""
+import json
+import os
+import tempfile
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .pooler import build_pooler
+
+QWEN3VL_MODEL_TYPES = ("qwen3_vl",)
+EMBEDDER_WEIGHTS = "embedder.safetensors"
+EMBEDDER_CONFIG = "embedder.json"
+
+
+class ModelLoadError(ValueError):
+    """A model source that cannot be used (missing, not Qwen3-VL, unreadable)."""
+
+
+def load_qwen3vl(path: str, *, dtype=None, attn_implementation: str | None = None):
+    """``(model, processor)`` from a local Qwen3-VL directory (no hub access)."""
+    from transformers import AutoConfig, AutoProcessor, Qwen3VLForConditionalGeneration
+
+    if not os.path.isdir(path):
+        raise ModelLoadError(f"--model {path!r} is not a directory (expected a local Qwen3-VL checkpoint)")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"--model {path!r}: cannot read a transformers config.json: {e}") from e
+    if config.model_type not in QWEN3VL_MODEL_TYPES:
+        raise ModelLoadError(
+            f"--model {path!r} is a {config.model_type!r} checkpoint; SAGA needs Qwen3-VL (model_type 'qwen3_vl')")
+    kwargs = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model = Qwen3VLForConditionalGeneration.from_pretrained(path, **kwargs)
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    return model, processor
+
+
+def freeze_language_model(model) -> None:
+    """LLM + LM head frozen, the whole vision tower trainable."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.model.visual.parameters():
+        p.requires_grad_(True)
+
+
+def llm_num_layers(model) -> int:
+    return model.config.text_config.num_hidden_layers
+
+
+def resolve_kl_layer(kl_layer: int, num_layers: int) -> int:
+    """-1 -> the layer at 26/36 of the depth (26 for Qwen3-VL-8B); otherwise checked against the depth."""
+    if kl_layer < 0:
+        return min(num_layers - 1, round(num_layers * 26 / 36))
+    if kl_layer >= num_layers:
+        raise ValueError(f"kl_layer={kl_layer} but the LLM has {num_layers} layers (0..{num_layers - 1})")
+    return kl_layer
+
+
+def square_rgb(image, size: int, name: str = "image"):
+    """An RGB PIL image resized to ``size`` x ``size`` (METHOD.md: no crop)."""
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"{name} must be a PIL.Image, got {type(image).__name__}")
+    return image.convert("RGB").resize((size, size), Image.BICUBIC)
+
+
+class Embedder(nn.Module):
+    """Inference map g = pooler o tower: images -> unit embeddings ``[B, D_e]``."""
+
+    def __init__(self, visual: nn.Module, pooler: nn.Module, image_processor, image_size: int, pooler_kind: str):
+        super().__init__()
+        self.visual = visual
+        self.pooler = pooler
+        self.image_processor = image_processor
+        self.image_size = image_size
+        self.pooler_kind = pooler_kind
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.visual.parameters()).device
+
+    def pixel_inputs(self, images) -> dict:
+        """``pixel_values`` and ``image_grid_thw`` for a list of PIL images (resized to image_size)."""
+        images = [square_rgb(im, self.image_size, f"images[{i}]") for i, im in enumerate(images)]
+        out = self.image_processor(images=images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"].to(self.device), "image_grid_thw": out["image_grid_thw"].to(self.device)}
+
+    def patch_tokens(self, pixel_values, image_grid_thw) -> torch.Tensor:
+        """Merged patch tokens X ``[B, N, D]`` (the tower output the LLM consumes); all images share N."""
+        out = self.visual(pixel_values.to(next(self.visual.parameters()).dtype), grid_thw=image_grid_thw,
+                          return_dict=True)
+        merged = out.pooler_output
+        return merged.reshape(image_grid_thw.shape[0], -1, merged.shape[-1])
+
+    def forward(self, pixel_values, image_grid_thw):
+        """``(z [B, D_e], pooler logits [B, N] or None, X [B, N, D])``."""
+        x = self.patch_tokens(pixel_values, image_grid_thw)
+        z, logits = self.pooler(x)
+        return z, logits, x
+
+    @torch.no_grad()
+    def embed_images(self, images) -> torch.Tensor:
+        """Unit embeddings ``[B, D_e]`` (fp32, on the CPU) of a list of PIL images."""
+        was_training = self.training
+        self.eval()
+        try:
+            z, _, _ = self(**self.pixel_inputs(list(images)))
+        finally:
+            self.train(was_training)
+        return z.float().cpu()
+
+    def save(self, path: str) -> None:
+        """Weights (safetensors) + a JSON config + the image processor, into directory ``path``."""
+        os.makedirs(path, exist_ok=True)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_save_file(state, os.path.join(path, EMBEDDER_WEIGHTS))
+        meta = {
+            "vision_config": self.visual.config.to_dict(),
+            "pooler": self.pooler_kind,
+            "hidden_size": self.visual.config.out_hidden_size,
+            "embedding_size": self.pooler.proj.out_features,
+            "image_size": self.image_size,
+            "image_processor_class": type(self.image_processor).__name__,
+        }
+        atomic_write_text(os.path.join(path, EMBEDDER_CONFIG), json.dumps(meta, indent=2))
+        self.image_processor.save_pretrained(path)
+
+
+def load_embedder(path: str, device: str = "cpu") -> Embedder:
+    """An Embedder saved by ``Embedder.save`` (what the retrieval tool loads)."""
+    import transformers
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    config_path = os.path.join(path, EMBEDDER_CONFIG)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{path!r} is not a saved SAGA embedder: {EMBEDDER_CONFIG} is missing")
+    with open(config_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    visual = Qwen3VLVisionModel(Qwen3VLVisionConfig(**meta["vision_config"]))
+    pooler = build_pooler(meta["pooler"], meta["hidden_size"], meta["embedding_size"])
+    image_processor = getattr(transformers, meta["image_processor_class"]).from_pretrained(path)
+    embedder = Embedder(visual, pooler, image_processor, meta["image_size"], meta["pooler"])
+    embedder.load_state_dict(load_file(os.path.join(path, EMBEDDER_WEIGHTS)))
+    return embedder.to(device).eval()
+
+
+def atomic_save_file(tensors: dict, path: str, metadata: dict | None = None) -> None:
+    """safetensors ``save_file`` through a temp file in the same directory + ``os.replace``."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
