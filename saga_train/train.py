@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist_lib
-from .config import Config
+from .config import Config, ConfigError
 from .losses import build_metric_loss, replay_group
 from .model import (Embedder, atomic_save_file, atomic_write_text, freeze_language_model, llm_num_layers,
                     resolve_kl_layer, square_rgb)
@@ -51,8 +51,11 @@ def build_datasets(cfg: Config):
     kw = {"image_size": cfg.image_size}
     if cfg.dataset == "synthetic":
         kw.update(seed=cfg.seed, images_per_class=cfg.synthetic_images_per_class)
-    return (load_dataset(cfg.dataset, cfg.data_root, split="train", **kw),
-            load_dataset(cfg.dataset, cfg.data_root, split="test", **kw))
+    try:
+        return (load_dataset(cfg.dataset, cfg.data_root, split="train", **kw),
+                load_dataset(cfg.dataset, cfg.data_root, split="test", **kw))
+    except ValueError as e:
+        raise ConfigError(f"dataset={cfg.dataset!r} (data_root={cfg.data_root!r}): {e}") from e
 
 
 def resolve_model(cfg: Config, dataset, device: torch.device):
