@@ -83,11 +83,12 @@ def test_pieces_by_hand():
     assert map_at_r(matches, np.array([2, 1, 3])) == pytest.approx([0.5, 0.0, (1 / 2 + 2 / 3) / 3])
 
 
-def test_separable_and_self_excluded():
-    # duplicate points per class: a self-match would be indistinguishable, exclusion by id keeps R@1 = 1
-    x = torch.eye(6).repeat_interleave(3, dim=0) + 0.0
-    labels = torch.arange(6).repeat_interleave(3)
-    assert evaluate(x, labels, ks=(1, 2), nmi=False) == {"R@1": 1.0, "R@2": 1.0, "MAP@R": 1.0}
+def test_self_match_excluded():
+    # angles 0, 10, 90, 100 degrees, labels A B A B: each point's nearest other point is of the other class
+    angles = torch.deg2rad(torch.tensor([0.0, 10.0, 90.0, 100.0]))
+    x = torch.stack([angles.cos(), angles.sin()], dim=1)
+    labels = torch.tensor([0, 1, 0, 1])
+    assert evaluate(x, labels, ks=(1, 2), nmi=False) == {"R@1": 0.0, "R@2": 1.0, "MAP@R": 0.0}
 
 
 def test_bad_inputs():
