@@ -106,13 +106,13 @@ def _supcon_fwd_kernel(q_ptr, k_ptr, lq_ptr, lk_ptr, lse_ptr, pos_sum_ptr, pos_c
 
 @triton.jit
 def _ms_fwd_kernel(q_ptr, lq_ptr, lse_pos_ptr, lse_neg_ptr, min_pos_ptr, max_neg_ptr,
-                   mined_pos_ptr, mined_neg_ptr, pos_cnt_ptr, neg_cnt_ptr,
+                   mined_pos_ptr, mined_neg_ptr,
                    N, D, stride_q, alpha, beta, base, eps,
                    USE_MINER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     """Per row i over j != i: (pass 1, miner) min positive / max negative similarity; (pass 2)
     lse_pos_i = log(1 + sum_{mined pos} exp(-alpha (s_ij - base))),
-    lse_neg_i = log(1 + sum_{mined neg} exp(beta (s_ij - base))), and pair counts."""
+    lse_neg_i = log(1 + sum_{mined neg} exp(beta (s_ij - base))), and the mined pair counts."""
     alpha = tl.cast(alpha, tl.float32)
     beta = tl.cast(beta, tl.float32)
     base = tl.cast(base, tl.float32)
@@ -139,8 +139,6 @@ def _ms_fwd_kernel(q_ptr, lq_ptr, lse_pos_ptr, lse_neg_ptr, min_pos_ptr, max_neg
     l_n = tl.full([BLOCK_M], 1.0, tl.float32)
     mined_pos = tl.zeros([BLOCK_M], dtype=tl.float32)
     mined_neg = tl.zeros([BLOCK_M], dtype=tl.float32)
-    pos_cnt = tl.zeros([BLOCK_M], dtype=tl.float32)
-    neg_cnt = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         cmask = cols < N
@@ -159,16 +157,12 @@ def _ms_fwd_kernel(q_ptr, lq_ptr, lse_pos_ptr, lse_neg_ptr, min_pos_ptr, max_neg
         m_n = mn_new
         mined_pos += tl.sum(mp.to(tl.float32), axis=1)
         mined_neg += tl.sum(mn.to(tl.float32), axis=1)
-        pos_cnt += tl.sum(pos.to(tl.float32), axis=1)
-        neg_cnt += tl.sum(neg.to(tl.float32), axis=1)
     tl.store(lse_pos_ptr + rows, m_p + tl.log(l_p), mask=rmask)
     tl.store(lse_neg_ptr + rows, m_n + tl.log(l_n), mask=rmask)
     tl.store(min_pos_ptr + rows, min_pos, mask=rmask)
     tl.store(max_neg_ptr + rows, max_neg, mask=rmask)
     tl.store(mined_pos_ptr + rows, mined_pos, mask=rmask)
     tl.store(mined_neg_ptr + rows, mined_neg, mask=rmask)
-    tl.store(pos_cnt_ptr + rows, pos_cnt, mask=rmask)
-    tl.store(neg_cnt_ptr + rows, neg_cnt, mask=rmask)
 
 
 @triton.jit
@@ -297,11 +291,11 @@ def supcon_forward(q, k, lq, lk, inv_temp: float, self_pairs: bool):
 
 
 def ms_forward(q, lq, alpha: float, beta: float, base: float, eps: float, use_miner: bool):
-    """Row statistics of Multi-Similarity: (lse_pos, lse_neg, min_pos, max_neg, mined_pos, mined_neg,
-    pos_cnt, neg_cnt); see ``_ms_fwd_kernel``."""
+    """Row statistics of Multi-Similarity: (lse_pos, lse_neg, min_pos, max_neg, mined_pos, mined_neg);
+    see ``_ms_fwd_kernel``."""
     n, d = q.shape
     block_k, _ = _blocks(d)
-    out = [_rows(n, q.device) for _ in range(8)]
+    out = [_rows(n, q.device) for _ in range(6)]
     _ms_fwd_kernel[(triton.cdiv(n, BLOCK_M),)](
         q, lq, *out, n, d, q.stride(0), alpha, beta, base, eps,
         USE_MINER=use_miner, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=block_k,

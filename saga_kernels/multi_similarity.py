@@ -10,9 +10,10 @@ Same conventions as pytorch-metric-learning 2.9 ``MultiSimilarityLoss(alpha, bet
     loss   = (1/N) sum_i loss_i
 
 ``miner_epsilon=None`` keeps every pair. Documented zero loss (never NaN; zero gradients), as in pml:
-with the miner, a batch without any positive pair or without any negative pair; in all cases, at most
-one kept positive pair and at most one kept negative pair. Mining decisions are constants for autograd.
-The N x N matrix is never stored: the forward keeps eight numbers per row (two streaming passes in
+at most one kept positive pair and at most one kept negative pair in the batch (this covers pml's
+miner returning nothing for a batch without positive or without negative pairs: the miner then keeps
+no pair at all). Mining decisions are constants for autograd.
+The N x N matrix is never stored: the forward keeps six numbers per row (two streaming passes in
 the Triton kernel: row min/max for the miner, then the two online log-sum-exps), the backward
 recomputes the similarity tiles (see ``_metric_triton``).
 """
@@ -41,10 +42,10 @@ def _mined(s, pos, neg, min_pos, max_neg, eps: float | None):
 
 
 def _forward_torch(q, lq, alpha: float, beta: float, base: float, eps: float | None):
-    """Row statistics (lse_pos, lse_neg, min_pos, max_neg, mined_pos, mined_neg, pos_cnt, neg_cnt)."""
+    """Row statistics (lse_pos, lse_neg, min_pos, max_neg, mined_pos, mined_neg)."""
     cd = compute_dtype(q.dtype)
-    stats = [torch.zeros(q.shape[0], dtype=cd, device=q.device) for _ in range(8)]
-    lse_pos, lse_neg, min_pos, max_neg, mined_pos, mined_neg, pos_cnt, neg_cnt = stats
+    stats = [torch.zeros(q.shape[0], dtype=cd, device=q.device) for _ in range(6)]
+    lse_pos, lse_neg, min_pos, max_neg, mined_pos, mined_neg = stats
     for r0, r1, s, pos, neg, valid in pair_tiles(q, q, lq, lq, True):
         lo = s.masked_fill(~pos, float("inf")).amin(1)
         hi = s.masked_fill(~neg, float("-inf")).amax(1)
@@ -54,17 +55,14 @@ def _forward_torch(q, lq, alpha: float, beta: float, base: float, eps: float | N
         lse_neg[r0:r1] = torch.logaddexp(torch.logsumexp((beta * (s - base)).masked_fill(~mn, float("-inf")), 1), zero)
         min_pos[r0:r1], max_neg[r0:r1] = lo, hi
         mined_pos[r0:r1], mined_neg[r0:r1] = mp.sum(1), mn.sum(1)
-        pos_cnt[r0:r1], neg_cnt[r0:r1] = pos.sum(1), neg.sum(1)
     return tuple(stats)
 
 
-def ms_from_stats(stats, alpha: float, beta: float, use_miner: bool):
+def ms_from_stats(stats, alpha: float, beta: float):
     """(loss, d loss / d loss_i) from the row statistics, without a host sync."""
-    lse_pos, lse_neg, _, _, mined_pos, mined_neg, pos_cnt, neg_cnt = stats
+    lse_pos, lse_neg, _, _, mined_pos, mined_neg = stats
     row_loss = lse_pos / alpha + lse_neg / beta
     active = (mined_pos.sum() > 1) | (mined_neg.sum() > 1)
-    if use_miner:
-        active = active & (pos_cnt.sum() > 0) & (neg_cnt.sum() > 0)
     weight = active.to(row_loss.dtype).expand_as(row_loss) / row_loss.numel()
     return (weight * row_loss).sum(), weight
 
@@ -78,7 +76,7 @@ class _MultiSimilarityFunction(torch.autograd.Function):
             stats = ms_forward(q, lq, alpha, beta, base, 0.0 if eps is None else eps, eps is not None)
         else:
             stats = _forward_torch(q, lq, alpha, beta, base, eps)
-        loss, weight = ms_from_stats(stats, alpha, beta, eps is not None)
+        loss, weight = ms_from_stats(stats, alpha, beta)
         ctx.save_for_backward(q, lq, *stats[:4], weight)
         ctx.params, ctx.impl = (alpha, beta, base, eps), impl
         return loss
