@@ -151,7 +151,8 @@ def render_bird(combination: Sequence[int], rng: random.Random, image_size: int 
         "fan": [(30, 52), (6, 36), (2, 56), (6, 76), (30, 61)],
         "forked": [(30, 52), (4, 40), (16, 56), (4, 72), (30, 61)],
     }
-    draw.polygon(pts(tails[attrs["tail shape"]], tail_scale, (30, 56)), fill=body if "tail shape" in subtle else _mix(body, _DARK, 0.25))
+    tail_color = body if "tail shape" in subtle else _mix(body, _DARK, 0.25)
+    draw.polygon(pts(tails[attrs["tail shape"]], tail_scale, (30, 56)), fill=tail_color)
     # legs, body
     for x0, x1 in ((44, 42), (53, 55)):
         draw.line(pts([(x0, 70), (x1, 86)]), fill=_DARK, width=max(1, int(1.5 * u)))

@@ -1,0 +1,267 @@
+"""The retrieval tool: embed a gallery folder, save it with a faiss index, and search it with query images.
+
+    python -m saga_train.retrieve embed GALLERY_DIR --out OUT_DIR --checkpoint EMBEDDER_DIR
+    python -m saga_train.retrieve query IMG [IMG ...] --gallery OUT_DIR --checkpoint EMBEDDER_DIR -k 5 --grid grid.png
+    python -m saga_train.retrieve index --gallery OUT_DIR        (rebuild index.faiss from the saved embeddings)
+
+The embedder is a checkpoint saved by the trainer (``saga_train.model.load_embedder``), or, with
+``--embedder module:attr``, any callable ``list[PIL.Image] -> Tensor[B, D]``. A gallery folder's
+images are found recursively; an image's label is its top-level subfolder (class) when it has one.
+Embeddings are L2-normalized and searched by cosine similarity (faiss inner product).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from saga_train.data.base import ImageLoadError
+from saga_train.data.folder import list_images
+
+EMBEDDINGS_FILE = "embeddings.safetensors"
+META_FILE = "gallery.json"
+INDEX_FILE = "index.faiss"
+UNLABELED = -1
+
+EmbedFn = Callable[[list], torch.Tensor]
+
+
+@dataclass
+class Gallery:
+    """Saved gallery: unit embeddings [N, D], image paths, labels (-1 = none) and class names."""
+
+    embeddings: torch.Tensor
+    paths: list[str]
+    labels: list[int]
+    class_names: list[str]
+    index: object = None  # faiss index over ``embeddings``
+
+    @property
+    def has_labels(self) -> bool:
+        return any(y != UNLABELED for y in self.labels)
+
+
+def scan_gallery(root: str) -> tuple[list[str], list[int], list[str]]:
+    """Images under ``root`` (recursive, sorted); label = index of the top-level subfolder in the sorted
+    class names, -1 for images directly in ``root``."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"gallery folder {root} does not exist")
+    paths = [os.path.abspath(p) for p in list_images(root)]
+    if not paths:
+        raise FileNotFoundError(f"gallery folder {root} holds no image")
+    root = os.path.abspath(root)
+    tops = [os.path.relpath(p, root).split(os.sep) for p in paths]
+    class_names = sorted({t[0] for t in tops if len(t) > 1})
+    label_of = {c: i for i, c in enumerate(class_names)}
+    labels = [label_of[t[0]] if len(t) > 1 else UNLABELED for t in tops]
+    return paths, labels, class_names
+
+
+def open_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL raises several types for unreadable files
+        raise ImageLoadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def embed_paths(embed_fn: EmbedFn, paths: Sequence[str], batch_size: int = 32, progress: bool = True) -> torch.Tensor:
+    """Unit embeddings [N, D] (fp32, CPU) of the images at ``paths``, ``batch_size`` at a time."""
+    from tqdm import tqdm
+
+    out = []
+    with torch.no_grad(), tqdm(total=len(paths), desc="embedding", unit="img", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            batch = list(paths[start:start + batch_size])
+            z = embed_fn([open_image(p) for p in batch])
+            if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != len(batch):
+                raise ValueError(f"the embedder must return a Tensor [{len(batch)}, D] for {len(batch)} images, "
+                                 f"got {getattr(z, 'shape', type(z).__name__)}")
+            out.append(torch.nn.functional.normalize(z.detach().float().cpu(), dim=1))
+            bar.update(len(batch))
+    return torch.cat(out)
+
+
+def build_index(embeddings: torch.Tensor):
+    """A faiss exact inner-product index over unit embeddings."""
+    import faiss
+
+    x = np.ascontiguousarray(embeddings.float().numpy())
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    return index
+
+
+def save_gallery(out_dir: str, gallery: Gallery) -> None:
+    """``embeddings.safetensors`` + ``gallery.json`` (paths, labels, class names) + ``index.faiss``."""
+    import faiss
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    save_file({"embeddings": gallery.embeddings.contiguous()}, os.path.join(out_dir, EMBEDDINGS_FILE))
+    with open(os.path.join(out_dir, META_FILE), "w", encoding="utf-8") as f:
+        json.dump({"paths": gallery.paths, "labels": gallery.labels, "class_names": gallery.class_names}, f)
+    faiss.write_index(gallery.index if gallery.index is not None else build_index(gallery.embeddings),
+                      os.path.join(out_dir, INDEX_FILE))
+
+
+def load_gallery(out_dir: str, rebuild_index: bool = False) -> Gallery:
+    import faiss
+    from safetensors.torch import load_file
+
+    for name in (EMBEDDINGS_FILE, META_FILE):
+        if not os.path.isfile(os.path.join(out_dir, name)):
+            raise FileNotFoundError(f"{out_dir} is not a saved gallery: {name} is missing (run `embed` first)")
+    embeddings = load_file(os.path.join(out_dir, EMBEDDINGS_FILE))["embeddings"]
+    with open(os.path.join(out_dir, META_FILE), encoding="utf-8") as f:
+        meta = json.load(f)
+    if len(meta["paths"]) != len(embeddings):
+        raise ValueError(f"{out_dir}: {META_FILE} lists {len(meta['paths'])} images but the embeddings hold "
+                         f"{len(embeddings)}")
+    index_path = os.path.join(out_dir, INDEX_FILE)
+    index = build_index(embeddings) if rebuild_index or not os.path.isfile(index_path) else faiss.read_index(index_path)
+    return Gallery(embeddings, meta["paths"], meta["labels"], meta["class_names"], index)
+
+
+def search(gallery: Gallery, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cosine scores, gallery ids), each [Q, k'] with k' = min(k, gallery size), best first."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = min(k, len(gallery.paths))
+    q = np.ascontiguousarray(torch.nn.functional.normalize(queries.float(), dim=1).numpy())
+    if q.shape[1] != gallery.embeddings.shape[1]:
+        raise ValueError(f"query embeddings have {q.shape[1]} dims, the gallery {gallery.embeddings.shape[1]}: "
+                         "use the embedder the gallery was built with")
+    return gallery.index.search(q, k)
+
+
+def query_label(path: str, class_names: Sequence[str]) -> int:
+    """A query's label: its parent folder's name when that is a gallery class, else -1."""
+    name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return list(class_names).index(name) if name in class_names else UNLABELED
+
+
+def format_table(query_paths, scores, ids, gallery: Gallery, query_labels: Sequence[int]) -> str:
+    """One block per query: rank, score, match (when labels exist), class, gallery path."""
+    lines = []
+    for qp, row_s, row_i, ql in zip(query_paths, scores, ids, query_labels):
+        lines.append(f"query: {qp}" + (f"  [{gallery.class_names[ql]}]" if ql != UNLABELED else ""))
+        lines.append(f"{'rank':>4}  {'score':>7}  {'match':>5}  {'class':<24}  path")
+        for rank, (s, i) in enumerate(zip(row_s, row_i), 1):
+            gl = gallery.labels[i]
+            match = "-" if ql == UNLABELED or gl == UNLABELED else ("yes" if gl == ql else "no")
+            name = gallery.class_names[gl] if gl != UNLABELED else "-"
+            lines.append(f"{rank:>4}  {s:7.4f}  {match:>5}  {name[:24]:<24}  {gallery.paths[i]}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+GREEN, RED, GREY, BLUE = (30, 170, 60), (210, 40, 40), (150, 150, 150), (40, 90, 220)
+
+
+def render_grid(query_paths, ids, scores, gallery: Gallery, query_labels: Sequence[int],
+                thumb: int = 128) -> Image.Image:
+    """One row per query: the query (blue frame) then its top-K, framed green (same class) / red (other
+    class) / grey (no labels), each captioned with rank and score."""
+    border, caption = max(2, thumb // 32), 14
+    cell = thumb + 2 * border
+    cols = 1 + max(len(r) for r in ids)
+    grid = Image.new("RGB", (cols * cell, len(query_paths) * (cell + caption)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+
+    def put(path, row, col, frame, text):
+        x, y = col * cell, row * (cell + caption)
+        draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=frame)
+        grid.paste(open_image(path).resize((thumb, thumb), Image.Resampling.BICUBIC), (x + border, y + border))
+        draw.text((x + border, y + cell), text, fill=(0, 0, 0))
+
+    for row, (qp, row_i, row_s, ql) in enumerate(zip(query_paths, ids, scores, query_labels)):
+        put(qp, row, 0, BLUE, "query")
+        for col, (i, s) in enumerate(zip(row_i, row_s), 1):
+            gl = gallery.labels[i]
+            frame = GREY if ql == UNLABELED or gl == UNLABELED else (GREEN if gl == ql else RED)
+            put(gallery.paths[i], row, col, frame, f"#{col} {s:.3f}")
+    return grid
+
+
+def load_embed_fn(checkpoint: str | None = None, embedder: str | None = None, device: str = "cpu") -> EmbedFn:
+    """The image -> embedding callable: a trainer checkpoint directory, or ``module:attr`` naming a callable."""
+    if (checkpoint is None) == (embedder is None):
+        raise ValueError("give exactly one of --checkpoint DIR or --embedder module:attr")
+    if checkpoint is not None:
+        from saga_train.model import load_embedder  # the trainer's module, imported only when needed
+
+        return load_embedder(checkpoint, device=device).embed_images
+    module_name, sep, attr = embedder.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--embedder must look like module:attr, got {embedder!r}")
+    fn = getattr(importlib.import_module(module_name), attr, None)
+    if not callable(fn):
+        raise ValueError(f"--embedder {embedder!r}: {module_name} has no callable {attr!r}")
+    return fn
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m saga_train.retrieve", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add_embedder(sp):
+        g = sp.add_mutually_exclusive_group(required=True)
+        g.add_argument("--checkpoint", help="embedder directory saved by the trainer")
+        g.add_argument("--embedder", help="module:attr, a callable list[PIL.Image] -> Tensor[B, D]")
+        sp.add_argument("--device", default="cpu", help="device for --checkpoint (default: cpu)")
+        sp.add_argument("--batch-size", type=int, default=32)
+        sp.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("embed", help="embed a gallery folder and save embeddings + index")
+    e.add_argument("folder")
+    e.add_argument("--out", required=True, help="directory for embeddings.safetensors, gallery.json, index.faiss")
+    add_embedder(e)
+    q = sub.add_parser("query", help="top-K gallery images for query images")
+    q.add_argument("images", nargs="+")
+    q.add_argument("--gallery", required=True, help="directory written by `embed`")
+    q.add_argument("-k", type=int, default=5)
+    q.add_argument("--grid", help="write a PNG grid of the queries and their top-K here")
+    q.add_argument("--thumb", type=int, default=128, help="grid thumbnail size in pixels")
+    add_embedder(q)
+    i = sub.add_parser("index", help="rebuild index.faiss from a gallery's saved embeddings")
+    i.add_argument("--gallery", required=True)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "index":
+        gallery = load_gallery(args.gallery, rebuild_index=True)
+        save_gallery(args.gallery, gallery)
+        print(f"rebuilt {os.path.join(args.gallery, INDEX_FILE)} over {len(gallery.paths)} images")
+        return 0
+    embed_fn = load_embed_fn(args.checkpoint, args.embedder, args.device)
+    if args.command == "embed":
+        paths, labels, class_names = scan_gallery(args.folder)
+        embeddings = embed_paths(embed_fn, paths, args.batch_size, progress=not args.no_progress)
+        gallery = Gallery(embeddings, paths, labels, class_names, build_index(embeddings))
+        save_gallery(args.out, gallery)
+        print(f"embedded {len(paths)} images ({len(class_names)} classes, dim {embeddings.shape[1]}) into {args.out}")
+        return 0
+    gallery = load_gallery(args.gallery)
+    queries = embed_paths(embed_fn, args.images, args.batch_size, progress=False)
+    scores, ids = search(gallery, queries, args.k)
+    labels = [query_label(p, gallery.class_names) for p in args.images]
+    print(format_table(args.images, scores, ids, gallery, labels))
+    if args.grid:
+        render_grid(args.images, ids, scores, gallery, labels, args.thumb).save(args.grid)
+        print(f"wrote {args.grid}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
