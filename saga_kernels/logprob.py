@@ -153,7 +153,7 @@ if triton is not None:
             g_ent = tl.load(ge_ptr + rows, mask=row_ok, other=0.0)
             ez = tl.load(ez_ptr + rows, mask=row_ok, other=0.0)
         for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
+            cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # int64: cols * stride_w may pass 2**31
             col_ok = cols < V
             dz = _dlogits_tile(h_ptr, w_ptr, b_ptr, stride_h, stride_w, rows, cols, row_ok, col_ok, H,
                                tgt, lse, g, g_ent, ez, active, inv_t, HAS_BIAS, WITH_ENT,
@@ -220,11 +220,13 @@ if triton is not None:
 
 def _dot_config(dtype: torch.dtype, device: torch.device):
     """(tl dtype for tl.dot operands, input_precision). The interpreter computes in fp32 (its bf16
-    arithmetic is unreliable); on a GPU half inputs go to the tensor cores as they are and fp32
-    inputs use full-precision ("ieee") products, matching torch's default fp32 matmul."""
+    arithmetic is unreliable); on a GPU half inputs go to the tensor cores as they are (the
+    precision flag only concerns fp32 operands) and fp32 inputs use full-precision ("ieee")
+    products, matching torch's default fp32 matmul. The dlogits tile is rounded to the input
+    dtype before its two matmuls on a GPU, as in an eager bf16 backward."""
     if device.type != "cuda" or dtype == torch.float32:
         return tl.float32, "ieee"
-    return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), "ieee"
+    return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), None
 
 
 def _triton_forward(h, w, b, tgt, inv_temp, with_ent):

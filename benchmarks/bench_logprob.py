@@ -1,0 +1,105 @@
+"""Fused linear -> token log-probs -> GRPO loss, forward + backward, frozen and trainable LM head.
+
+Every provider computes the same thing: per-token log-probs of the targets under
+softmax(hidden @ W.T), then the (negligible) dapo GRPO loss with no old log-probs, then backward.
+  saga   saga_kernels.linear_grpo_loss (Triton on CUDA; the chunked torch fallback on a CPU)
+  torch  eager: materialized logits + log_softmax + gather, then saga_kernels.grpo_loss
+  liger  liger_kernel's LigerFusedLinearGRPOLoss (beta = 0, no reference model)
+  cce    cut-cross-entropy: -linear_cross_entropy(e, c, targets, reduction="none") (CUDA only)
+extra_info: peak extra memory of one call, the matmul flop floor (6 N H V frozen, 8 N H V
+trainable) and the implied throughput of the median time.
+"""
+import pytest
+import torch
+from _memory import peak_memory
+from conftest import DEVICE, SIZE, record
+
+from saga_kernels import grpo_loss, linear_grpo_loss
+from saga_kernels._dispatch import resolve_impl
+
+SHAPES = {  # (sequences B, tokens per sequence T, H, V, dtype)
+    "real": (8, 1024, 4096, 151936, torch.bfloat16),
+    "small": (4, 128, 128, 8191, torch.float32),
+}
+PROVIDERS = ["saga", "torch", "liger", "cce"]
+
+
+def _inputs(b, t, h, v, dtype, trainable, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    hidden = torch.randn(b, t, h, device=DEVICE, generator=g).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, h, device=DEVICE, generator=g) * h ** -0.5).to(dtype).requires_grad_(trainable)
+    ids = torch.randint(0, v, (b, t), device=DEVICE, generator=g)
+    mask = torch.ones(b, t, device=DEVICE, dtype=torch.long)
+    adv = torch.randn(b, device=DEVICE, generator=g)
+    return hidden, weight, ids, mask, adv
+
+
+def _eager_logprobs(hidden, weight, ids):
+    logits = (hidden @ weight.t()).float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def _step_fn(provider, hidden, weight, ids, mask, adv):
+    """A closure running forward + backward once (grads are reset so memory stays flat)."""
+    if provider == "saga":
+        def loss_fn():
+            return linear_grpo_loss(hidden, weight, ids, mask, adv)[0]
+    elif provider == "torch":
+        def loss_fn():
+            return grpo_loss(_eager_logprobs(hidden, weight, ids), mask, adv)[0]
+    elif provider == "liger":
+        liger = pytest.importorskip("liger_kernel.chunked_loss")
+        module = liger.LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo",
+                                                compiled=DEVICE.type == "cuda")
+
+        def loss_fn():
+            return module(hidden, weight, ids, mask, adv)[0]
+    else:
+        if DEVICE.type != "cuda":
+            pytest.skip("cut-cross-entropy's kernel needs CUDA")
+        cce = pytest.importorskip("cut_cross_entropy")
+
+        def loss_fn():
+            logp = -cce.linear_cross_entropy(hidden, weight, ids, reduction="none")
+            return grpo_loss(logp, mask, adv)[0]
+
+    def step():
+        hidden.grad = None
+        weight.grad = None
+        loss_fn().backward()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
+@pytest.mark.parametrize("head", ["frozen", "trainable"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_logprob_fwd_bwd(benchmark, provider, head):
+    b, t, h, v, dtype = SHAPES[SIZE]
+    hidden, weight, ids, mask, adv = _inputs(b, t, h, v, dtype, head == "trainable")
+    step = _step_fn(provider, hidden, weight, ids, mask, adv)
+    step()  # warm-up (compilation, autotuning, allocator)
+    peak, how = peak_memory(step, DEVICE)
+    benchmark.pedantic(step, rounds=5 if SIZE == "small" else 10, iterations=1, warmup_rounds=1)
+    n = b * t
+    flops = (8 if head == "trainable" else 6) * n * h * v
+    record(benchmark, provider=provider, head=head, N=n, H=h, V=v, dtype=str(dtype), peak_bytes=peak,
+           peak_method=how, flop_floor=flops, tflops=flops / benchmark.stats.stats.median / 1e12,
+           saga_impl=resolve_impl(None, hidden) if provider == "saga" else None)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the issue's CPU memory check (fallback vs eager)")
+def test_cpu_memory_check(benchmark):
+    """N = 2048, H = 256, V = 151936, fp32, frozen head: the fallback's peak must be < 1/4 of eager's."""
+    hidden, weight, ids, mask, adv = _inputs(1, 2048, 256, 151936, torch.float32, trainable=False)
+    eager_peak, how = peak_memory(_step_fn("torch", hidden, weight, ids, mask, adv), DEVICE)
+    step = _step_fn("saga", hidden, weight, ids, mask, adv)
+    saga_peak, _ = peak_memory(step, DEVICE)
+    benchmark.pedantic(step, rounds=1, iterations=1)
+    record(benchmark, provider="saga", head="frozen", N=2048, H=256, V=151936, dtype="float32",
+           peak_bytes=saga_peak, eager_peak_bytes=eager_peak, peak_method=how,
+           saga_impl=resolve_impl(None, hidden))
+    print(f"\nCPU memory check: saga ({resolve_impl(None, hidden)}) peak {saga_peak / 2**20:.0f} MiB, "
+          f"eager peak {eager_peak / 2**20:.0f} MiB, ratio {saga_peak / eager_peak:.3f}")
+    assert saga_peak < eager_peak / 4
