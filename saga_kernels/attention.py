@@ -56,15 +56,14 @@ def _kernel():
                       Lq, Lk, n, D, HKV, GROUP, scale_log2e,
                       sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, s_pos_b, s_pad_b, s_idx_b, so_b, so_h, so_l,
                       HAS_PAD: tl.constexpr, SUM_HEADS: tl.constexpr, GROUP_P2: tl.constexpr,
-                      BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
         """One program = (batch b, kv head g, block of BLOCK_Q query rows) for all GROUP query heads of g.
 
-        Rows of the [GROUP_P2 * BLOCK_Q, D] query tile are (head-in-group, query row) pairs, so one
+        Rows of the [BLOCK_M = GROUP_P2 * BLOCK_Q, D] query tile are (head-in-group, query row) pairs, so one
         K tile serves the whole GQA group. SUM_HEADS: writes the group's head sum [BLOCK_Q, n] to
         out[b, g]; otherwise every head's probabilities to out[b, h].
         """
-        BLOCK_M: tl.constexpr = GROUP_P2 * BLOCK_Q
         pid_bg = tl.program_id(0).to(tl.int64)
         pid_q = tl.program_id(1).to(tl.int64)
         b = pid_bg // HKV
@@ -164,7 +163,7 @@ def _triton_probs(q, k, key_index, qpos, pad, scale, mean):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         qpos.stride(0), pad_arg.stride(0), key_index.stride(0), out.stride(0), out.stride(1), out.stride(2),
         HAS_PAD=pad is not None, SUM_HEADS=mean, GROUP_P2=group_p2,
-        BLOCK_Q=block_q, BLOCK_N=_BLOCK_N, BLOCK_K=block_k, BLOCK_D=block_d,
+        BLOCK_M=group_p2 * block_q, BLOCK_Q=block_q, BLOCK_N=_BLOCK_N, BLOCK_K=block_k, BLOCK_D=block_d,
         DOT_DTYPE=dot_dtype, PRECISION=precision,
     )
     return out.sum(dim=1) / hq if mean else out

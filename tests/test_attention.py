@@ -121,3 +121,17 @@ def test_bad_inputs(device):
         attention_probs(q, k, kidx, reduce_heads="sum")
     with pytest.raises(ValueError, match="pass query_positions"):
         attention_probs(torch.randn(2, 4, 13, 16, device=device), k, kidx)
+
+
+def test_nan_canary_outside_the_views(impl, device):
+    """q and k are views into NaN-filled buffers: any read past Lq/Lk/D would poison the result."""
+    q, k, kidx, qpos, pad = _inputs(2, 4, 2, 5, 29, 20, 6, device, seed=6, left_pad=[3, 0])
+    q_buf = torch.full((2, 4, 9, 32), float("nan"), device=device)
+    k_buf = torch.full((2, 2, 40, 32), float("nan"), device=device)
+    q_buf[:, :, :5, :20] = q
+    k_buf[:, :, :29, :20] = k
+    for reduce_heads in ("mean", None):
+        out = attention_probs(q_buf[:, :, :5, :20], k_buf[:, :, :29, :20], kidx, query_positions=qpos,
+                              key_padding_mask=pad, reduce_heads=reduce_heads, impl=impl)
+        gold = attention_probs_reference(q.double(), k.double(), kidx, qpos, pad, reduce_heads=reduce_heads)
+        torch.testing.assert_close(out.double(), gold, atol=1e-6, rtol=1e-5)
