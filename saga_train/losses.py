@@ -54,11 +54,13 @@ def _image_positions(input_ids: torch.Tensor, image_token_id: int, tokens_per_im
     return pos[:n_a], pos[n_a:]
 
 
-def replay_group(model, group, *, temperature: float, kl_layer: int, lambda_lm: float, lambda_kl: float,
-                 pooler, token_weight: float, kl_weight: float) -> ReplayResult:
-    """One differentiable forward of tower -> frozen LLM over the group's G sequences; returns the
-    group's share of ``lambda_lm L_GRPO + lambda_kl L_KL`` (token_weight = |T_group| / |T_step|,
-    kl_weight = 1 / number of r = 1 rollouts in the step)."""
+def replay_forward(model, group, kl_layer: int | None = None):
+    """Differentiable forward of tower -> frozen LLM over the group's G sequences (prompt + completion).
+
+    Returns ``(hidden [G, T, H] at the positions that predict the completion tokens, (x_a, x_b),
+    maps)``; ``maps`` (the ``AttentionProbe`` maps of layer ``kl_layer`` from the completion tokens to
+    image a's / b's patch tokens, ``{"a": [G, T, n_a], "b": [G, T, n_b]}``) only when kl_layer is given.
+    """
     from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
     inputs = group.inputs
@@ -78,25 +80,33 @@ def replay_group(model, group, *, temperature: float, kl_layer: int, lambda_lm: 
     if "mm_token_type_ids" in inputs:
         forward_kwargs["mm_token_type_ids"] = torch.cat(
             [inputs["mm_token_type_ids"].expand(G, P), torch.zeros_like(group.completion_ids, dtype=torch.int)], 1)
-
-    kl_rows = group.rewards == 1
-    want_kl = lambda_kl > 0 and pooler is not None and kl_weight > 0 and bool(kl_rows.any())
-    if want_kl:
+    maps = None
+    if kl_layer is None:
+        out = model.model(**forward_kwargs)
+    else:
         from saga_kernels.integrations.hf import AttentionProbe
 
         pos_a, pos_b = _image_positions(inputs["input_ids"], model.config.image_token_id,
                                         [x_a.shape[0], x_b.shape[0]])
         steps = torch.arange(T, device=input_ids.device)
+        # rows after a completion's end point at its first token instead (a valid, ignored query row)
         query_positions = torch.where(group.completion_mask, P + steps, P).expand(G, T)
         key_index = {"a": pos_a.expand(G, -1), "b": pos_b.expand(G, -1)}
         probe = AttentionProbe(model, layers=[kl_layer])
         with probe.capture(query_positions=query_positions, key_index=key_index):
             out = model.model(**forward_kwargs)
         maps = probe.maps[kl_layer]
-    else:
-        out = model.model(**forward_kwargs)
-
     hidden = out.last_hidden_state[:, P - 1: P - 1 + T]
+    return hidden, (x_a, x_b), maps
+
+
+def replay_group(model, group, *, temperature: float, kl_layer: int, lambda_lm: float, lambda_kl: float,
+                 pooler, token_weight: float, kl_weight: float) -> ReplayResult:
+    """The group's share of ``lambda_lm L_GRPO + lambda_kl L_KL`` (token_weight = |T_group| / |T_step|,
+    kl_weight = 1 / number of r = 1 rollouts with item tokens in the step); call ``.loss.backward()``."""
+    kl_rows = group.rewards.to(group.completion_mask.device) == 1
+    want_kl = lambda_kl > 0 and pooler is not None and kl_weight > 0 and bool(kl_rows.any())
+    hidden, (x_a, x_b), maps = replay_forward(model, group, kl_layer if want_kl else None)
     grpo, _ = saga_kernels.linear_grpo_loss(
         hidden, model.lm_head.weight, group.completion_ids, group.completion_mask,
         group.advantages.to(hidden.device), temperature=temperature)

@@ -10,6 +10,7 @@ the batches of an epoch are a pure function of ``(seed, epoch)``, so a resumed r
 exactly where an uninterrupted one would be.
 """
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -474,9 +475,18 @@ def train(cfg: Config, log=print) -> dict:
         result["reward_rate"] = totals["rewarded"] / max(totals["completions"], 1)
         result["rollouts"] = {k: totals[k] for k in ("completions", "rewarded", "unparseable", "pairs_drawn",
                                                      "groups_kept", "shortfall")}
+    result["parameter_digest"] = parameter_digest(params)
     result["wall_seconds"] = time.perf_counter() - t_start
     result["final_step"] = stop
     return result
+
+
+def parameter_digest(params) -> str:
+    """sha256 of every trainable tensor's bytes (to check that data-parallel ranks agree exactly)."""
+    digest = hashlib.sha256()
+    for p in params:
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def format_metrics(m: dict | None) -> str:
