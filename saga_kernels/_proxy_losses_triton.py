@@ -16,6 +16,9 @@ import triton.language as tl
 BLOCK_ROWS = 64
 BLOCK_COLS = 64
 NUM_WARPS = 4
+# Small row counts (few proxies) would leave a GPU idle, so the column sweep is split across programs
+# until about this many run; the host combines the partial results.
+TARGET_PROGRAMS = 512
 
 
 def _block_k(d: int) -> int:
@@ -26,6 +29,14 @@ def _block_k(d: int) -> int:
 def _block_out(d: int) -> int:
     """Width of the slice of the D output columns that one backward program accumulates."""
     return min(128, max(16, triton.next_power_of_2(d)))
+
+
+def _column_splits(row_programs: int, n_cols: int, cap: int | None = None) -> tuple[int, int]:
+    """(number of column splits, columns per split: a multiple of BLOCK_COLS) for a sweep over n_cols."""
+    col_tiles = triton.cdiv(n_cols, BLOCK_COLS)
+    splits = max(1, min(col_tiles, TARGET_PROGRAMS // max(row_programs, 1), cap if cap is not None else col_tiles))
+    tiles_per_split = triton.cdiv(col_tiles, splits)
+    return triton.cdiv(col_tiles, tiles_per_split), tiles_per_split * BLOCK_COLS
 
 
 @triton.jit
@@ -70,20 +81,26 @@ def _pa_grad_tile(cos, is_pos, is_neg, lse_pos, lse_neg, coef_pos, coef_neg, alp
 
 
 @triton.jit
-def _pa_fwd_kernel(p_ptr, e_ptr, lab_ptr, lse_pos_ptr, lse_neg_ptr, C, N, D, alpha, margin,
+def _pa_fwd_kernel(p_ptr, e_ptr, lab_ptr, stats_ptr, C, N, D, cols_per_split, alpha, margin,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows = proxies c. lse_pos[c] = log(1 + sum_{y_i = c} exp(-alpha (cos_ic - m))),
-    lse_neg[c] = log(1 + sum_{y_i != c} exp(alpha (cos_ic + m))), streamed over embedding tiles."""
+    """Rows = proxies c, one column split per program_id(1). Over the split's embeddings i it writes the
+    online log-sum-exp state (max, sum exp(. - max)) of z = -alpha (cos_ic - m) over y_i = c and of
+    z = alpha (cos_ic + m) over y_i != c to stats[0..3, split, c], split 0 adding the "1 +" term; the host
+    combines the splits."""
     alpha = tl.cast(alpha, tl.float32)
     margin = tl.cast(margin, tl.float32)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < C
-    # The "1 +" inside both logs is a term exp(0): start every accumulator at max 0, sum 1.
+    split = tl.program_id(1).to(tl.int64)
+    start = split * cols_per_split
+    end = tl.minimum(start + cols_per_split, N)
+    # The "1 +" is a term exp(0): accumulators start at max 0 and sum 1 (split 0) or 0 (other splits).
+    one = tl.where(split == 0, 1.0, 0.0)
     m_pos = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    s_pos = tl.full((BLOCK_R,), 1.0, dtype=tl.float32)
+    s_pos = tl.zeros((BLOCK_R,), dtype=tl.float32) + one
     m_neg = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    s_neg = tl.full((BLOCK_R,), 1.0, dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_C):
+    s_neg = tl.zeros((BLOCK_R,), dtype=tl.float32) + one
+    for n0 in range(start, end, BLOCK_C):
         cols = n0 + tl.arange(0, BLOCK_C).to(tl.int64)
         col_ok = cols < N
         cos = _gram_tile(p_ptr, e_ptr, rows, cols, row_ok, col_ok, D, BLOCK_R, BLOCK_C, BLOCK_K)
@@ -93,8 +110,12 @@ def _pa_fwd_kernel(p_ptr, e_ptr, lab_ptr, lse_pos_ptr, lse_neg_ptr, C, N, D, alp
         is_neg = (lab[None, :] != rows[:, None]) & col_ok[None, :]
         m_pos, s_pos = _lse_update(m_pos, s_pos, tl.where(is_pos, -alpha * (cos - margin), float("-inf")))
         m_neg, s_neg = _lse_update(m_neg, s_neg, tl.where(is_neg, alpha * (cos + margin), float("-inf")))
-    tl.store(lse_pos_ptr + rows, m_pos + tl.log(s_pos), mask=row_ok)
-    tl.store(lse_neg_ptr + rows, m_neg + tl.log(s_neg), mask=row_ok)
+    plane = tl.num_programs(1).to(tl.int64) * C
+    out = stats_ptr + split * C + rows
+    tl.store(out, m_pos, mask=row_ok)
+    tl.store(out + plane, s_pos, mask=row_ok)
+    tl.store(out + 2 * plane, m_neg, mask=row_ok)
+    tl.store(out + 3 * plane, s_neg, mask=row_ok)
 
 
 @triton.jit
@@ -129,10 +150,11 @@ def _pa_bwd_emb_kernel(e_ptr, p_ptr, lab_ptr, lse_pos_ptr, lse_neg_ptr, coef_ptr
 
 @triton.jit
 def _pa_bwd_proxy_kernel(p_ptr, e_ptr, lab_ptr, lse_pos_ptr, lse_neg_ptr, coef_ptr, grad_ptr, C, N, D,
-                         alpha, margin,
+                         cols_per_split, alpha, margin,
                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                          BLOCK_O: tl.constexpr):
-    """Rows = proxies c, output columns outs: grad[c, outs] = sum_i G[i, c] e[i, outs]."""
+    """Rows = proxies c, output columns outs, embeddings of split program_id(2):
+    grad[split, c, outs] = sum_{i in split} G[i, c] e[i, outs] (the host sums the splits)."""
     alpha = tl.cast(alpha, tl.float32)
     margin = tl.cast(margin, tl.float32)
     coef_pos = tl.load(coef_ptr)
@@ -141,10 +163,13 @@ def _pa_bwd_proxy_kernel(p_ptr, e_ptr, lab_ptr, lse_pos_ptr, lse_neg_ptr, coef_p
     row_ok = rows < C
     outs = tl.program_id(1).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
     out_ok = outs < D
+    split = tl.program_id(2).to(tl.int64)
+    start = split * cols_per_split
+    end = tl.minimum(start + cols_per_split, N)
     lse_pos = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
     lse_neg = tl.load(lse_neg_ptr + rows, mask=row_ok, other=0.0)
     acc = tl.zeros((BLOCK_R, BLOCK_O), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_C):
+    for n0 in range(start, end, BLOCK_C):
         cols = n0 + tl.arange(0, BLOCK_C).to(tl.int64)
         col_ok = cols < N
         cos = _gram_tile(p_ptr, e_ptr, rows, cols, row_ok, col_ok, D, BLOCK_R, BLOCK_C, BLOCK_K)
@@ -154,33 +179,41 @@ def _pa_bwd_proxy_kernel(p_ptr, e_ptr, lab_ptr, lse_pos_ptr, lse_neg_ptr, coef_p
         is_neg = (lab[None, :] != rows[:, None]) & ok
         g = _pa_grad_tile(cos, is_pos, is_neg, lse_pos[:, None], lse_neg[:, None], coef_pos, coef_neg, alpha, margin)
         acc = tl.dot(g, _load_rows(e_ptr, cols, col_ok, outs, out_ok, D), acc, input_precision="ieee")
+    grad_ptr += split * C * D
     tl.store(grad_ptr + rows[:, None] * D + outs[None, :], acc, mask=row_ok[:, None] & out_ok[None, :])
 
 
 def pa_forward(e: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, alpha: float, margin: float):
     """(lse_pos [C], lse_neg [C]) in fp32 for unit rows e [N, D], p [C, D] and int labels [N] in [0, C)."""
     (n, d), c = e.shape, p.shape[0]
-    lse_pos = torch.empty(c, device=e.device, dtype=torch.float32)
-    lse_neg = torch.empty_like(lse_pos)
-    grid = (triton.cdiv(c, BLOCK_ROWS),)
-    _pa_fwd_kernel[grid](p, e, labels, lse_pos, lse_neg, c, n, d, alpha, margin,
-                         BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, BLOCK_K=_block_k(d), num_warps=NUM_WARPS)
+    row_programs = triton.cdiv(c, BLOCK_ROWS)
+    splits, cols_per_split = _column_splits(row_programs, n)
+    stats = torch.empty((4, splits, c), device=e.device, dtype=torch.float32)
+    _pa_fwd_kernel[(row_programs, splits)](
+        p, e, labels, stats, c, n, d, cols_per_split, alpha, margin,
+        BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, BLOCK_K=_block_k(d), num_warps=NUM_WARPS)
+    lse_pos = torch.logsumexp(stats[0] + torch.log(stats[1]), dim=0)
+    lse_neg = torch.logsumexp(stats[2] + torch.log(stats[3]), dim=0)
     return lse_pos, lse_neg
 
 
 def pa_backward(e, p, labels, lse_pos, lse_neg, coefs, alpha: float, margin: float):
-    """(dL/de, dL/dp) in fp32 with dL/dcos = G from ``_pa_grad_tile``; coefs = fp32 [coef_pos, coef_neg]."""
+    """(dL/de, dL/dp) in fp32 with dL/dcos = G from ``_pa_grad_tile``; coefs = fp32 [coef_pos, coef_neg].
+    dL/de: one pass with embeddings as rows; dL/dp: one with proxies as rows (column splits summed here)."""
     (n, d), c = e.shape, p.shape[0]
-    grad_e = torch.empty((n, d), device=e.device, dtype=torch.float32)
-    grad_p = torch.empty((c, d), device=e.device, dtype=torch.float32)
     bo = _block_out(d)
+    # Proxy rows split the embedding sweep only while the partial gradients stay within N x D floats.
+    proxy_programs = triton.cdiv(c, BLOCK_ROWS) * triton.cdiv(d, bo)
+    splits, cols_per_split = _column_splits(proxy_programs, n, cap=max(1, n // c))
+    grad_e = torch.empty((n, d), device=e.device, dtype=torch.float32)
+    grad_p = torch.empty((splits, c, d), device=e.device, dtype=torch.float32)
     _pa_bwd_emb_kernel[(triton.cdiv(n, BLOCK_ROWS), triton.cdiv(d, bo))](
         e, p, labels, lse_pos, lse_neg, coefs, grad_e, n, c, d, alpha, margin,
         BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, BLOCK_K=_block_k(d), BLOCK_O=bo, num_warps=NUM_WARPS)
-    _pa_bwd_proxy_kernel[(triton.cdiv(c, BLOCK_ROWS), triton.cdiv(d, bo))](
-        p, e, labels, lse_pos, lse_neg, coefs, grad_p, c, n, d, alpha, margin,
+    _pa_bwd_proxy_kernel[(triton.cdiv(c, BLOCK_ROWS), triton.cdiv(d, bo), splits)](
+        p, e, labels, lse_pos, lse_neg, coefs, grad_p, c, n, d, cols_per_split, alpha, margin,
         BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, BLOCK_K=_block_k(d), BLOCK_O=bo, num_warps=NUM_WARPS)
-    return grad_e, grad_p
+    return grad_e, grad_p.sum(dim=0) if splits > 1 else grad_p[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,17 +227,21 @@ def _pf_distance(cos, min_dist):
 
 
 @triton.jit
-def _pf_fwd_kernel(x_ptr, lab_ptr, rowsum_ptr, n, D, alpha, delta, min_dist,
+def _pf_fwd_kernel(x_ptr, lab_ptr, rowsum_ptr, n, D, cols_per_split, alpha, delta, min_dist,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    """rowsum[a] = sum_{s != a} psi(d(a, s)): psi = -max(d, delta)^-alpha (same label), min(d, delta)^-alpha (else)."""
+    """rowsum[split, a] = sum_{s != a, s in split} psi(d(a, s)): psi = -max(d, delta)^-alpha (same label),
+    min(d, delta)^-alpha (else); the host sums the splits."""
     alpha = tl.cast(alpha, tl.float32)
     delta = tl.cast(delta, tl.float32)
     min_dist = tl.cast(min_dist, tl.float32)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n
+    split = tl.program_id(1).to(tl.int64)
+    start = split * cols_per_split
+    end = tl.minimum(start + cols_per_split, n)
     lab_r = tl.load(lab_ptr + rows, mask=row_ok, other=-1)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for c0 in range(0, n, BLOCK_C):
+    for c0 in range(start, end, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
         col_ok = cols < n
         cos = _gram_tile(x_ptr, x_ptr, rows, cols, row_ok, col_ok, D, BLOCK_R, BLOCK_C, BLOCK_K)
@@ -215,7 +252,7 @@ def _pf_fwd_kernel(x_ptr, lab_ptr, rowsum_ptr, n, D, alpha, delta, min_dist,
         repel = tl.exp(-alpha * tl.log(tl.minimum(d, delta)))
         keep = col_ok[None, :] & (rows[:, None] != cols[None, :])
         acc += tl.sum(tl.where(keep, tl.where(same, attract, repel), 0.0), axis=1)
-    tl.store(rowsum_ptr + rows, acc, mask=row_ok)
+    tl.store(rowsum_ptr + split * n + rows, acc, mask=row_ok)
 
 
 @triton.jit
@@ -253,11 +290,13 @@ def _pf_bwd_kernel(x_ptr, lab_ptr, coef_ptr, grad_ptr, n, D, alpha, delta, min_d
 def pf_forward(x: torch.Tensor, labels: torch.Tensor, alpha: float, delta: float, min_dist: float) -> torch.Tensor:
     """Per-row energy sums [n] (fp32) for unit rows x [n, D] and int labels [n]."""
     n, d = x.shape
-    rowsum = torch.empty(n, device=x.device, dtype=torch.float32)
-    _pf_fwd_kernel[(triton.cdiv(n, BLOCK_ROWS),)](
-        x, labels, rowsum, n, d, alpha, delta, min_dist,
+    row_programs = triton.cdiv(n, BLOCK_ROWS)
+    splits, cols_per_split = _column_splits(row_programs, n)
+    rowsum = torch.empty((splits, n), device=x.device, dtype=torch.float32)
+    _pf_fwd_kernel[(row_programs, splits)](
+        x, labels, rowsum, n, d, cols_per_split, alpha, delta, min_dist,
         BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, BLOCK_K=_block_k(d), num_warps=NUM_WARPS)
-    return rowsum
+    return rowsum.sum(dim=0)
 
 
 def pf_backward(x, labels, coef: torch.Tensor, alpha: float, delta: float, min_dist: float) -> torch.Tensor:

@@ -25,14 +25,14 @@ def test_exports():
         assert hasattr(saga_kernels, name), name
 
 
-def test_proxy_anchor_module_matches_pml(impl):
+def test_proxy_anchor_module_matches_pml(impl, device):
     torch.manual_seed(0)
-    ours = ProxyAnchorLoss(7, 12, margin=0.15, alpha=20.0, impl=impl)
+    ours = ProxyAnchorLoss(7, 12, margin=0.15, alpha=20.0, impl=impl).to(device)
     assert ours.proxies.shape == (7, 12) and ours.proxies.requires_grad
-    peer = pml_losses.ProxyAnchorLoss(7, 12, margin=0.15, alpha=20.0)
+    peer = pml_losses.ProxyAnchorLoss(7, 12, margin=0.15, alpha=20.0).to(device)
     with torch.no_grad():
         peer.proxies.copy_(ours.proxies)
-    e, y = batch(num_classes=6, dtype=torch.float32)
+    e, y = (t.to(device) for t in batch(num_classes=6, dtype=torch.float32))
     e1, e2 = e.clone().requires_grad_(True), e.clone().requires_grad_(True)
     loss = ours(e1, y)
     loss.backward()

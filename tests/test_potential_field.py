@@ -26,7 +26,7 @@ def gram_peer(e, y, p, py, *, alpha=4.0, delta=0.2):
     d = (2.0 - 2.0 * (points @ points.T)).clamp(min=MIN_DISTANCE**2).sqrt()
     same = classes[:, None] == classes[None, :]
     psi = torch.where(same, -d.clamp(min=delta).pow(-alpha), d.clamp(max=delta).pow(-alpha))
-    return psi.masked_fill(torch.eye(n, dtype=torch.bool), 0.0).sum() / (n * (n - 1))
+    return psi.masked_fill(torch.eye(n, dtype=torch.bool, device=psi.device), 0.0).sum() / (n * (n - 1))
 
 
 def loss_and_grads(fn, e, y, p, py, **kw):
@@ -54,14 +54,14 @@ def check(impl, e, y, p, py, **kw):
     return ours, gold
 
 
-def make_set(n, d, num_classes, per_class, seed):
+def make_set(n, d, num_classes, per_class, seed, device="cpu"):
     """Random embeddings/labels and ``per_class`` proxies per class, proxy classes in shuffled order."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, num_classes, (n,), generator=g)
     embeddings = torch.randn(n, d, generator=g) * 2.0
     proxies = torch.randn(num_classes * per_class, d, generator=g)
     proxy_labels = torch.arange(num_classes).repeat_interleave(per_class)[torch.randperm(num_classes * per_class, generator=g)]
-    return embeddings, labels, proxies, proxy_labels
+    return embeddings.to(device), labels.to(device), proxies.to(device), proxy_labels.to(device)
 
 
 def near(point, distance, g):
@@ -82,11 +82,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("n,d,c,m", CASES)
-def test_matches_reference(impl, n, d, c, m):
-    check(impl, *make_set(n, d, c, m, seed=n * d + m))
+def test_matches_reference(impl, device, n, d, c, m):
+    check(impl, *make_set(n, d, c, m, seed=n * d + m, device=device))
 
 
-def test_closer_than_delta_and_coincident(impl):
+def test_closer_than_delta_and_coincident(impl, device):
     """Pairs at 0.03..0.15 (same and different class, embedding-embedding and embedding-proxy), exact
     duplicates and an embedding on top of a proxy: finite, and equal to the reference (both clamp)."""
     e, y, p, py = make_set(24, 16, 3, 2, seed=4)
@@ -102,27 +102,27 @@ def test_closer_than_delta_and_coincident(impl):
     e[10] = p[(py != y[10]).nonzero()[0, 0]] * 2.0  # on top of another class's proxy
     d = torch.cdist(F.normalize(e.double(), dim=1), F.normalize(e.double(), dim=1))
     assert d[0, 1] < 0.2 and d[0, 2] < 0.2 and d[6, 7] < MIN_DISTANCE
-    ours, gold = check(impl, e, y, p, py)
+    ours, gold = check(impl, e.to(device), y.to(device), p.to(device), py.to(device))
     n = e.shape[0] + p.shape[0]
     assert gold[0] > 2 * MIN_DISTANCE**-4 / (n * (n - 1))  # the clamped coincident pair (both orders) is in it
 
 
-def test_hyperparameters(impl):
-    e, y, p, py = make_set(30, 5, 3, 2, seed=8)
+def test_hyperparameters(impl, device):
+    e, y, p, py = make_set(30, 5, 3, 2, seed=8, device=device)
     check(impl, e, y, p, py, alpha=2.0, delta=0.5)
 
 
-def test_float64_torch_path_is_exact():
+def test_float64_torch_path_is_exact(device):
     for n, d, c, m in [(37, 19, 5, 1), (41, 3, 4, 3)]:
-        e, y, p, py = make_set(n, d, c, m, seed=1)
+        e, y, p, py = make_set(n, d, c, m, seed=1, device=device)
         gold = loss_and_grads(reference, e.double(), y, p.double(), py)
         ours = loss_and_grads(potential_field_loss, e.double(), y, p.double(), py, impl="torch")
         for o, g in zip(ours, gold):
             torch.testing.assert_close(o, g, rtol=1e-9, atol=1e-12)
 
 
-def test_fallback_accumulates_over_row_chunks(monkeypatch):
-    e, y, p, py = make_set(17, 4, 3, 2, seed=2)
+def test_fallback_accumulates_over_row_chunks(monkeypatch, device):
+    e, y, p, py = make_set(17, 4, 3, 2, seed=2, device=device)
     gold = loss_and_grads(reference, e.double(), y, p.double(), py)
     monkeypatch.setattr(pf_module, "tile_size", lambda n_cols: 5)
     ours = loss_and_grads(potential_field_loss, e.double(), y, p.double(), py, impl="torch")
@@ -130,15 +130,15 @@ def test_fallback_accumulates_over_row_chunks(monkeypatch):
         torch.testing.assert_close(o, g, rtol=1e-9, atol=1e-12)
 
 
-def test_arbitrary_label_values(impl):
+def test_arbitrary_label_values(impl, device):
     """Labels are compared for equality only: negative and sparse class ids work."""
-    e, y, p, py = make_set(19, 6, 3, 2, seed=3)
-    values = torch.tensor([-7, 40, 1000])
+    e, y, p, py = make_set(19, 6, 3, 2, seed=3, device=device)
+    values = torch.tensor([-7, 40, 1000], device=device)
     check(impl, e, values[y], p, values[py].to(torch.int32))
 
 
-def test_bfloat16_inputs(impl):
-    e, y, p, py = make_set(20, 16, 3, 2, seed=6)
+def test_bfloat16_inputs(impl, device):
+    e, y, p, py = make_set(20, 16, 3, 2, seed=6, device=device)
     eb, pb = e.bfloat16(), p.bfloat16()
     gold = loss_and_grads(reference, eb.double(), y, pb.double(), py)
     ours = loss_and_grads(potential_field_loss, eb, y, pb, py, impl=impl)
@@ -146,8 +146,8 @@ def test_bfloat16_inputs(impl):
     assert_gold_rule(ours, gold, loss_and_grads(gram_peer, eb, y, pb, py), slack=1e-2)
 
 
-def test_bad_input():
-    e, y, p, py = make_set(8, 6, 3, 2, seed=1)
+def test_bad_input(device):
+    e, y, p, py = make_set(8, 6, 3, 2, seed=1, device=device)
     with pytest.raises(ValueError, match="labels has 7 entries"):
         potential_field_loss(e, y[:7], p, py)
     with pytest.raises(ValueError, match=r"no proxy has .*\[3\]"):
@@ -170,3 +170,25 @@ def test_bad_input():
         potential_field_loss(e, y, p, py, delta=-0.1)
     with pytest.raises(ValueError, match="alpha must be"):
         potential_field_loss(e, y, p, py, alpha=float("nan"))
+
+
+def padded(t, fill):
+    """``t`` as the head of a larger contiguous buffer whose tail holds ``fill`` (an out-of-bounds canary)."""
+    buf = torch.full((t.numel() + 4096,), fill, dtype=t.dtype, device=t.device)
+    buf[: t.numel()] = t.reshape(-1)
+    return buf[: t.numel()].view(t.shape)
+
+
+def test_triton_kernels_read_in_bounds(device):
+    """NaN after the rows and class-0 labels after the labels: any unmasked read would change the result."""
+    from saga_kernels._proxy_losses_triton import pf_backward, pf_forward
+
+    e, y, p, py = make_set(50, 13, 3, 7, seed=10, device=device)
+    x = F.normalize(torch.cat([e, p]), dim=1)
+    lab = torch.cat([y, py]).to(torch.int32)
+    coef = torch.tensor([0.37], device=device)
+    want = pf_module._torch_forward(x, lab, 4.0, 0.2)
+    want_grad = pf_module._torch_backward(x, lab, coef, 4.0, 0.2)
+    xp, lp = padded(x, float("nan")), padded(lab, 0)
+    torch.testing.assert_close(pf_forward(xp, lp, 4.0, 0.2, MIN_DISTANCE), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(pf_backward(xp, lp, coef, 4.0, 0.2, MIN_DISTANCE), want_grad, rtol=1e-5, atol=1e-5)
