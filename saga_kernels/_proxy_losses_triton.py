@@ -197,23 +197,28 @@ def pa_forward(e: torch.Tensor, p: torch.Tensor, labels: torch.Tensor, alpha: fl
     return lse_pos, lse_neg
 
 
-def pa_backward(e, p, labels, lse_pos, lse_neg, coefs, alpha: float, margin: float):
-    """(dL/de, dL/dp) in fp32 with dL/dcos = G from ``_pa_grad_tile``; coefs = fp32 [coef_pos, coef_neg].
-    dL/de: one pass with embeddings as rows; dL/dp: one with proxies as rows (column splits summed here)."""
+def pa_backward(e, p, labels, lse_pos, lse_neg, coefs, alpha: float, margin: float, need_e=True, need_p=True):
+    """(dL/de, dL/dp) in fp32 (None where not needed) with dL/dcos = G from ``_pa_grad_tile``; coefs = fp32
+    [coef_pos, coef_neg]. dL/de: one pass with embeddings as rows; dL/dp: one with proxies as rows (column
+    splits summed here)."""
     (n, d), c = e.shape, p.shape[0]
     bo = _block_out(d)
     # Proxy rows split the embedding sweep only while the partial gradients stay within N x D floats.
     proxy_programs = triton.cdiv(c, BLOCK_ROWS) * triton.cdiv(d, bo)
     splits, cols_per_split = _column_splits(proxy_programs, n, cap=max(1, n // c))
-    grad_e = torch.empty((n, d), device=e.device, dtype=torch.float32)
-    grad_p = torch.empty((splits, c, d), device=e.device, dtype=torch.float32)
-    _pa_bwd_emb_kernel[(triton.cdiv(n, BLOCK_ROWS), triton.cdiv(d, bo))](
-        e, p, labels, lse_pos, lse_neg, coefs, grad_e, n, c, d, alpha, margin,
-        BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, BLOCK_K=_block_k(d), BLOCK_O=bo, num_warps=NUM_WARPS)
-    _pa_bwd_proxy_kernel[(triton.cdiv(c, BLOCK_ROWS), triton.cdiv(d, bo), splits)](
-        p, e, labels, lse_pos, lse_neg, coefs, grad_p, c, n, d, cols_per_split, alpha, margin,
-        BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, BLOCK_K=_block_k(d), BLOCK_O=bo, num_warps=NUM_WARPS)
-    return grad_e, grad_p.sum(dim=0) if splits > 1 else grad_p[0]
+    grad_e = grad_p = None
+    if need_e:
+        grad_e = torch.empty((n, d), device=e.device, dtype=torch.float32)
+        _pa_bwd_emb_kernel[(triton.cdiv(n, BLOCK_ROWS), triton.cdiv(d, bo))](
+            e, p, labels, lse_pos, lse_neg, coefs, grad_e, n, c, d, alpha, margin,
+            BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, BLOCK_K=_block_k(d), BLOCK_O=bo, num_warps=NUM_WARPS)
+    if need_p:
+        grad_p = torch.empty((splits, c, d), device=e.device, dtype=torch.float32)
+        _pa_bwd_proxy_kernel[(triton.cdiv(c, BLOCK_ROWS), triton.cdiv(d, bo), splits)](
+            p, e, labels, lse_pos, lse_neg, coefs, grad_p, c, n, d, cols_per_split, alpha, margin,
+            BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, BLOCK_K=_block_k(d), BLOCK_O=bo, num_warps=NUM_WARPS)
+        grad_p = grad_p.sum(dim=0) if splits > 1 else grad_p[0]
+    return grad_e, grad_p
 
 
 # ------------------------------------------------------------------------------------------------

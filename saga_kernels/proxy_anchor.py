@@ -56,9 +56,10 @@ def _torch_forward(e, p, labels, alpha, margin):
     return lse_pos, lse_neg
 
 
-def _torch_backward(e, p, labels, lse_pos, lse_neg, coef_pos, coef_neg, alpha, margin):
-    grad_e = torch.empty_like(e)
-    grad_p = torch.zeros_like(p)
+def _torch_backward(e, p, labels, lse_pos, lse_neg, coef_pos, coef_neg, alpha, margin, need_e=True, need_p=True):
+    """(dL/de or None, dL/dp or None), accumulated over row chunks of embeddings."""
+    grad_e = torch.empty_like(e) if need_e else None
+    grad_p = torch.zeros_like(p) if need_p else None
     classes = torch.arange(p.shape[0], device=e.device)
     step = tile_size(p.shape[0])
     for r0 in range(0, e.shape[0], step):
@@ -66,8 +67,10 @@ def _torch_backward(e, p, labels, lse_pos, lse_neg, coef_pos, coef_neg, alpha, m
         cos = rows @ p.T
         is_pos = labels[r0 : r0 + step, None] == classes[None, :]
         g = pa_grad_cos(cos, is_pos, lse_pos[None, :], lse_neg[None, :], coef_pos, coef_neg, alpha, margin)
-        grad_e[r0 : r0 + step] = g @ p
-        grad_p += g.T @ rows
+        if need_e:
+            grad_e[r0 : r0 + step] = g @ p
+        if need_p:
+            grad_p += g.T @ rows
     return grad_e, grad_p
 
 
@@ -93,14 +96,17 @@ class _ProxyAnchor(torch.autograd.Function):
         alpha, margin = ctx.alpha, ctx.margin
         coef_pos = -alpha * grad_out / num_present
         coef_neg = alpha * grad_out / p.shape[0]
+        need_e, need_p = ctx.needs_input_grad[:2]
         if ctx.impl == "triton":
             from ._proxy_losses_triton import pa_backward
 
             coefs = torch.stack([coef_pos, coef_neg]).to(torch.float32).reshape(2)
-            grad_e, grad_p = pa_backward(e, p, labels, lse_pos, lse_neg, coefs, alpha, margin)
-            grad_e, grad_p = grad_e.to(e.dtype), grad_p.to(p.dtype)
+            grad_e, grad_p = pa_backward(e, p, labels, lse_pos, lse_neg, coefs, alpha, margin, need_e, need_p)
+            grad_e = grad_e.to(e.dtype) if need_e else None
+            grad_p = grad_p.to(p.dtype) if need_p else None
         else:
-            grad_e, grad_p = _torch_backward(e, p, labels, lse_pos, lse_neg, coef_pos, coef_neg, alpha, margin)
+            grad_e, grad_p = _torch_backward(e, p, labels, lse_pos, lse_neg, coef_pos, coef_neg, alpha, margin,
+                                             need_e, need_p)
         return grad_e, grad_p, None, None, None, None, None
 
 

@@ -165,3 +165,15 @@ def test_triton_kernels_read_in_bounds(device):
     got_grads = pa_backward(ep, pp, yp, *got, coefs, 32.0, 0.1)
     for a, b in zip(got + got_grads, want + want_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_proxies_or_embeddings(impl, device):
+    """Only the inputs that require grad get one, and it equals the full backward's."""
+    e, y, p = make_batch(33, 10, 6, [0, 1, 2, 5], seed=12, device=device)
+    _, ge, gp = loss_and_grads(proxy_anchor_loss, e, y, p, impl=impl)
+    e1 = e.clone().requires_grad_(True)
+    proxy_anchor_loss(e1, y, p, impl=impl).backward()
+    torch.testing.assert_close(e1.grad, ge, rtol=0, atol=0)
+    p1 = p.clone().requires_grad_(True)
+    proxy_anchor_loss(e, y, p1, impl=impl).backward()
+    torch.testing.assert_close(p1.grad, gp, rtol=0, atol=0)
