@@ -28,8 +28,8 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int64, torch.int32)
 _LOG2E = 1.4426950408889634
 
-# Fallback: one [B, Hkv, G * Lq, chunk] fp32 score tile holds about this many elements (64 MB).
-_TORCH_TILE_ELEMS = 1 << 24
+# Fallback: one [B, Hkv, G * Lq, chunk] fp32 score tile holds about this many elements (16 MB).
+_TORCH_TILE_ELEMS = 1 << 22
 
 # Triton tiles (one fixed config; every tl.dot dim >= 16 and a power of two).
 _ROWS_PER_PROGRAM = 64  # (query head in the GQA group) x (query row) rows share one K tile
@@ -186,10 +186,10 @@ def _torch_probs(q, k, key_index, qpos, pad, scale, mean):
         vis = torch.arange(s0, s1, device=q.device) <= row_pos
         if pad is not None:
             vis = vis & pad[:, None, None, s0:s1]
-        s = s.masked_fill_(~vis, float("-inf"))
+        s.masked_fill_(~vis, float("-inf"))
         m_new = torch.maximum(m, s.amax(dim=-1))
         m_ref = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        l = l * torch.exp(m - m_ref) + torch.exp(s - m_ref[..., None]).sum(dim=-1)
+        l = l * torch.exp(m - m_ref) + s.sub_(m_ref[..., None]).exp_().sum(dim=-1)  # in place: one tile alive
         m = m_new
     k_sel = k.gather(2, key_index[:, None, :, None].expand(bsz, hkv, n, dim)).float()
     s = qf @ k_sel.transpose(-1, -2)  # [B, Hkv, G * Lq, n]

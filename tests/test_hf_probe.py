@@ -107,9 +107,13 @@ def test_probe_matches_eager_attentions_and_keeps_logits(setup, which):
 def test_logits_identical_to_unprobed_model(setup):
     sdpa, _, inputs, qpos, key_index, plain, _ = setup
     probe = AttentionProbe(sdpa, layers=[1])
-    with torch.no_grad(), probe.capture(query_positions=qpos, key_index=key_index):
+    with probe.capture(query_positions=qpos, key_index=key_index):  # grad enabled, as when training through it
         logits = sdpa(**inputs).logits
-    assert torch.equal(logits, plain)
+    assert torch.equal(logits.detach(), plain)
+    assert not probe.maps[1]["a"].requires_grad  # detached teacher maps
+    logits.square().mean().backward()  # the model's own graph is intact
+    assert sdpa.model.language_model.layers[1].self_attn.q_proj.weight.grad is not None
+    sdpa.zero_grad(set_to_none=True)
 
 
 def test_explicit_padding_mask_and_padding_matters(setup):
@@ -148,3 +152,18 @@ def test_importing_saga_kernels_does_not_import_transformers():
 
     code = "import sys, saga_kernels; sys.exit(1 if 'transformers' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_both_impls_inside_the_probe(setup, monkeypatch):
+    sdpa, _, inputs, qpos, key_index, _, gold = setup
+    probe = AttentionProbe(sdpa, layers=[2])
+    maps = {}
+    for impl in ("torch", "triton"):
+        monkeypatch.setenv("SAGA_IMPL", impl)
+        with torch.no_grad(), probe.capture(qpos, key_index):
+            sdpa(**inputs)
+        maps[impl] = probe.maps[2]
+    want = _eager_maps(gold, 2, qpos, key_index)
+    for name in ("a", "b"):
+        torch.testing.assert_close(maps["torch"][name], want[name], rtol=1e-4, atol=2e-6)
+        torch.testing.assert_close(maps["triton"][name], maps["torch"][name], rtol=1e-5, atol=1e-7)
