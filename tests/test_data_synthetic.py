@@ -61,6 +61,8 @@ def test_attribute_text_and_lookup():
                                 f"{attrs['head color']}-head", f"{attrs['wing pattern']}-wing",
                                 f"{attrs['beak shape']}-beak", f"{attrs['tail shape']}-tail"]
         assert ds.label_of(ds.attributes(label)) == label
+        assert ds.neighbours(label) == [j for j, d in enumerate(ds.combinations)
+                                        if num_differences(ds.combinations[label], d) == 1]
         for n in ds.neighbours(label):
             diff = [a for a in attrs if ds.class_attributes[n][a] != attrs[a]]
             assert len(diff) == 1

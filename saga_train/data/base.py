@@ -8,7 +8,7 @@ from typing import Sequence
 from PIL import Image
 
 
-class DatasetError(Exception):
+class DatasetError(ValueError):
     """A dataset on disk is missing a file or has a malformed entry; the message names the file."""
 
 

@@ -293,7 +293,13 @@ class SyntheticBirds:
     def neighbours(self, label: int) -> list[int]:
         """Labels of the classes in this split that differ from ``label`` in exactly one attribute."""
         c = self.combinations[label]
-        return [j for j, d in enumerate(self.combinations) if num_differences(c, d) == 1]
+        out = []
+        for a, values in enumerate(ATTRIBUTES.values()):
+            for v in range(len(values)):
+                j = self._label_of.get(c[:a] + (v,) + c[a + 1:]) if v != c[a] else None
+                if j is not None:
+                    out.append(j)
+        return sorted(out)
 
     def summary(self) -> str:
         return (f"SyntheticBirds[{self.split}, seed={self.seed}]: {len(self.combinations)} classes, "
