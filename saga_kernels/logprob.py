@@ -10,10 +10,15 @@ Backward, for upstream gradients g (log-prob) and g_H (entropy), per logit colum
     dlogits[v] = (g * (1[v == y] - p[v]) - g_H * p[v] * (z[v] - E_p[z])) / T
     d_hidden = dlogits @ W,  d_weight = dlogits.T @ h,  d_bias = sum_rows dlogits
 
-Both paths (Triton kernels, chunked PyTorch fallback) stream over vocab tiles with an online
-log-sum-exp, keep only per-row statistics (lse, E_p[z]) for the backward, and recompute the logit
-tiles there. Rows whose target equals ``ignore_index`` get log-prob 0, entropy 0 and an exactly
-zero gradient. The weight/bias gradients are formed only when those tensors require grad.
+Both paths stream over vocab tiles with an online log-sum-exp and keep only per-row statistics
+(lse, E_p[z]) for the backward, which recomputes the logits:
+- Triton: the forward kernel tiles (row blocks x vocab splits), each program folding its vocab
+  range into (max, sum exp, sum exp * z, target logit) with fp32 tl.dot accumulation; the host
+  merges the splits. The backward kernel writes dlogits for one (row chunk, vocab chunk) at a time
+  (<= _DZ_CHUNK_BYTES) and dense matmuls turn it into d_hidden (and d_weight / d_bias): no atomics.
+- torch fallback: the same math on [rows x vocab] chunks of fp32 logits (<= 32 MB each).
+Rows whose target equals ``ignore_index`` get log-prob 0, entropy 0 and an exactly zero gradient.
+The weight/bias gradients are formed only when those tensors require grad.
 """
 from __future__ import annotations
 
@@ -36,6 +41,10 @@ _BLOCK_N = 64
 _BLOCK_V = 128
 _BLOCK_H = 64
 _TARGET_PROGRAMS = 512  # forward grid aims for about this many (row block, vocab split) programs
+# Backward: the dlogits chunk handed to the matmuls is at most this big (64 MiB: < 1% of the eager
+# path's peak at N = 8192, V = 151936), for row chunks of at most this many rows.
+_DZ_CHUNK_BYTES = 64 * 2**20
+_TRITON_ROWS_PER_CHUNK = 2048
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,17 +141,20 @@ if triton is not None:
         return tl.where(keep, dz * inv_t, 0.0)
 
     @triton.jit
-    def _dhidden_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, ge_ptr, ez_ptr, dh_ptr,
-                        N, V, H, stride_h, stride_w, inv_temp, ignore_index,
+    def _dlogits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, ge_ptr, ez_ptr, dz_ptr,
+                        N, v_start, v_stop, H, stride_h, stride_w, stride_dz, inv_temp, ignore_index,
                         HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-        """d_hidden[rows] = sum over vocab tiles of dlogits @ W[tile]; this program owns its rows,
-        so the fp32 accumulator in global memory is updated without atomics (deterministic)."""
+        """dz[rows, cols - v_start] = d(loss)/d(raw logits) for vocab columns [v_start, v_stop):
+        one [BLOCK_N, BLOCK_V] tile per program, logits recomputed from h and W."""
         pid_n = tl.program_id(0).to(tl.int64)
+        pid_v = tl.program_id(1).to(tl.int64)
         inv_t = tl.cast(inv_temp, tl.float32)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
+        cols = v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_stop
         tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=ignore_index)
         active = row_ok & (tgt != ignore_index)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -152,70 +164,11 @@ if triton is not None:
         if WITH_ENT:
             g_ent = tl.load(ge_ptr + rows, mask=row_ok, other=0.0)
             ez = tl.load(ez_ptr + rows, mask=row_ok, other=0.0)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # int64: cols * stride_w may pass 2**31
-            col_ok = cols < V
-            dz = _dlogits_tile(h_ptr, w_ptr, b_ptr, stride_h, stride_w, rows, cols, row_ok, col_ok, H,
-                               tgt, lse, g, g_ent, ez, active, inv_t, HAS_BIAS, WITH_ENT,
-                               BLOCK_N, BLOCK_V, BLOCK_H, DOT_DTYPE, PRECISION).to(DOT_DTYPE)
-            for k0 in range(0, H, BLOCK_H):
-                kk = k0 + tl.arange(0, BLOCK_H)
-                k_ok = kk < H
-                w = tl.load(w_ptr + cols[:, None] * stride_w + kk[None, :], mask=col_ok[:, None] & k_ok[None, :],
-                            other=0.0).to(DOT_DTYPE)
-                dh_ptrs = dh_ptr + rows[:, None] * H + kk[None, :]
-                dh_mask = row_ok[:, None] & k_ok[None, :]
-                acc = tl.load(dh_ptrs, mask=dh_mask, other=0.0)
-                acc = tl.dot(dz, w, acc, input_precision=PRECISION)
-                tl.store(dh_ptrs, acc, mask=dh_mask)
-            tl.debug_barrier()
-
-    @triton.jit
-    def _dweight_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, ge_ptr, ez_ptr, dw_ptr, db_ptr,
-                        N, V, H, stride_h, stride_w, inv_temp, ignore_index,
-                        HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
-                        WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                        DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-        """d_weight[tile] = sum over row blocks of dlogits.T @ h (and d_bias); this program owns its
-        vocab tile, so no atomics. Launched only when the weight or bias requires grad."""
-        pid_v = tl.program_id(0).to(tl.int64)
-        inv_t = tl.cast(inv_temp, tl.float32)
-        cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
-        db = tl.zeros((BLOCK_V,), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-            row_ok = rows < N
-            tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=ignore_index)
-            active = row_ok & (tgt != ignore_index)
-            lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-            g = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-            g_ent = g
-            ez = lse
-            if WITH_ENT:
-                g_ent = tl.load(ge_ptr + rows, mask=row_ok, other=0.0)
-                ez = tl.load(ez_ptr + rows, mask=row_ok, other=0.0)
-            dz = _dlogits_tile(h_ptr, w_ptr, b_ptr, stride_h, stride_w, rows, cols, row_ok, col_ok, H,
-                               tgt, lse, g, g_ent, ez, active, inv_t, HAS_BIAS, WITH_ENT,
-                               BLOCK_N, BLOCK_V, BLOCK_H, DOT_DTYPE, PRECISION)
-            if BIAS_GRAD:
-                db += tl.sum(dz, axis=0)
-            if WEIGHT_GRAD:
-                dz_t = tl.trans(dz.to(DOT_DTYPE))
-                for k0 in range(0, H, BLOCK_H):
-                    kk = k0 + tl.arange(0, BLOCK_H)
-                    k_ok = kk < H
-                    h = tl.load(h_ptr + rows[:, None] * stride_h + kk[None, :],  # ignored rows read as 0
-                                mask=active[:, None] & k_ok[None, :], other=0.0).to(DOT_DTYPE)
-                    dw_ptrs = dw_ptr + cols[:, None] * H + kk[None, :]
-                    dw_mask = col_ok[:, None] & k_ok[None, :]
-                    acc = tl.load(dw_ptrs, mask=dw_mask, other=0.0)
-                    acc = tl.dot(dz_t, h, acc, input_precision=PRECISION)
-                    tl.store(dw_ptrs, acc, mask=dw_mask)
-                tl.debug_barrier()
-        if BIAS_GRAD:
-            tl.store(db_ptr + cols, db, mask=col_ok)
+        dz = _dlogits_tile(h_ptr, w_ptr, b_ptr, stride_h, stride_w, rows, cols, row_ok, col_ok, H,
+                           tgt, lse, g, g_ent, ez, active, inv_t, HAS_BIAS, WITH_ENT,
+                           BLOCK_N, BLOCK_V, BLOCK_H, DOT_DTYPE, PRECISION)
+        tl.store(dz_ptr + rows[:, None] * stride_dz + (cols - v_start)[None, :], dz.to(dz_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _dot_config(dtype: torch.dtype, device: torch.device):
@@ -255,39 +208,62 @@ def _triton_forward(h, w, b, tgt, inv_temp, with_ent):
     return lse, zt.sum(dim=0), ez
 
 
+def _mm_fp32(a, b):
+    """a @ b with an fp32 result: fp32 operands as they are; half operands accumulate in fp32 and
+    are rounded once (CUDA's mm with out_dtype when this torch has it, else a cast of the product)."""
+    if a.dtype == torch.float32:
+        return a @ b
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return (a @ b).float()
+
+
 def _triton_backward(h, w, b, tgt, lse, g, g_ent, ez, inv_temp, ignore_index, need_dw, need_db):
-    """Returns fp32 (d_hidden, d_weight-or-None, d_bias-or-None)."""
+    """Returns (d_hidden in hidden's dtype, fp32 d_weight or None, fp32 d_bias or None).
+
+    Per (row chunk, vocab chunk) a Triton kernel writes the dlogits chunk (at most _DZ_CHUNK_BYTES,
+    in the matmul dtype) and dense matmuls consume it: d_hidden_rows += dz @ W_chunk (an fp32
+    accumulator per row chunk), and only for a trainable head d_weight_chunk += dz.T @ h_rows.
+    No atomics, deterministic, no [N, V] buffer.
+    """
     n, hd = h.shape
     v = w.shape[0]
     with_ent = g_ent is not None
     dot_dtype, precision = _dot_config(h.dtype, h.device)
-    common = dict(HAS_BIAS=b is not None, WITH_ENT=with_ent, BLOCK_N=_BLOCK_N, BLOCK_V=_BLOCK_V,
-                  BLOCK_H=_BLOCK_H, DOT_DTYPE=dot_dtype, PRECISION=precision)
+    mm_dtype = h.dtype if h.device.type == "cuda" else torch.float32  # interpreter: fp32 throughout
     b_arg = b if b is not None else h
     ge_arg = g_ent if with_ent else g
     ez_arg = ez if with_ent else lse
-    dh = torch.zeros((n, hd), device=h.device, dtype=torch.float32)
-    _dhidden_kernel[(math.ceil(n / _BLOCK_N),)](
-        h, w, b_arg, tgt, lse, g, ge_arg, ez_arg, dh,
-        n, v, hd, h.stride(0), w.stride(0), inv_temp, ignore_index, **common,
-    )
-    dw = db = None
-    if need_dw or need_db:
-        dw = torch.zeros((v, hd), device=h.device, dtype=torch.float32) if need_dw else None
-        db = torch.zeros((v,), device=h.device, dtype=torch.float32) if need_db else None
-        _launch_dweight(h, w, b_arg, tgt, lse, g, ge_arg, ez_arg, dw, db, inv_temp, ignore_index, common)
+    active = tgt != ignore_index
+    dh = torch.empty((n, hd), device=h.device, dtype=h.dtype)
+    dw = torch.zeros((v, hd), device=h.device, dtype=torch.float32) if need_dw else None
+    db = torch.zeros((v,), device=h.device, dtype=torch.float32) if need_db else None
+    rows_per_chunk = min(n, _TRITON_ROWS_PER_CHUNK)
+    elt = torch.finfo(mm_dtype).bits // 8
+    vocab_per_chunk = max(_BLOCK_V, _DZ_CHUNK_BYTES // (rows_per_chunk * elt) // _BLOCK_V * _BLOCK_V)
+    dz_buf = torch.empty((rows_per_chunk, min(v, vocab_per_chunk)), device=h.device, dtype=mm_dtype)
+    for r0 in range(0, n, rows_per_chunk):
+        r1 = min(n, r0 + rows_per_chunk)
+        h_rows = h[r0:r1]
+        h_mm = torch.where(active[r0:r1, None], h_rows, 0).to(mm_dtype) if need_dw else None  # NaN-proof
+        acc = torch.zeros((r1 - r0, hd), device=h.device, dtype=torch.float32)
+        for v0 in range(0, v, vocab_per_chunk):
+            v1 = min(v, v0 + vocab_per_chunk)
+            dz = dz_buf[: r1 - r0, : v1 - v0]
+            _dlogits_kernel[(math.ceil((r1 - r0) / _BLOCK_N), math.ceil((v1 - v0) / _BLOCK_V))](
+                h_rows, w, b_arg, tgt[r0:r1], lse[r0:r1], g[r0:r1], ge_arg[r0:r1], ez_arg[r0:r1], dz,
+                r1 - r0, v0, v1, hd, h.stride(0), w.stride(0), dz.stride(0), inv_temp, ignore_index,
+                HAS_BIAS=b is not None, WITH_ENT=with_ent, BLOCK_N=_BLOCK_N, BLOCK_V=_BLOCK_V, BLOCK_H=_BLOCK_H,
+                DOT_DTYPE=dot_dtype, PRECISION=precision,
+            )
+            acc += _mm_fp32(dz, w[v0:v1].to(mm_dtype))
+            if need_dw:
+                dw[v0:v1] += _mm_fp32(dz.t(), h_mm)
+            if need_db:
+                db[v0:v1] += dz.sum(dim=0, dtype=torch.float32)
+        dh[r0:r1] = acc
     return dh, dw, db
-
-
-def _launch_dweight(h, w, b_arg, tgt, lse, g, ge_arg, ez_arg, dw, db, inv_temp, ignore_index, common):
-    """The weight/bias-gradient pass, a separate function so tests can check a frozen head skips it."""
-    n, hd = h.shape
-    v = w.shape[0]
-    _dweight_kernel[(math.ceil(v / _BLOCK_V),)](
-        h, w, b_arg, tgt, lse, g, ge_arg, ez_arg, dw if dw is not None else lse, db if db is not None else lse,
-        n, v, hd, h.stride(0), w.stride(0), inv_temp, ignore_index,
-        WEIGHT_GRAD=dw is not None, BIAS_GRAD=db is not None, **common,
-    )
 
 
 # --------------------------------------------------------------------------------------------
