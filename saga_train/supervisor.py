@@ -1,0 +1,557 @@
+"""A supervisor that knows the synthetic world: a tiny Qwen3-VL taught by SFT to compare two birds.
+
+``python -m saga_train.supervisor`` (or ``ensure_supervisor(cfg)``, which trains on first use)
+trains ``saga_train.tiny``'s model on pairs of TRAINING-class ``SyntheticBirds`` images (the
+"open" pool: every attribute combination except the held-out test classes of ``cfg.seed``). The
+prompt is the trainer's own (``saga_train.prompts.pair_prompt``); the target is the JSON answer of
+METHOD.md built by ``build_answer``::
+
+    {"item 1": {attribute: value, ...}, "item 2": {...},
+     "differences": {attribute: "match" | "differ", ...},
+     "confidence": "high", "reasoning": "<n> of <m> attributes differ", "same_species": "yes" | "no"}
+
+The loss covers the answer tokens (and the closing ``<|im_end|>``) only. Pairs are 50% same class,
+25% one attribute apart, 25% random classes. After training, greedy decoding on held-out-class
+pairs gives the verdict accuracy (as ``saga_train.verdict.parse_verdict`` reads it) and per-attribute
+accuracy. The model, processor and tokenizer are saved with ``save_pretrained`` into
+``$SAGA_CACHE/supervisor-<config hash>`` (default cache ``~/.cache/saga_kernels``), which loads like a
+real checkpoint: ``Qwen3VLForConditionalGeneration.from_pretrained(d)`` + ``saga_train.tiny.load_processor(d)``.
+A marker file ``SUPERVISOR.json`` records the config and metrics; a non-empty directory without it
+is never overwritten.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+FORMAT_VERSION = 1
+VERDICT_KEY = "same_species"
+ITEM_KEYS = ("item 1", "item 2")
+MATCH, DIFFER = "match", "differ"
+PAIR_KINDS = ("same", "one_attribute", "random")
+MARKER = "SUPERVISOR.json"
+CACHE_ENV = "SAGA_CACHE"
+
+
+class SupervisorCacheError(RuntimeError):
+    """The output directory holds something this module did not write (or a different supervisor)."""
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    """Everything that determines a trained supervisor (``threads`` only affects speed)."""
+
+    seed: int = 0  # SyntheticBirds split seed (held-out classes), init, pairs
+    test_classes: int = 30  # held-out classes (must match the SAGA run's dataset to stay held out)
+    image_size: int = 64
+    noise: float = 6.0  # SyntheticBirds pixel noise
+    # model (saga_train.tiny.build_tiny_qwen3vl)
+    text_hidden: int = 128
+    text_layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vision_hidden: int = 64
+    vision_depth: int = 2
+    patch_size: int = 8
+    # SFT
+    steps: int = 600
+    batch_pairs: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    same_fraction: float = 0.5  # the rest: one_attribute_fraction, then random different classes
+    one_attribute_fraction: float = 0.25
+    prompt_style: str = "dataset"
+    # evaluation on held-out-class pairs (greedy decoding)
+    eval_pairs: int = 256
+    eval_batch: int = 32
+    threads: int = 2
+
+    def __post_init__(self):
+        for name in ("steps", "batch_pairs", "eval_pairs", "eval_batch", "threads", "test_classes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (0 <= self.same_fraction and 0 <= self.one_attribute_fraction
+                and self.same_fraction + self.one_attribute_fraction <= 1):
+            raise ValueError("same_fraction and one_attribute_fraction must be >= 0 and sum to <= 1, got "
+                             f"{self.same_fraction} and {self.one_attribute_fraction}")
+        if self.prompt_style not in ("dataset", "generic"):
+            raise ValueError(f"prompt_style must be 'dataset' or 'generic', got {self.prompt_style!r}")
+
+    def fingerprint(self) -> dict:
+        """The fields that determine the trained weights (everything but ``threads``)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "threads"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The answer format (pure functions, shared with the trainer's prompt/verdict code)
+# ---------------------------------------------------------------------------------------------
+
+def answer_dict(attrs_a: dict, attrs_b: dict, attribute_names, verdict_key: str = VERDICT_KEY) -> dict:
+    """The target answer as a dict: both items' attributes, match/differ per attribute, the verdict.
+
+    Verdict "yes" iff every listed attribute agrees (a synthetic class IS its attribute combination).
+    """
+    names = list(attribute_names)
+    missing = [n for n in names if n not in attrs_a or n not in attrs_b]
+    if missing:
+        raise KeyError(f"attributes {missing} are missing from attrs_a or attrs_b")
+    differences = {n: MATCH if attrs_a[n] == attrs_b[n] else DIFFER for n in names}
+    differ = sum(v == DIFFER for v in differences.values())
+    return {
+        ITEM_KEYS[0]: {n: attrs_a[n] for n in names},
+        ITEM_KEYS[1]: {n: attrs_b[n] for n in names},
+        "differences": differences,
+        "confidence": "high",
+        "reasoning": f"{differ} of {len(names)} attributes differ",
+        verdict_key: "no" if differ else "yes",
+    }
+
+
+def build_answer(attrs_a: dict, attrs_b: dict, attribute_names, verdict_key: str = VERDICT_KEY) -> str:
+    """The target answer text: ``json.dumps(answer_dict(...))``."""
+    return json.dumps(answer_dict(attrs_a, attrs_b, attribute_names, verdict_key))
+
+
+def _object_after(text: str, key: str):
+    """The ``{...}`` text after ``"key":`` (no nested braces inside), or None."""
+    match = re.search(r'"\s*' + re.escape(key) + r'\s*"\s*:\s*\{([^{}]*)\}', text)
+    return match.group(1) if match else None
+
+
+def parse_answer(text: str, attribute_names, verdict_key: str = VERDICT_KEY) -> dict:
+    """Read an answer back, tolerating broken JSON: ``{"item 1": {attr: value | None}, "item 2": ...,
+    "differences": {attr: "match" | "differ" | None}, "verdict": True | False | None}``.
+
+    Each field is searched for on its own (``"key": "value"`` inside the item's ``{...}``), so a
+    truncated or garbled completion still scores on what it got right. The verdict is read by
+    ``saga_train.verdict.parse_verdict``, as the SAGA reward reads it.
+    """
+    from saga_train.verdict import parse_verdict
+
+    out = {}
+    for block_key in (*ITEM_KEYS, "differences"):
+        block = _object_after(text, block_key) or ""
+        values = {}
+        for name in attribute_names:
+            found = re.search(r'"\s*' + re.escape(name) + r'\s*"\s*:\s*"([^"]*)"', block)
+            values[name] = found.group(1).strip() if found else None
+        out[block_key] = values
+    out["verdict"] = parse_verdict(text, verdict_key)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The world: datasets, prompt, vocabulary, pairs
+# ---------------------------------------------------------------------------------------------
+
+def synthetic_splits(cfg: SupervisorConfig):
+    """(train, test) ``SyntheticBirds``: the open pool of training classes and the held-out classes."""
+    from saga_train.data import SyntheticBirds
+
+    common = dict(seed=cfg.seed, images_per_class=1, image_size=cfg.image_size, test_classes=cfg.test_classes,
+                  noise=cfg.noise, cache=False)
+    return SyntheticBirds("train", train_classes="open", **common), SyntheticBirds("test", **common)
+
+
+def vocabulary(dataset, spec) -> list:
+    """Every text the supervisor reads or writes: both prompt styles, attribute values, answer words."""
+    from saga_train.prompts import instruction, pair_messages
+
+    texts = [instruction(spec, "dataset"), instruction(spec, "generic")]
+    texts += [part.get("text", "") for m in pair_messages(spec) for part in m["content"]]
+    texts += [" ".join(values) for values in dataset.attribute_values.values()]
+    attrs = dataset.attributes(0)
+    texts.append(build_answer(attrs, attrs, dataset.attribute_names, spec.verdict_key))
+    texts += [MATCH, DIFFER, "yes no high medium low"]
+    return texts
+
+
+class PairSampler:
+    """Label pairs of one split: same class, one attribute apart, or two random distinct classes."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.combinations = [tuple(c) for c in dataset.combinations]
+        self.label_of = {c: i for i, c in enumerate(self.combinations)}
+        self.values = [len(v) for v in dataset.attribute_values.values()]
+        if len(self.combinations) < 2:
+            raise ValueError("a pair sampler needs at least 2 classes")
+
+    def neighbours(self, label: int) -> list:
+        """Labels one attribute away from ``label`` within this split."""
+        combo = self.combinations[label]
+        out = []
+        for a, count in enumerate(self.values):
+            for v in range(count):
+                other = combo[:a] + (v,) + combo[a + 1:]
+                if v != combo[a] and other in self.label_of:
+                    out.append(self.label_of[other])
+        return out
+
+    def sample(self, rng: random.Random, kind: str):
+        """``(label_a, label_b)`` of the given kind (one of ``PAIR_KINDS``)."""
+        n = len(self.combinations)
+        if kind == "same":
+            a = rng.randrange(n)
+            return a, a
+        if kind == "one_attribute":
+            for _ in range(100):
+                a = rng.randrange(n)
+                near = self.neighbours(a)
+                if near:
+                    return a, rng.choice(near)
+            raise ValueError("no class in this split has a one-attribute neighbour")
+        if kind == "random":
+            a, b = rng.sample(range(n), 2)
+            return a, b
+        raise ValueError(f"pair kind must be one of {PAIR_KINDS}, got {kind!r}")
+
+
+def pair_kind(rng: random.Random, cfg: SupervisorConfig) -> str:
+    """Draw a pair kind with the configured mix."""
+    u = rng.random()
+    if u < cfg.same_fraction:
+        return "same"
+    return "one_attribute" if u < cfg.same_fraction + cfg.one_attribute_fraction else "random"
+
+
+def eval_pairs(cfg: SupervisorConfig, test_set) -> list:
+    """Fixed held-out pairs ``(kind, label_a, index_a, label_b, index_b)``, in the configured mix."""
+    rng = random.Random(f"supervisor-eval-{cfg.seed}")
+    sampler = PairSampler(test_set)
+    counts = [round(cfg.eval_pairs * cfg.same_fraction), round(cfg.eval_pairs * cfg.one_attribute_fraction)]
+    counts.append(cfg.eval_pairs - sum(counts))
+    pairs = []
+    for kind, count in zip(PAIR_KINDS, counts):
+        for _ in range(count):
+            a, b = sampler.sample(rng, kind)
+            ia = rng.randrange(10**6)
+            ib = ia + 1 + rng.randrange(10**6) if a == b else rng.randrange(10**6)
+            pairs.append((kind, a, ia, b, ib))
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, batches, training, evaluation
+# ---------------------------------------------------------------------------------------------
+
+def build_untrained(cfg: SupervisorConfig, train_set):
+    """(model, processor, prompt, spec): the tiny Qwen3-VL at its seeded init and the pair prompt."""
+    from saga_train.prompts import pair_prompt, prompt_spec
+    from saga_train.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
+
+    spec = prompt_spec("synthetic", train_set)
+    tokenizer = build_tokenizer(vocabulary(train_set, spec))
+    processor = build_processor(tokenizer, cfg.image_size, patch_size=cfg.patch_size)
+    model = build_tiny_qwen3vl(tokenizer, text_hidden=cfg.text_hidden, text_layers=cfg.text_layers, heads=cfg.heads,
+                               kv_heads=cfg.kv_heads, vision_hidden=cfg.vision_hidden, vision_depth=cfg.vision_depth,
+                               patch_size=cfg.patch_size, image_size=cfg.image_size, seed=cfg.seed)
+    return model, processor, pair_prompt(processor, spec, cfg.prompt_style), spec
+
+
+def sft_batch(processor, prompt: str, images: list, answers: list) -> dict:
+    """Processor inputs for ``prompt + answer + <|im_end|>`` per pair, ``labels`` on the answer part only.
+
+    ``images`` holds two images per answer. The tokenizer pads on the left, so each answer is the
+    last tokens of its row.
+    """
+    tokenizer = processor.tokenizer
+    if tokenizer.padding_side != "left":
+        raise ValueError("sft_batch needs a left-padding tokenizer (saga_train.tiny.build_tokenizer pads left)")
+    suffixes = [answer + tokenizer.eos_token for answer in answers]
+    inputs = processor(text=[prompt + s for s in suffixes], images=images, return_tensors="pt", padding=True)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    for row, suffix in enumerate(suffixes):
+        n = len(tokenizer(suffix)["input_ids"])
+        labels[row, -n:] = inputs["input_ids"][row, -n:]
+    inputs["labels"] = labels
+    return inputs
+
+
+def train_batch(cfg, rng: random.Random, sampler: PairSampler, train_set, prompt, processor, spec):
+    """One SFT batch of ``cfg.batch_pairs`` freshly rendered training-class pairs."""
+    images, answers = [], []
+    for _ in range(cfg.batch_pairs):
+        a, b = sampler.sample(rng, pair_kind(rng, cfg))
+        index_a = rng.randrange(10**9)
+        index_b = index_a + 1 + rng.randrange(10**6) if a == b else rng.randrange(10**9)
+        images += [train_set.render(a, index_a), train_set.render(b, index_b)]
+        answers.append(build_answer(train_set.attributes(a), train_set.attributes(b), spec.attributes,
+                                    spec.verdict_key))
+    return sft_batch(processor, prompt, images, answers)
+
+
+def suppressed_token_ids(tokenizer) -> list:
+    """Vision placeholders and turn openers: never valid inside an answer."""
+    from saga_train import tiny
+
+    tokens = (tiny.IMAGE_TOKEN, tiny.VIDEO_TOKEN, tiny.VISION_START_TOKEN, tiny.VISION_END_TOKEN, "<|im_start|>")
+    return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+
+
+@torch.no_grad()
+def evaluate_supervisor(model, processor, prompt: str, test_set, pairs: list, spec, *, batch: int = 32,
+                        max_new_tokens: int = None) -> dict:
+    """Greedy answers on ``pairs`` (``eval_pairs`` tuples): verdict accuracy (overall, per kind),
+    per-attribute accuracy over both items, match/differ accuracy, parse and exact-match rates.
+
+    An unreadable verdict or attribute counts as wrong. Chance verdict accuracy is 0.5 for the default mix.
+    """
+    tokenizer = processor.tokenizer
+    names = list(spec.attributes)
+    if max_new_tokens is None:
+        longest = build_answer(test_set.attributes(0), test_set.attributes(0), names, spec.verdict_key)
+        max_new_tokens = len(tokenizer(longest)["input_ids"]) + 8
+    was_training = model.training
+    model.eval()
+    verdict_ok = {k: [] for k in PAIR_KINDS}
+    attr_ok = {n: [] for n in names}
+    diff_ok, parsed, exact = [], [], []
+    for start in range(0, len(pairs), batch):
+        chunk = pairs[start:start + batch]
+        images = [img for (_, a, ia, b, ib) in chunk for img in (test_set.render(a, ia), test_set.render(b, ib))]
+        inputs = processor(text=[prompt] * len(chunk), images=images, return_tensors="pt", padding=True)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             suppress_tokens=suppressed_token_ids(tokenizer))
+        texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        for (kind, a, _, b, _), text in zip(chunk, texts):
+            truth = answer_dict(test_set.attributes(a), test_set.attributes(b), names, spec.verdict_key)
+            got = parse_answer(text, names, spec.verdict_key)
+            verdict_ok[kind].append(got["verdict"] == (a == b))
+            parsed.append(got["verdict"] is not None)
+            exact.append(text.strip() == json.dumps(truth))
+            for n in names:
+                attr_ok[n] += [got[key][n] == truth[key][n] for key in ITEM_KEYS]
+                diff_ok.append(got["differences"][n] == truth["differences"][n])
+    model.train(was_training)
+    mean = lambda xs: float(sum(xs) / len(xs)) if xs else float("nan")  # noqa: E731
+    all_verdicts = [ok for k in PAIR_KINDS for ok in verdict_ok[k]]
+    return {
+        "pairs": len(pairs),
+        "verdict_accuracy": mean(all_verdicts),
+        "verdict_accuracy_by_kind": {k: mean(v) for k, v in verdict_ok.items() if v},
+        "attribute_accuracy": mean([ok for v in attr_ok.values() for ok in v]),
+        "attribute_accuracy_by_name": {n: mean(v) for n, v in attr_ok.items()},
+        "differences_accuracy": mean(diff_ok),
+        "parse_rate": mean(parsed),
+        "exact_match": mean(exact),
+    }
+
+
+def cosine_lr(step: int, cfg: SupervisorConfig) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup_steps``, then cosine to 0 at ``steps``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_supervisor(cfg: SupervisorConfig, log_path=None, progress: bool = True, evaluate: bool = True):
+    """SFT a fresh tiny Qwen3-VL; returns ``(model, processor, metrics)``.
+
+    ``metrics``: final training loss, wall time, s/step, and (``evaluate``) the held-out evaluation
+    of ``evaluate_supervisor``. ``log_path`` gets one JSON line per step (loss, lr, elapsed seconds).
+    """
+    from tqdm.auto import tqdm
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        train_set, test_set = synthetic_splits(cfg)
+        model, processor, prompt, spec = build_untrained(cfg, train_set)
+        sampler = PairSampler(train_set)
+        rng = random.Random(f"supervisor-train-{cfg.seed}")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, cfg))
+        log = open(log_path, "w") if log_path else None
+        model.train()
+        start, losses = time.perf_counter(), []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            bar = tqdm(range(cfg.steps), desc="supervisor SFT", disable=not progress, file=sys.stderr)
+            for step in bar:
+                inputs = train_batch(cfg, rng, sampler, train_set, prompt, processor, spec)
+                loss = model(**inputs).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                schedule.step()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if log:
+                    log.write(json.dumps({"step": step + 1, "loss": losses[-1], "lr": schedule.get_last_lr()[0],
+                                          "elapsed_s": round(time.perf_counter() - start, 3)}) + "\n")
+                    log.flush()
+        if log:
+            log.close()
+        train_s = time.perf_counter() - start
+        tail = losses[-min(20, len(losses)):]
+        metrics = {"train_loss_first": losses[0], "train_loss_last20": sum(tail) / len(tail),
+                   "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / cfg.steps, 4),
+                   "threads": cfg.threads,
+                   "parameters": sum(p.numel() for p in model.parameters()),
+                   "train_classes": len(train_set.combinations), "heldout_classes": len(test_set.combinations)}
+        if evaluate:
+            t0 = time.perf_counter()
+            metrics["heldout"] = evaluate_supervisor(model, processor, prompt, test_set, eval_pairs(cfg, test_set),
+                                                     spec, batch=cfg.eval_batch)
+            metrics["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    finally:
+        torch.set_num_threads(threads)
+    return model, processor, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache: where a supervisor lives, and the refusal to overwrite what we did not write
+# ---------------------------------------------------------------------------------------------
+
+def config_hash(cfg: SupervisorConfig) -> str:
+    """12 hex digits over the config fingerprint, the answer format version and the prompt text."""
+    from saga_train.data.synthetic import ATTRIBUTE_NAMES
+    from saga_train.prompts import instruction, prompt_spec
+
+    world = SimpleNamespace(attribute_names=list(ATTRIBUTE_NAMES))  # all the prompt reads from a dataset
+    text = instruction(prompt_spec("synthetic", world), cfg.prompt_style)
+    blob = json.dumps({"config": cfg.fingerprint(), "format": FORMAT_VERSION, "prompt": text}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    """``$SAGA_CACHE``, else ``~/.cache/saga_kernels``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "saga_kernels")
+
+
+def supervisor_dir(cfg: SupervisorConfig) -> Path:
+    """The cache directory of the supervisor trained with ``cfg``."""
+    return cache_root() / f"supervisor-{config_hash(cfg)}"
+
+
+def read_marker(path) -> dict:
+    """The marker of a supervisor directory, or None when there is none."""
+    marker = Path(path) / MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def check_writable(path, cfg: SupervisorConfig, force: bool = False) -> str:
+    """What to do with ``path``: "reuse" (a complete supervisor of this config), or "train".
+
+    Raises ``SupervisorCacheError`` when ``path`` is a non-empty directory (or a file) without our
+    marker, or holds a supervisor of another config and ``force`` is False.
+    """
+    path = Path(path)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return "train"
+    marker = read_marker(path) if path.is_dir() else None
+    if marker is None:
+        raise SupervisorCacheError(f"refusing to overwrite {path}: it exists and was not written by "
+                                   f"saga_train.supervisor (no {MARKER})")
+    same = marker.get("hash") == config_hash(cfg)
+    if same and marker.get("complete") and not force:
+        return "reuse"
+    if not same and marker.get("complete") and not force:
+        raise SupervisorCacheError(f"{path} holds a supervisor of another config (hash {marker.get('hash')}, "
+                                   f"wanted {config_hash(cfg)}); pass force=True (--force) to replace it")
+    return "train"
+
+
+def _write_marker(path: Path, cfg: SupervisorConfig, complete: bool, metrics: dict = None) -> None:
+    record = {"written_by": "saga_train.supervisor", "format": FORMAT_VERSION, "hash": config_hash(cfg),
+              "complete": complete, "config": dataclasses.asdict(cfg), "metrics": metrics}
+    (path / MARKER).write_text(json.dumps(record, indent=2))
+
+
+def ensure_supervisor(cfg: SupervisorConfig = None, out_dir=None, *, force: bool = False,
+                      progress: bool = True) -> Path:
+    """The directory of a trained supervisor for ``cfg``; trains and saves it on first use.
+
+    ``out_dir`` defaults to ``supervisor_dir(cfg)``. Training writes into ``<out_dir>.partial``
+    (marked as ours) and renames it into place when complete, so an interrupted run leaves no
+    half-written supervisor behind.
+    """
+    cfg = cfg or SupervisorConfig()
+    out = Path(out_dir) if out_dir is not None else supervisor_dir(cfg)
+    if check_writable(out, cfg, force) == "reuse":
+        return out
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        if read_marker(partial) is None:
+            raise SupervisorCacheError(f"refusing to overwrite {partial}: not written by saga_train.supervisor")
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    _write_marker(partial, cfg, complete=False)
+    model, processor, metrics = train_supervisor(cfg, log_path=partial / "train_log.jsonl", progress=progress)
+    model.save_pretrained(partial)
+    processor.save_pretrained(partial)
+    (partial / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _write_marker(partial, cfg, complete=True, metrics=metrics)
+    if out.exists():  # ours (check_writable passed) or empty
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    return out
+
+
+def load_supervisor(path):
+    """``(model, processor)`` of a saved supervisor directory (offline)."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from saga_train.tiny import load_processor
+
+    model = Qwen3VLForConditionalGeneration.from_pretrained(str(path), local_files_only=True)
+    return model, load_processor(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m saga_train.supervisor",
+                                     description="Train (or reuse) the synthetic-world supervisor.")
+    for field in dataclasses.fields(SupervisorConfig):
+        flag = "--" + field.name.replace("_", "-")
+        parser.add_argument(flag, dest=field.name, type=type(field.default), default=field.default,
+                            help=f"(default: {field.default})")
+    parser.add_argument("--out", default=None, help=f"output directory (default: ${CACHE_ENV} or "
+                                                    "~/.cache/saga_kernels, /supervisor-<config hash>)")
+    parser.add_argument("--force", action="store_true", help="retrain even if a complete supervisor is cached")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    out, force = args.pop("out"), args.pop("force")
+    try:
+        cfg = SupervisorConfig(**args)
+        target = Path(out) if out else supervisor_dir(cfg)
+        reused = check_writable(target, cfg, force) == "reuse"
+        path = ensure_supervisor(cfg, target, force=force)
+    except (SupervisorCacheError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    metrics = read_marker(path)["metrics"]
+    print(json.dumps(metrics, indent=2))
+    held = metrics.get("heldout", {})
+    print(f"supervisor {'reused from' if reused else 'saved to'} {path}")
+    print(f"held-out verdict accuracy {held.get('verdict_accuracy', float('nan')):.3f} (chance 0.5), "
+          f"attribute accuracy {held.get('attribute_accuracy', float('nan')):.3f}, "
+          f"trained {metrics['train_seconds']} s ({metrics['seconds_per_step']} s/step)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

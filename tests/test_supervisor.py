@@ -1,0 +1,198 @@
+"""The synthetic supervisor: answer format, pairs, SFT batches, a micro training run, the cache rules."""
+import dataclasses
+import json
+import random
+
+import pytest
+import torch
+
+from saga_train import supervisor as sup
+from saga_train.data.synthetic import ATTRIBUTE_NAMES, num_differences
+from saga_train.verdict import item_span, parse_verdict
+
+NAMES = list(ATTRIBUTE_NAMES)
+A = {"body color": "red", "wing color": "blue", "head color": "green", "wing pattern": "striped",
+     "beak shape": "long", "tail shape": "fan"}
+B = dict(A, **{"beak shape": "hooked", "tail shape": "forked"})
+MICRO = sup.SupervisorConfig(image_size=32, text_hidden=32, heads=2, kv_heads=1, vision_hidden=16, vision_depth=2,
+                             steps=15, batch_pairs=4, lr=3e-3, warmup_steps=2, eval_pairs=8, eval_batch=8,
+                             threads=1)
+
+
+@pytest.fixture(scope="module")
+def world():
+    train_set, test_set = sup.synthetic_splits(MICRO)
+    model, processor, prompt, spec = sup.build_untrained(MICRO, train_set)
+    return train_set, test_set, model, processor, prompt, spec
+
+
+def test_answer_round_trip_and_verdict():
+    same, diff = sup.build_answer(A, A, NAMES), sup.build_answer(A, B, NAMES)
+    data = json.loads(diff)
+    assert list(data) == ["item 1", "item 2", "differences", "confidence", "reasoning", "same_species"]
+    assert data["differences"] == {n: ("differ" if n in ("beak shape", "tail shape") else "match") for n in NAMES}
+    assert data["reasoning"] == "2 of 6 attributes differ" and data["same_species"] == "no"
+    assert json.loads(same)["same_species"] == "yes"
+    for text, (a, b), verdict in ((same, (A, A), True), (diff, (A, B), False)):
+        got = sup.parse_answer(text, NAMES)
+        truth = sup.answer_dict(a, b, NAMES)
+        assert got == {"item 1": truth["item 1"], "item 2": truth["item 2"],
+                       "differences": truth["differences"], "verdict": verdict}
+        assert parse_verdict(text, sup.VERDICT_KEY) is verdict  # the trainer's reward reads it the same way
+        start, end = item_span(text, "item 1")
+        assert json.loads(text[start:end]) == a
+    with pytest.raises(KeyError, match="missing"):
+        sup.build_answer(A, {"body color": "red"}, NAMES)
+
+
+def test_parse_answer_tolerates_broken_text():
+    text = sup.build_answer(A, B, NAMES)
+    cut = text[:text.index('"differences"') + 40]  # truncated inside the differences block
+    got = sup.parse_answer("Sure! " + cut, NAMES)
+    assert got["item 1"] == A and got["item 2"] == B
+    assert got["verdict"] is None and all(v is None for v in got["differences"].values())
+    spaced = text.replace('": "', '" : "')  # a decode that spaces out punctuation
+    assert sup.parse_answer(spaced, NAMES)["item 2"] == B
+    nothing = sup.parse_answer("no json here", NAMES)
+    assert nothing["verdict"] is None and nothing["item 1"] == dict.fromkeys(NAMES)
+
+
+def test_vocabulary_covers_prompt_and_every_answer(world):
+    train_set, _, _, processor, prompt, spec = world
+    tokenizer = processor.tokenizer
+    assert tokenizer.unk_token_id not in tokenizer(prompt)["input_ids"]
+    rng = random.Random(0)
+    for _ in range(30):
+        a, b = rng.randrange(len(train_set.combinations)), rng.randrange(len(train_set.combinations))
+        answer = sup.build_answer(train_set.attributes(a), train_set.attributes(b), spec.attributes)
+        ids = tokenizer(answer)["input_ids"]
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids) == answer
+
+
+def test_pair_sampler_kinds_and_eval_pairs(world):
+    train_set, test_set, *_ = world
+    sampler = sup.PairSampler(train_set)
+    rng = random.Random(1)
+    for kind, differences in (("same", {0}), ("one_attribute", {1}), ("random", set(range(1, 7)))):
+        for _ in range(20):
+            a, b = sampler.sample(rng, kind)
+            assert num_differences(train_set.combinations[a], train_set.combinations[b]) in differences
+    with pytest.raises(ValueError, match="pair kind"):
+        sampler.sample(rng, "other")
+    cfg = dataclasses.replace(MICRO, eval_pairs=40)
+    pairs = sup.eval_pairs(cfg, test_set)
+    assert pairs == sup.eval_pairs(cfg, test_set)  # fixed by the seed
+    assert [p[0] for p in pairs].count("same") == 20 and [p[0] for p in pairs].count("one_attribute") == 10
+    assert all(a != b or ia != ib for _, a, ia, b, ib in pairs)  # a same-class pair shows two images
+    held_out = set(map(tuple, test_set.combinations))
+    assert not held_out & set(map(tuple, train_set.combinations))
+
+
+def test_sft_batch_labels_only_the_answer(world):
+    train_set, _, _, processor, prompt, spec = world
+    rng = random.Random(2)
+    batch = sup.train_batch(MICRO, rng, sup.PairSampler(train_set), train_set, prompt, processor, spec)
+    tokenizer = processor.tokenizer
+    assert batch["input_ids"].shape[0] == MICRO.batch_pairs and batch["image_grid_thw"].shape[0] == 2 * MICRO.batch_pairs
+    for row in range(MICRO.batch_pairs):
+        labelled = batch["labels"][row][batch["labels"][row] != -100]
+        text = tokenizer.decode(labelled)
+        assert text.endswith(tokenizer.eos_token)
+        answer = json.loads(text[:-len(tokenizer.eos_token)])
+        assert set(answer["item 1"]) == set(NAMES)
+        first = (batch["labels"][row] != -100).nonzero()[0, 0]
+        assert tokenizer.decode(batch["input_ids"][row, :first]).endswith("<|im_start|>assistant\n")
+
+
+def test_micro_sft_lowers_the_loss_and_is_deterministic(world):
+    train_set, _, untrained, processor, prompt, spec = world
+    fixed = sup.train_batch(MICRO, random.Random(99), sup.PairSampler(train_set), train_set, prompt, processor, spec)
+    trained, _, metrics = sup.train_supervisor(MICRO, progress=False, evaluate=False)
+    with torch.no_grad():
+        before, after = untrained(**fixed).loss.item(), trained(**fixed).loss.item()
+    assert after < before - 0.5, (before, after)
+    assert metrics["train_loss_last20"] < metrics["train_loss_first"]
+    again, _, _ = sup.train_supervisor(dataclasses.replace(MICRO, steps=3), progress=False, evaluate=False)
+    twice, _, _ = sup.train_supervisor(dataclasses.replace(MICRO, steps=3), progress=False, evaluate=False)
+    assert all(torch.equal(p, q) for p, q in zip(again.parameters(), twice.parameters()))
+
+
+class _OracleModel:
+    """Stands in for the model in ``evaluate_supervisor``: answers with queued texts."""
+
+    def __init__(self, tokenizer, answers):
+        self.tokenizer, self.answers, self.training = tokenizer, list(answers), False
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        self.training = mode
+
+    def generate(self, input_ids, **_):
+        rows = [self.tokenizer(self.answers.pop(0) + self.tokenizer.eos_token)["input_ids"] for _ in input_ids]
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+        new = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_evaluate_scores_answers(world):
+    _, test_set, _, processor, prompt, spec = world
+    pairs = sup.eval_pairs(dataclasses.replace(MICRO, eval_pairs=6), test_set)
+    truths = [sup.answer_dict(test_set.attributes(a), test_set.attributes(b), NAMES) for _, a, _, b, _ in pairs]
+    perfect = _OracleModel(processor.tokenizer, [json.dumps(t) for t in truths])
+    scores = sup.evaluate_supervisor(perfect, processor, prompt, test_set, pairs, spec, batch=4)
+    assert scores["verdict_accuracy"] == scores["attribute_accuracy"] == scores["exact_match"] == 1.0
+    assert scores["differences_accuracy"] == scores["parse_rate"] == 1.0
+    flipped = [dict(t, same_species="no" if t["same_species"] == "yes" else "yes") for t in truths]
+    for t in flipped:
+        t["item 2"] = dict(t["item 2"], **{"tail shape": "none"})
+    scores = sup.evaluate_supervisor(_OracleModel(processor.tokenizer, [json.dumps(t) for t in flipped]),
+                                     processor, prompt, test_set, pairs, spec, batch=4)
+    assert scores["verdict_accuracy"] == 0.0 and scores["exact_match"] == 0.0
+    assert scores["attribute_accuracy_by_name"]["tail shape"] == 0.5  # item 1 right, item 2 wrong
+    assert scores["attribute_accuracy_by_name"]["body color"] == 1.0
+
+
+def test_micro_evaluation_runs_on_the_real_model(world):
+    _, test_set, model, processor, prompt, spec = world
+    pairs = sup.eval_pairs(dataclasses.replace(MICRO, eval_pairs=4), test_set)
+    scores = sup.evaluate_supervisor(model, processor, prompt, test_set, pairs, spec, batch=4, max_new_tokens=8)
+    assert scores["pairs"] == 4 and 0.0 <= scores["verdict_accuracy"] <= 1.0
+    assert set(scores["verdict_accuracy_by_kind"]) <= set(sup.PAIR_KINDS)
+
+
+def test_cache_refuses_foreign_directories(tmp_path, monkeypatch):
+    cfg = dataclasses.replace(MICRO, steps=2, eval_pairs=2)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "weights.bin").write_text("precious")
+    with pytest.raises(sup.SupervisorCacheError, match="refusing to overwrite"):
+        sup.ensure_supervisor(cfg, foreign, progress=False)
+    with pytest.raises(sup.SupervisorCacheError):
+        sup.ensure_supervisor(cfg, foreign, force=True, progress=False)
+    assert (foreign / "weights.bin").read_text() == "precious"
+    assert sup.main(["--out", str(foreign), "--steps", "2"]) == 2
+
+    monkeypatch.setenv(sup.CACHE_ENV, str(tmp_path / "cache"))
+    target = sup.supervisor_dir(cfg)
+    assert target.parent == tmp_path / "cache" and target.name.startswith("supervisor-")
+    assert sup.supervisor_dir(dataclasses.replace(cfg, threads=2)) == target
+    assert sup.supervisor_dir(dataclasses.replace(cfg, seed=1)) != target
+    path = sup.ensure_supervisor(cfg, progress=False)
+    assert path == target and not target.with_name(target.name + ".partial").exists()
+    marker = sup.read_marker(path)
+    assert marker["complete"] and marker["hash"] == sup.config_hash(cfg) and "heldout" in marker["metrics"]
+    model, processor = sup.load_supervisor(path)
+    assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a complete cached supervisor must be reused, not retrained")
+
+    monkeypatch.setattr(sup, "train_supervisor", no_training)
+    assert sup.ensure_supervisor(cfg, progress=False) == path
+    other = dataclasses.replace(cfg, seed=3)
+    with pytest.raises(sup.SupervisorCacheError, match="another config"):
+        sup.ensure_supervisor(other, path, progress=False)
