@@ -91,10 +91,15 @@ def kmeans_clusters(x: np.ndarray, num_clusters: int, seed: int = 0, gpu: bool =
     return km.index.search(x, 1)[1][:, 0]
 
 
+_gpu_resources = []  # one faiss StandardGpuResources, created on first GPU use and kept alive
+
+
 def _build_index(x: np.ndarray, gpu: bool):
     faiss = _faiss()
     if gpu:
-        index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), x.shape[1])
+        if not _gpu_resources:
+            _gpu_resources.append(faiss.StandardGpuResources())
+        index = faiss.GpuIndexFlatIP(_gpu_resources[0], x.shape[1])
     else:
         index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
