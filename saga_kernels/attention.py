@@ -33,6 +33,7 @@ _TORCH_TILE_ELEMS = 1 << 22
 
 # Triton tiles (one fixed config; every tl.dot dim >= 16 and a power of two).
 _ROWS_PER_PROGRAM = 64  # (query head in the GQA group) x (query row) rows share one K tile
+_MAX_HEADS_PER_PROGRAM = 8  # larger GQA groups are split over programs (tile <= 128 rows)
 _BLOCK_N = 64  # keys per tile in pass 1
 _MAX_BLOCK_K = 64  # requested key columns per tile in pass 2
 
@@ -53,27 +54,29 @@ def _kernel():
 
     @triton.jit
     def _probs_kernel(q_ptr, k_ptr, pos_ptr, pad_ptr, idx_ptr, out_ptr,
-                      Lq, Lk, n, D, HKV, GROUP, scale_log2e,
+                      Lq, Lk, n, D, HKV, GROUP, HEAD_BLOCKS, scale_log2e,
                       sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, s_pos_b, s_pad_b, s_idx_b, so_b, so_h, so_l,
-                      HAS_PAD: tl.constexpr, SUM_HEADS: tl.constexpr, GROUP_P2: tl.constexpr,
+                      HAS_PAD: tl.constexpr, SUM_HEADS: tl.constexpr, HP: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-        """One program = (batch b, kv head g, block of BLOCK_Q query rows) for all GROUP query heads of g.
+        """One program = (batch b, kv head g, block hb of HP of its GROUP query heads, BLOCK_Q query rows).
 
-        Rows of the [BLOCK_M = GROUP_P2 * BLOCK_Q, D] query tile are (head-in-group, query row) pairs, so one
-        K tile serves the whole GQA group. SUM_HEADS: writes the group's head sum [BLOCK_Q, n] to
-        out[b, g]; otherwise every head's probabilities to out[b, h].
+        Rows of the [BLOCK_M = HP * BLOCK_Q, D] query tile are (head, query row) pairs, so one K tile
+        serves HP heads of the GQA group. SUM_HEADS: writes those heads' sum [BLOCK_Q, n] to
+        out[b, g * HEAD_BLOCKS + hb]; otherwise every head's probabilities to out[b, h].
         """
-        pid_bg = tl.program_id(0).to(tl.int64)
+        pid_0 = tl.program_id(0).to(tl.int64)
         pid_q = tl.program_id(1).to(tl.int64)
-        b = pid_bg // HKV
-        g = pid_bg % HKV
+        b = pid_0 // (HKV * HEAD_BLOCKS)
+        part = pid_0 % (HKV * HEAD_BLOCKS)  # = g * HEAD_BLOCKS + hb
+        g = part // HEAD_BLOCKS
         scale = tl.cast(scale_log2e, tl.float32)
 
         r = tl.arange(0, BLOCK_M)
-        head = g * GROUP + r // BLOCK_Q
+        in_group = (part % HEAD_BLOCKS) * HP + r // BLOCK_Q
+        head = g * GROUP + in_group
         qi = pid_q * BLOCK_Q + r % BLOCK_Q
-        row_ok = (r // BLOCK_Q < GROUP) & (qi < Lq)
+        row_ok = (in_group < GROUP) & (qi < Lq)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
         q = tl.load(q_ptr + b * sq_b + head[:, None] * sq_h + qi[:, None] * sq_l + d[None, :],
@@ -117,9 +120,9 @@ def _kernel():
                 vis = vis & (pad[None, :] != 0)
             p = tl.exp2(tl.where(vis, s - m_ref[:, None], float("-inf"))) * inv_l[:, None]
             if SUM_HEADS:
-                psum = tl.sum(tl.reshape(p, (GROUP_P2, BLOCK_Q, BLOCK_K)), 0)
+                psum = tl.sum(tl.reshape(p, (HP, BLOCK_Q, BLOCK_K)), 0)
                 qo = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-                tl.store(out_ptr + b * so_b + g * so_h + qo[:, None] * so_l + c[None, :], psum,
+                tl.store(out_ptr + b * so_b + part * so_h + qo[:, None] * so_l + c[None, :], psum,
                          mask=(qo < Lq)[:, None] & c_ok[None, :])
             else:
                 tl.store(out_ptr + b * so_b + head[:, None] * so_h + qi[:, None] * so_l + c[None, :], p,
@@ -145,25 +148,26 @@ def _triton_probs(q, k, key_index, qpos, pad, scale, mean):
     hkv, lk = k.shape[1], k.shape[2]
     n = key_index.shape[1]
     group = hq // hkv
-    group_p2 = _next_pow2(group)
-    block_q = max(16, _ROWS_PER_PROGRAM // group_p2)
+    heads_per_program = min(_next_pow2(group), _MAX_HEADS_PER_PROGRAM)
+    head_blocks = math.ceil(group / heads_per_program)
+    block_q = max(16, _ROWS_PER_PROGRAM // heads_per_program)
     block_k = min(_MAX_BLOCK_K, max(16, _next_pow2(n)))
     block_d = max(16, _next_pow2(dim))
     q = q if q.stride(-1) == 1 else q.contiguous()
     k = k if k.stride(-1) == 1 else k.contiguous()
     key_index = key_index.contiguous()
     qpos = qpos.contiguous()
-    out = torch.empty((bsz, hkv if mean else hq, lq, n), device=q.device, dtype=torch.float32)
+    out = torch.empty((bsz, hkv * head_blocks if mean else hq, lq, n), device=q.device, dtype=torch.float32)
     pad_arg = pad.to(torch.int8).contiguous() if pad is not None else qpos
     dot_dtype, precision = _dot_config(q.dtype, q.device)
-    grid = (bsz * hkv, math.ceil(lq / block_q))
+    grid = (bsz * hkv * head_blocks, math.ceil(lq / block_q))
     _kernel()[grid](
         q, k, qpos, pad_arg, key_index, out,
-        lq, lk, n, dim, hkv, group, scale * _LOG2E,
+        lq, lk, n, dim, hkv, group, head_blocks, scale * _LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         qpos.stride(0), pad_arg.stride(0), key_index.stride(0), out.stride(0), out.stride(1), out.stride(2),
-        HAS_PAD=pad is not None, SUM_HEADS=mean, GROUP_P2=group_p2,
-        BLOCK_M=group_p2 * block_q, BLOCK_Q=block_q, BLOCK_N=_BLOCK_N, BLOCK_K=block_k, BLOCK_D=block_d,
+        HAS_PAD=pad is not None, SUM_HEADS=mean, HP=heads_per_program,
+        BLOCK_M=heads_per_program * block_q, BLOCK_Q=block_q, BLOCK_N=_BLOCK_N, BLOCK_K=block_k, BLOCK_D=block_d,
         DOT_DTYPE=dot_dtype, PRECISION=precision,
     )
     return out.sum(dim=1) / hq if mean else out

@@ -26,7 +26,7 @@ def _same_dtype_torch(q, k, kidx, qpos, pad, reduce_heads):
     return attention_probs_reference(q, k, kidx, qpos, pad, reduce_heads=reduce_heads).float()
 
 
-@pytest.mark.parametrize("hq,hkv", [(3, 3), (4, 2), (8, 2)])
+@pytest.mark.parametrize("hq,hkv", [(3, 3), (4, 2), (8, 2), (6, 2), (16, 1)])  # groups 1, 2, 4, 3, 16
 @pytest.mark.parametrize("reduce_heads", ["mean", None])
 def test_matches_float64_reference(impl, device, hq, hkv, reduce_heads):
     q, k, kidx, qpos, pad = _inputs(2, hq, hkv, 7, 45, 24, 9, device, left_pad=[0, 5])
