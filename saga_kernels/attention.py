@@ -87,7 +87,7 @@ def _kernel():
         # pass 1: online max / sum of exp2 over the visible keys (scores kept in log2 units)
         m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l = tl.zeros((BLOCK_M,), tl.float32)
-        hi = tl.minimum(tl.max(qpos) + 1, Lk)  # keys past the last query position are never visible
+        hi = tl.minimum(tl.max(qpos) + 1, Lk).to(tl.int32)  # keys past the last query row: never visible
         for start in range(0, hi, BLOCK_N):
             kj = start + tl.arange(0, BLOCK_N)
             k_ok = kj < Lk
