@@ -310,8 +310,9 @@ def pair_backward(q, k, lq, lk, stats, coef, params, *, loss: int, self_pairs: b
     n, d = q.shape
     m = k.shape[0]
     block_k, block_do = _blocks(d)
+    # num_stages=2 bounds the pipelined fp32 dot operands in shared memory (GPU only; the interpreter ignores it)
     meta = dict(LOSS=loss, SELF=self_pairs, USE_MINER=use_miner, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                BLOCK_K=block_k, BLOCK_DO=block_do)
+                BLOCK_K=block_k, BLOCK_DO=block_do, num_warps=4, num_stages=2)
     dq = dk = None
     if need_dq:
         dq = torch.empty(n, d, dtype=torch.float32, device=q.device)

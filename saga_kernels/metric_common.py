@@ -6,9 +6,7 @@
   convention), differentiable through autograd, so the kernels only ever see unit rows;
 * :func:`remap_labels` turns arbitrary integer labels (negative, sparse, huge) into dense ``int32``
   class ids ``0..K-1`` shared across several label tensors, which is all the kernels compare;
-* :func:`zero_loss` is a zero that stays connected to the autograd graph (the documented loss of a
-  batch without the pairs a loss needs); :func:`check_real` / :func:`check_positive` validate scalar
-  hyper-parameters;
+* :func:`check_real` / :func:`check_positive` validate scalar hyper-parameters;
 * :func:`compute_dtype` / :func:`tile_size` fix the precision and tile size of the PyTorch fallbacks;
   :func:`pair_tiles` and :func:`tiled_pair_backward` are the fallbacks' streaming loops over row
   blocks of the similarity matrix (one ``[rows, M]`` tile alive at a time, never ``[N, M]``).
@@ -93,13 +91,6 @@ def remap_labels(*labels: torch.Tensor) -> tuple[list[torch.Tensor], int]:
         out.append(inverse[start : start + lab.numel()].to(torch.int32).reshape(lab.shape).contiguous())
         start += lab.numel()
     return out, int(uniq.numel())
-
-
-def zero_loss(*tensors: torch.Tensor | None) -> torch.Tensor:
-    """A scalar 0 connected to every given tensor's graph (their gradients come back as zeros)."""
-    present = [t for t in tensors if t is not None]
-    total = sum((t * 0).sum() for t in present)
-    return total.to(present[0].dtype)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
