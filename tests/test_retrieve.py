@@ -118,3 +118,6 @@ def test_python_m_entry_point(setup):
                          check=True, env=env, capture_output=True, text=True)
     rows = res.stdout.splitlines()
     assert rows[0].endswith("[green]") and [r.split()[2] for r in rows[2:4]] == ["yes", "yes"]
+    missing = subprocess.run(run + ["query", str(setup / "nope.png"), "--gallery", out, "--embedder",
+                                    "toy_embed:embed"], env=env, capture_output=True, text=True)
+    assert missing.returncode == 1 and missing.stderr.startswith("error: cannot read image") and "nope.png" in missing.stderr
