@@ -6,8 +6,8 @@ trains ``saga_train.tiny``'s model on pairs of TRAINING-class ``SyntheticBirds``
 prompt is the trainer's own (``saga_train.prompts.pair_prompt``); the target is the JSON answer of
 METHOD.md built by ``build_answer``::
 
-    {"item 1": {attribute: value, ...}, "item 2": {...},
-     "differences": {attribute: "match" | "differ", ...},
+    {"item 1": "red body color, blue wing color, ..., fan tail shape", "item 2": "...",
+     "differences": "body color match, wing color differ, ...",
      "confidence": "high", "reasoning": "<n> of <m> attributes differ", "same_species": "yes" | "no"}
 
 The loss covers the answer tokens (and the closing ``<|im_end|>``) only. Pairs are 50% same class,
@@ -20,6 +20,7 @@ A marker file ``SUPERVISOR.json`` records the config and metrics; a non-empty di
 is never overwritten.
 """
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -36,7 +37,7 @@ from types import SimpleNamespace
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 VERDICT_KEY = "same_species"
 ITEM_KEYS = ("item 1", "item 2")
 MATCH, DIFFER = "match", "differ"
@@ -66,7 +67,7 @@ class SupervisorConfig:
     vision_depth: int = 2
     patch_size: int = 8
     # SFT
-    steps: int = 600
+    steps: int = 800
     batch_pairs: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -100,24 +101,29 @@ class SupervisorConfig:
 # The answer format (pure functions, shared with the trainer's prompt/verdict code)
 # ---------------------------------------------------------------------------------------------
 
+def describe(attrs: dict, attribute_names) -> str:
+    """One item's description: ``"<value> <attribute>, ..."``, e.g. ``"red body color, long beak shape"``."""
+    return ", ".join(f"{attrs[n]} {n}" for n in attribute_names)
+
+
 def answer_dict(attrs_a: dict, attrs_b: dict, attribute_names, verdict_key: str = VERDICT_KEY) -> dict:
-    """The target answer as a dict: both items' attributes, match/differ per attribute, the verdict.
+    """The target answer as a dict: both items described, match/differ per attribute, the verdict.
 
     Verdict "yes" iff every listed attribute agrees (a synthetic class IS its attribute combination).
+    Values are short strings (not nested objects) to keep the answer near 110 word-level tokens.
     """
     names = list(attribute_names)
     missing = [n for n in names if n not in attrs_a or n not in attrs_b]
     if missing:
         raise KeyError(f"attributes {missing} are missing from attrs_a or attrs_b")
-    differences = {n: MATCH if attrs_a[n] == attrs_b[n] else DIFFER for n in names}
-    differ = sum(v == DIFFER for v in differences.values())
+    same = [attrs_a[n] == attrs_b[n] for n in names]
     return {
-        ITEM_KEYS[0]: {n: attrs_a[n] for n in names},
-        ITEM_KEYS[1]: {n: attrs_b[n] for n in names},
-        "differences": differences,
+        ITEM_KEYS[0]: describe(attrs_a, names),
+        ITEM_KEYS[1]: describe(attrs_b, names),
+        "differences": ", ".join(f"{n} {MATCH if ok else DIFFER}" for n, ok in zip(names, same)),
         "confidence": "high",
-        "reasoning": f"{differ} of {len(names)} attributes differ",
-        verdict_key: "no" if differ else "yes",
+        "reasoning": f"{same.count(False)} of {len(names)} attributes differ",
+        verdict_key: "yes" if all(same) else "no",
     }
 
 
@@ -126,30 +132,42 @@ def build_answer(attrs_a: dict, attrs_b: dict, attribute_names, verdict_key: str
     return json.dumps(answer_dict(attrs_a, attrs_b, attribute_names, verdict_key))
 
 
-def _object_after(text: str, key: str):
-    """The ``{...}`` text after ``"key":`` (no nested braces inside), or None."""
-    match = re.search(r'"\s*' + re.escape(key) + r'\s*"\s*:\s*\{([^{}]*)\}', text)
-    return match.group(1) if match else None
+def _string_after(text: str, key: str) -> str:
+    """The quoted string after ``"key":`` (whitespace-tolerant), or ""."""
+    match = re.search(r'"\s*' + re.escape(key) + r'\s*"\s*:\s*"([^"]*)"', text)
+    return match.group(1) if match else ""
+
+
+def _split_named(text: str, attribute_names, name_last: bool) -> dict:
+    """``{attribute: word}`` from ``"<word> <attribute>, ..."`` (or ``"<attribute> <word>, ..."``)."""
+    names = sorted(attribute_names, key=len, reverse=True)  # longest first: "wing color" before "color"
+    found = dict.fromkeys(attribute_names)
+    for part in (p.strip() for p in text.split(",")):
+        for name in names:
+            if name_last and part.endswith(" " + name):
+                word = part[:-len(name)]
+            elif not name_last and part.startswith(name + " "):
+                word = part[len(name):]
+            else:
+                continue
+            if found[name] is None:  # the first mention counts
+                found[name] = word.strip()
+            break
+    return found
 
 
 def parse_answer(text: str, attribute_names, verdict_key: str = VERDICT_KEY) -> dict:
     """Read an answer back, tolerating broken JSON: ``{"item 1": {attr: value | None}, "item 2": ...,
     "differences": {attr: "match" | "differ" | None}, "verdict": True | False | None}``.
 
-    Each field is searched for on its own (``"key": "value"`` inside the item's ``{...}``), so a
-    truncated or garbled completion still scores on what it got right. The verdict is read by
-    ``saga_train.verdict.parse_verdict``, as the SAGA reward reads it.
+    Each field is searched for on its own, so a truncated or garbled completion still scores on
+    what it got right. The verdict is read by ``saga_train.verdict.parse_verdict``, as the SAGA
+    reward reads it.
     """
     from saga_train.verdict import parse_verdict
 
-    out = {}
-    for block_key in (*ITEM_KEYS, "differences"):
-        block = _object_after(text, block_key) or ""
-        values = {}
-        for name in attribute_names:
-            found = re.search(r'"\s*' + re.escape(name) + r'\s*"\s*:\s*"([^"]*)"', block)
-            values[name] = found.group(1).strip() if found else None
-        out[block_key] = values
+    out = {key: _split_named(_string_after(text, key), attribute_names, name_last=True) for key in ITEM_KEYS}
+    out["differences"] = _split_named(_string_after(text, "differences"), attribute_names, name_last=False)
     out["verdict"] = parse_verdict(text, verdict_key)
     return out
 
@@ -303,6 +321,10 @@ def suppressed_token_ids(tokenizer) -> list:
     return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
 
 
+def _mean(values) -> float:
+    return float(sum(values) / len(values)) if values else float("nan")
+
+
 @torch.no_grad()
 def evaluate_supervisor(model, processor, prompt: str, test_set, pairs: list, spec, *, batch: int = 32,
                         max_new_tokens: int = None) -> dict:
@@ -329,26 +351,25 @@ def evaluate_supervisor(model, processor, prompt: str, test_set, pairs: list, sp
                              suppress_tokens=suppressed_token_ids(tokenizer))
         texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         for (kind, a, _, b, _), text in zip(chunk, texts):
-            truth = answer_dict(test_set.attributes(a), test_set.attributes(b), names, spec.verdict_key)
+            attrs = (test_set.attributes(a), test_set.attributes(b))
             got = parse_answer(text, names, spec.verdict_key)
             verdict_ok[kind].append(got["verdict"] == (a == b))
             parsed.append(got["verdict"] is not None)
-            exact.append(text.strip() == json.dumps(truth))
+            exact.append(text.strip() == build_answer(*attrs, names, spec.verdict_key))
             for n in names:
-                attr_ok[n] += [got[key][n] == truth[key][n] for key in ITEM_KEYS]
-                diff_ok.append(got["differences"][n] == truth["differences"][n])
+                attr_ok[n] += [got[key][n] == truth[n] for key, truth in zip(ITEM_KEYS, attrs)]
+                diff_ok.append(got["differences"][n] == (MATCH if attrs[0][n] == attrs[1][n] else DIFFER))
     model.train(was_training)
-    mean = lambda xs: float(sum(xs) / len(xs)) if xs else float("nan")  # noqa: E731
     all_verdicts = [ok for k in PAIR_KINDS for ok in verdict_ok[k]]
     return {
         "pairs": len(pairs),
-        "verdict_accuracy": mean(all_verdicts),
-        "verdict_accuracy_by_kind": {k: mean(v) for k, v in verdict_ok.items() if v},
-        "attribute_accuracy": mean([ok for v in attr_ok.values() for ok in v]),
-        "attribute_accuracy_by_name": {n: mean(v) for n, v in attr_ok.items()},
-        "differences_accuracy": mean(diff_ok),
-        "parse_rate": mean(parsed),
-        "exact_match": mean(exact),
+        "verdict_accuracy": _mean(all_verdicts),
+        "verdict_accuracy_by_kind": {k: _mean(v) for k, v in verdict_ok.items() if v},
+        "attribute_accuracy": _mean([ok for v in attr_ok.values() for ok in v]),
+        "attribute_accuracy_by_name": {n: _mean(v) for n, v in attr_ok.items()},
+        "differences_accuracy": _mean(diff_ok),
+        "parse_rate": _mean(parsed),
+        "exact_match": _mean(exact),
     }
 
 
@@ -377,10 +398,10 @@ def train_supervisor(cfg: SupervisorConfig, log_path=None, progress: bool = True
         rng = random.Random(f"supervisor-train-{cfg.seed}")
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, cfg))
-        log = open(log_path, "w") if log_path else None
         model.train()
         start, losses = time.perf_counter(), []
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), \
+                (open(log_path, "w") if log_path else contextlib.nullcontext()) as log:
             torch.manual_seed(cfg.seed)
             bar = tqdm(range(cfg.steps), desc="supervisor SFT", disable=not progress, file=sys.stderr)
             for step in bar:
@@ -397,8 +418,6 @@ def train_supervisor(cfg: SupervisorConfig, log_path=None, progress: bool = True
                     log.write(json.dumps({"step": step + 1, "loss": losses[-1], "lr": schedule.get_last_lr()[0],
                                           "elapsed_s": round(time.perf_counter() - start, 3)}) + "\n")
                     log.flush()
-        if log:
-            log.close()
         train_s = time.perf_counter() - start
         tail = losses[-min(20, len(losses)):]
         metrics = {"train_loss_first": losses[0], "train_loss_last20": sum(tail) / len(tail),

@@ -30,17 +30,19 @@ def test_answer_round_trip_and_verdict():
     same, diff = sup.build_answer(A, A, NAMES), sup.build_answer(A, B, NAMES)
     data = json.loads(diff)
     assert list(data) == ["item 1", "item 2", "differences", "confidence", "reasoning", "same_species"]
-    assert data["differences"] == {n: ("differ" if n in ("beak shape", "tail shape") else "match") for n in NAMES}
+    assert data["item 1"] == ("red body color, blue wing color, green head color, striped wing pattern, "
+                              "long beak shape, fan tail shape")
+    assert data["differences"] == ("body color match, wing color match, head color match, wing pattern match, "
+                                   "beak shape differ, tail shape differ")
     assert data["reasoning"] == "2 of 6 attributes differ" and data["same_species"] == "no"
     assert json.loads(same)["same_species"] == "yes"
     for text, (a, b), verdict in ((same, (A, A), True), (diff, (A, B), False)):
         got = sup.parse_answer(text, NAMES)
-        truth = sup.answer_dict(a, b, NAMES)
-        assert got == {"item 1": truth["item 1"], "item 2": truth["item 2"],
-                       "differences": truth["differences"], "verdict": verdict}
+        differences = {n: "match" if a[n] == b[n] else "differ" for n in NAMES}
+        assert got == {"item 1": a, "item 2": b, "differences": differences, "verdict": verdict}
         assert parse_verdict(text, sup.VERDICT_KEY) is verdict  # the trainer's reward reads it the same way
-        start, end = item_span(text, "item 1")
-        assert json.loads(text[start:end]) == a
+        start, end = item_span(text, "item 1")  # the span L_KL uses
+        assert json.loads(text[start:end]) == sup.describe(a, NAMES)
     with pytest.raises(KeyError, match="missing"):
         sup.build_answer(A, {"body color": "red"}, NAMES)
 
@@ -51,8 +53,12 @@ def test_parse_answer_tolerates_broken_text():
     got = sup.parse_answer("Sure! " + cut, NAMES)
     assert got["item 1"] == A and got["item 2"] == B
     assert got["verdict"] is None and all(v is None for v in got["differences"].values())
-    spaced = text.replace('": "', '" : "')  # a decode that spaces out punctuation
+    spaced = text.replace('": "', '" : "').replace(", ", " , ")  # a decode that spaces out punctuation
     assert sup.parse_answer(spaced, NAMES)["item 2"] == B
+    shuffled = '{"item 1": "fan tail shape, red body color, red body color, oops", "same_species": "yes"}'
+    got = sup.parse_answer(shuffled, NAMES)
+    assert got["item 1"] == dict(dict.fromkeys(NAMES), **{"tail shape": "fan", "body color": "red"})
+    assert got["verdict"] is True
     nothing = sup.parse_answer("no json here", NAMES)
     assert nothing["verdict"] is None and nothing["item 1"] == dict.fromkeys(NAMES)
 
@@ -99,8 +105,8 @@ def test_sft_batch_labels_only_the_answer(world):
         labelled = batch["labels"][row][batch["labels"][row] != -100]
         text = tokenizer.decode(labelled)
         assert text.endswith(tokenizer.eos_token)
-        answer = json.loads(text[:-len(tokenizer.eos_token)])
-        assert set(answer["item 1"]) == set(NAMES)
+        answer = sup.parse_answer(text[:-len(tokenizer.eos_token)], NAMES)
+        assert None not in answer["item 1"].values() and answer["verdict"] is not None
         first = (batch["labels"][row] != -100).nonzero()[0, 0]
         assert tokenizer.decode(batch["input_ids"][row, :first]).endswith("<|im_start|>assistant\n")
 
@@ -141,14 +147,15 @@ class _OracleModel:
 def test_evaluate_scores_answers(world):
     _, test_set, _, processor, prompt, spec = world
     pairs = sup.eval_pairs(dataclasses.replace(MICRO, eval_pairs=6), test_set)
-    truths = [sup.answer_dict(test_set.attributes(a), test_set.attributes(b), NAMES) for _, a, _, b, _ in pairs]
+    attrs = [(test_set.attributes(a), test_set.attributes(b)) for _, a, _, b, _ in pairs]
+    truths = [sup.answer_dict(a, b, NAMES) for a, b in attrs]
     perfect = _OracleModel(processor.tokenizer, [json.dumps(t) for t in truths])
     scores = sup.evaluate_supervisor(perfect, processor, prompt, test_set, pairs, spec, batch=4)
     assert scores["verdict_accuracy"] == scores["attribute_accuracy"] == scores["exact_match"] == 1.0
     assert scores["differences_accuracy"] == scores["parse_rate"] == 1.0
     flipped = [dict(t, same_species="no" if t["same_species"] == "yes" else "yes") for t in truths]
-    for t in flipped:
-        t["item 2"] = dict(t["item 2"], **{"tail shape": "none"})
+    for t, (_, b) in zip(flipped, attrs):
+        t["item 2"] = sup.describe(dict(b, **{"tail shape": "none"}), NAMES)
     scores = sup.evaluate_supervisor(_OracleModel(processor.tokenizer, [json.dumps(t) for t in flipped]),
                                      processor, prompt, test_set, pairs, spec, batch=4)
     assert scores["verdict_accuracy"] == 0.0 and scores["exact_match"] == 0.0
