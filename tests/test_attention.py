@@ -135,3 +135,16 @@ def test_nan_canary_outside_the_views(impl, device):
                               key_padding_mask=pad, reduce_heads=reduce_heads, impl=impl)
         gold = attention_probs_reference(q.double(), k.double(), kidx, qpos, pad, reduce_heads=reduce_heads)
         torch.testing.assert_close(out.double(), gold, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_qwen3vl_8b_layer_shapes_on_gpu():
+    """Issue 3's shapes in bf16 on CUDA: the Triton kernel vs the fp32 torch fallback on the same inputs."""
+    q, k, kidx, qpos, pad = _inputs(2, 32, 8, 700, 1400, 128, 98, "cuda", dtype=torch.bfloat16, left_pad=[0, 40])
+    qpos = torch.arange(700, 1400, device="cuda").expand(2, 700)
+    for reduce_heads in ("mean", None):
+        ours = attention_probs(q, k, kidx, query_positions=qpos, key_padding_mask=pad, reduce_heads=reduce_heads,
+                               impl="triton")
+        fallback = attention_probs(q, k, kidx, query_positions=qpos, key_padding_mask=pad,
+                                   reduce_heads=reduce_heads, impl="torch")
+        torch.testing.assert_close(ours, fallback, atol=1e-6, rtol=1e-4)
