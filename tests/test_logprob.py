@@ -56,7 +56,7 @@ def run(fn, hidden, weight, bias, targets, temperature, g_lp, g_ent, entropy):
     return logp.detach(), (ent.detach() if entropy else None), grads
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("temperature,entropy,bias", [(1.0, False, False), (0.7, True, True)])
 def test_matches_reference(impl, device, dtype, temperature, entropy, bias):
     hidden, weight, b, targets = make_inputs(dtype, device, bias=bias)
