@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from saga_train.data import ImageLoadError
-from saga_train.retrieve import (GREEN, GREY, RED, Gallery, build_index, embed_paths, load_embed_fn, load_gallery, main,
-                                 render_grid, scan_gallery, search)
+from saga_train.retrieve import (GREEN, GREY, RED, Gallery, build_index, cli, embed_paths, load_embed_fn, load_gallery,
+                                 main, render_grid, scan_gallery, search)
 
 TOY = '''
 import numpy as np, torch
@@ -107,17 +107,18 @@ def test_errors(setup):
         load_gallery(str(setup))
 
 
-def test_python_m_entry_point(setup):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(setup), os.environ.get("PYTHONPATH", "")]))
+def test_python_m_entry_point(setup, capsys):
     out = str(setup / "out")
-    run = [sys.executable, "-m", "saga_train.retrieve"]
-    subprocess.run(run + ["embed", str(setup / "gallery"), "--out", out, "--embedder", "toy_embed:embed"],
-                   check=True, env=env, capture_output=True, text=True)
-    res = subprocess.run(run + ["query", str(setup / "queries" / "green" / "q.png"), "--gallery", out,
-                                "--embedder", "toy_embed:embed", "-k", "2"],
+    assert main(["embed", str(setup / "gallery"), "--out", out, "--embedder", "toy_embed:embed", "--no-progress"]) == 0
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(setup), os.environ.get("PYTHONPATH", "")]))
+    query = str(setup / "queries" / "green" / "q.png")
+    res = subprocess.run([sys.executable, "-m", "saga_train.retrieve", "query", query, "--gallery", out,
+                          "--embedder", "toy_embed:embed", "-k", "2"],
                          check=True, env=env, capture_output=True, text=True)
     rows = res.stdout.splitlines()
     assert rows[0].endswith("[green]") and [r.split()[2] for r in rows[2:4]] == ["yes", "yes"]
-    missing = subprocess.run(run + ["query", str(setup / "nope.png"), "--gallery", out, "--embedder",
-                                    "toy_embed:embed"], env=env, capture_output=True, text=True)
-    assert missing.returncode == 1 and missing.stderr.startswith("error: cannot read image") and "nope.png" in missing.stderr
+    # the command line reports a bad path in one line
+    capsys.readouterr()
+    assert cli(["query", str(setup / "nope.png"), "--gallery", out, "--embedder", "toy_embed:embed"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read image") and "nope.png" in err
