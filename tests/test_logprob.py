@@ -208,8 +208,8 @@ def test_bad_input(mutate, exc, match):
 
 @pytest.mark.gpu
 def test_gpu_large_vocab_memory_and_accuracy():
-    """Qwen3-VL vocabulary on a GPU: values/gradients within the tolerance rule against fp64-free
-    gold (fp32 logits), and extra peak memory far below one materialized logits buffer."""
+    """Qwen3-VL vocabulary on a GPU: values/gradients within the tolerance rule (gold: fp32 logits),
+    and extra peak memory far below one materialized logits buffer."""
     torch.manual_seed(0)
     n, h, v = 2048, 1024, 151936
     hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
