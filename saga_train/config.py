@@ -56,7 +56,7 @@ class Config:
     pairs_per_step: int = 4  # P pairs drawn per micro-batch (paper: 8)
     group_size: int = 4  # G samples per pair (paper: 8)
     contributing_pairs: int = 2  # K pairs with reward variance buffered per step (paper: 8)
-    max_pair_draws: int = 8  # cap on pairs drawn per step while looking for K contributing pairs
+    max_pair_draws: int = 4  # cap on pairs drawn per step while looking for K contributing pairs
     temperature: float = 1.0  # paper: 0.7
     top_p: float = 0.95
     max_new_tokens: int = 48  # paper: 1024
