@@ -67,6 +67,10 @@ def test_attribute_text_and_lookup():
             diff = [a for a in attrs if ds.class_attributes[n][a] != attrs[a]]
             assert len(diff) == 1
     assert sum(len(ds.neighbours(k)) for k in range(30)) >= 30
+    with pytest.raises(ValueError, match=r"\['beak shape'\]"):
+        ds.label_of({**ds.attributes(0), "beak shape": "curved"})
+    held_out = ds.attributes(0)
+    assert SyntheticBirds("train", images_per_class=1, train_classes="open").label_of(held_out) is None
 
 
 def test_colours_are_visible():

@@ -287,8 +287,11 @@ class SyntheticBirds:
 
     def label_of(self, attributes: dict[str, str]) -> int | None:
         """The label of the class with these attribute values in this split, or None if it is not here."""
-        combo = tuple(ATTRIBUTES[a].index(attributes[a]) for a in ATTRIBUTE_NAMES)
-        return self._label_of.get(combo)
+        bad = [a for a in ATTRIBUTE_NAMES if attributes.get(a) not in ATTRIBUTES[a]]
+        if bad:
+            raise ValueError(f"attributes: missing or unknown values for {bad}; values: "
+                             + "; ".join(f"{a}: {', '.join(ATTRIBUTES[a])}" for a in bad))
+        return self._label_of.get(tuple(ATTRIBUTES[a].index(attributes[a]) for a in ATTRIBUTE_NAMES))
 
     def neighbours(self, label: int) -> list[int]:
         """Labels of the classes in this split that differ from ``label`` in exactly one attribute."""
