@@ -264,13 +264,11 @@ def _bwd_cols_kernel(q_ptr, k_ptr, lq_ptr, lk_ptr, st0_ptr, st1_ptr, st2_ptr, st
 
 # ----------------------------------------------------------------------------------------- launchers
 
-BLOCK_M = BLOCK_N = 64  # rows / columns per similarity tile (powers of two, >= 16 for tl.dot)
-
-
-def _blocks(d: int) -> tuple[int, int]:
-    """(BLOCK_K: D chunk of the similarity dot, BLOCK_DO: D chunk of a gradient output tile)."""
-    p2 = max(16, triton.next_power_of_2(d))
-    return min(64, p2), min(128, p2)
+# One fixed configuration (no autotuning; every tl.dot dimension a power of two >= 16). Independent of D,
+# so each (LOSS, SELF, USE_MINER, dtype) compiles once; D is streamed and masked.
+BLOCK_M = BLOCK_N = 64  # rows / columns per similarity tile
+BLOCK_K = 64  # D chunk of the similarity dot
+BLOCK_DO = 128  # D chunk of a gradient output tile (one backward program per chunk)
 
 
 def _rows(n: int, device) -> torch.Tensor:
@@ -281,11 +279,10 @@ def supcon_forward(q, k, lq, lk, inv_temp: float, self_pairs: bool):
     """Row statistics (lse, pos_sum, pos_cnt, neg_cnt) of SupCon; see ``_supcon_fwd_kernel``."""
     n, d = q.shape
     m = k.shape[0]
-    block_k, _ = _blocks(d)
     lse, pos_sum, pos_cnt, neg_cnt = (_rows(n, q.device) for _ in range(4))
     _supcon_fwd_kernel[(triton.cdiv(n, BLOCK_M),)](
         q, k, lq, lk, lse, pos_sum, pos_cnt, neg_cnt, n, m, d, q.stride(0), k.stride(0), inv_temp,
-        SELF=self_pairs, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
+        SELF=self_pairs, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )
     return lse, pos_sum, pos_cnt, neg_cnt
 
@@ -294,11 +291,10 @@ def ms_forward(q, lq, alpha: float, beta: float, base: float, eps: float, use_mi
     """Row statistics of Multi-Similarity: (lse_pos, lse_neg, min_pos, max_neg, mined_pos, mined_neg);
     see ``_ms_fwd_kernel``."""
     n, d = q.shape
-    block_k, _ = _blocks(d)
     out = [_rows(n, q.device) for _ in range(6)]
     _ms_fwd_kernel[(triton.cdiv(n, BLOCK_M),)](
         q, lq, *out, n, d, q.stride(0), alpha, beta, base, eps,
-        USE_MINER=use_miner, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
+        USE_MINER=use_miner, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )
     return tuple(out)
 
@@ -309,17 +305,17 @@ def pair_backward(q, k, lq, lk, stats, coef, params, *, loss: int, self_pairs: b
     ``params`` are the 4 scalars ``_grad_tile`` reads. A gradient that is not needed comes back None."""
     n, d = q.shape
     m = k.shape[0]
-    block_k, block_do = _blocks(d)
-    # num_stages=2 bounds the pipelined fp32 dot operands in shared memory (GPU only; the interpreter ignores it)
+    # GPU only (the interpreter ignores them): 8 warps share the [64, 128] fp32 accumulator and operands;
+    # num_stages=2 bounds the pipelined fp32 dot operands in shared memory.
     meta = dict(LOSS=loss, SELF=self_pairs, USE_MINER=use_miner, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                BLOCK_K=block_k, BLOCK_DO=block_do, num_warps=4, num_stages=2)
+                BLOCK_K=BLOCK_K, BLOCK_DO=BLOCK_DO, num_warps=8, num_stages=2)
     dq = dk = None
     if need_dq:
         dq = torch.empty(n, d, dtype=torch.float32, device=q.device)
-        _bwd_rows_kernel[(triton.cdiv(n, BLOCK_M), triton.cdiv(d, block_do))](
+        _bwd_rows_kernel[(triton.cdiv(n, BLOCK_M), triton.cdiv(d, BLOCK_DO))](
             q, k, lq, lk, *stats, coef, dq, n, m, d, q.stride(0), k.stride(0), dq.stride(0), *params, **meta)
     if need_dk:
         dk = torch.empty(m, d, dtype=torch.float32, device=q.device)
-        _bwd_cols_kernel[(triton.cdiv(m, BLOCK_N), triton.cdiv(d, block_do))](
+        _bwd_cols_kernel[(triton.cdiv(m, BLOCK_N), triton.cdiv(d, BLOCK_DO))](
             q, k, lq, lk, *stats, coef, dk, n, m, d, q.stride(0), k.stride(0), dk.stride(0), *params, **meta)
     return dq, dk

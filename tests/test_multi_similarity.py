@@ -49,6 +49,7 @@ def _clustered(n, d, classes, gen, singletons=0, spread=0.6):
         (9, 5, 3, 1, dict(eps=0.5, alpha=3.0, beta=20.0, base=0.3)),
         (130, 70, 4, 0, dict(spread=1.5)),  # several row/column tiles and D chunks
         (64, 16, 64, 0, dict(eps=None)),  # all singletons without the miner: negatives only
+        (40, 150, 5, 0, dict(spread=3.0)),  # D > BLOCK_DO: two gradient-output chunks
     ],
 )
 def test_matches_pml_and_reference(impl, device, n, d, classes, singletons, params):

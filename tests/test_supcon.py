@@ -38,6 +38,7 @@ def _labels(n, num_classes, gen, singletons=0):
         (7, 5, 3, 1, 0.1),
         (130, 70, 4, 0, 0.07),  # several row/column tiles and D chunks (BLOCK_K = 64)
         (40, 16, 40, 0, 0.5),  # mostly singleton classes
+        (40, 150, 5, 2, 0.1),  # D > BLOCK_DO: two gradient-output chunks
     ],
 )
 def test_matches_pml_and_reference(impl, device, n, d, classes, singletons, temperature):
