@@ -90,6 +90,22 @@ def test_matches_reference(impl, device, dtype, temperature, entropy, bias):
     assert torch.all(grads[0][ignored] == 0)
 
 
+@pytest.mark.parametrize("n,h,v", [(1, 1, 1), (1, 5, 2), (3, 17, 129)])
+def test_tiny_shapes(impl, device, n, h, v):
+    """Degenerate sizes: one row, one hidden unit, a one-word vocabulary (log-prob 0, entropy 0)."""
+    hidden, weight, b, _ = make_inputs(torch.float32, device, n=n, h=h, v=v)
+    targets = torch.randint(0, v, (n,), device=device)
+    g = torch.randn(n, device=device)
+    lp, ent, grads = run(lambda *a, **k: linear_logprobs(*a, impl=impl, **k), hidden, weight, b, targets, 1.7, g,
+                         g, True)
+    lp64, ent64, grads64 = run(linear_logprobs_reference, hidden.double(), weight.double(), b.double(), targets,
+                               1.7, g, g, True)
+    torch.testing.assert_close(lp.double(), lp64, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent.double(), ent64, rtol=0, atol=1e-5)
+    for ours, gold in zip(grads, grads64):
+        torch.testing.assert_close(ours.double(), gold, rtol=1e-4, atol=1e-5)
+
+
 def test_leading_dims_and_ignore_index(impl, device):
     hidden, weight, _, targets = make_inputs(torch.float32, device, n=21)
     targets = torch.where(targets == -100, torch.full_like(targets, -7), targets)
