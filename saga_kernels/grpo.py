@@ -11,8 +11,9 @@ and the masked per-token losses are reduced by the loss type:
 
     grpo     (1/B) sum_i (sum_t m L / sum_t m)          per-sequence mean, then mean over sequences
     bnpo     sum m L / sum m                            token mean over the batch
-    dapo     sum m L / sum m                            same on one process (TRL divides by the
-                                                        global token count over processes)
+    dapo     sum m L / sum m                            or / num_items_in_batch when given: the
+                                                        token count of the whole batch over all
+                                                        gradient-accumulation calls (TRL's)
     dr_grpo  sum m L / (B * max_completion_length)
 
 Without old log-probs, old = lp.detach(): r == 1 exactly, clipping never acts, and the gradient is
@@ -53,6 +54,21 @@ def _check_ref(beta, ref_logprobs):
         raise ValueError("ref_logprobs is required when beta > 0 (the KL term needs the reference log-probs)")
 
 
+def _check_num_items(num_items_in_batch, loss_type):
+    if num_items_in_batch is None:
+        return
+    if loss_type != "dapo":
+        raise ValueError(f"num_items_in_batch only applies to loss_type='dapo', got loss_type={loss_type!r}")
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a scalar, got shape {list(num_items_in_batch.shape)}")
+        value = num_items_in_batch.item()
+    else:
+        value = num_items_in_batch
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"num_items_in_batch must be a number > 0, got {num_items_in_batch!r}")
+
+
 def _check_batch(logprobs, completion_mask, advantages, old_logprobs, ref_logprobs):
     check_tensor("logprobs", logprobs, ndim=2, dtypes=_LOGPROB_DTYPES)
     b, t = logprobs.shape
@@ -75,7 +91,7 @@ def _masked_mean(x, mask):
 
 
 def _grpo_core(logprobs, completion_mask, advantages, old_logprobs, ref_logprobs, beta, epsilon_low, epsilon_high,
-               loss_type, max_completion_length, importance_sampling_level):
+               loss_type, max_completion_length, importance_sampling_level, num_items_in_batch):
     """The loss math (inputs already validated); returns (loss, stats)."""
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
     lp = logprobs.to(dtype)
@@ -101,6 +117,8 @@ def _grpo_core(logprobs, completion_mask, advantages, old_logprobs, ref_logprobs
         loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / max(batch, 1)
     elif loss_type == "dr_grpo":
         loss = masked.sum() / (batch * max_completion_length)
+    elif loss_type == "dapo" and num_items_in_batch is not None:
+        loss = masked.sum() / num_items_in_batch
     else:  # bnpo, dapo
         loss = masked.sum() / mask.sum().clamp(min=1)
 
@@ -120,26 +138,29 @@ def _grpo_core(logprobs, completion_mask, advantages, old_logprobs, ref_logprobs
 
 def grpo_loss(logprobs, completion_mask, advantages, *, old_logprobs=None, ref_logprobs=None, beta=0.0,
               epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", max_completion_length=None,
-              importance_sampling_level="token"):
+              importance_sampling_level="token", num_items_in_batch=None):
     """GRPO-family loss on per-token log-probs (formulas in the module docstring).
 
     logprobs ``[B, T]`` (differentiable), completion_mask ``[B, T]`` (0/1, bool or numeric),
     advantages ``[B]`` (finite), old_logprobs / ref_logprobs ``[B, T]`` or None. ``beta > 0``
-    needs ref_logprobs; "dr_grpo" needs max_completion_length. Returns ``(loss, stats)``: a scalar
+    needs ref_logprobs; "dr_grpo" needs max_completion_length; ``num_items_in_batch`` (dapo only)
+    replaces this call's token count as the divisor, for gradient accumulation. Returns ``(loss, stats)``: a scalar
     in at least fp32, and detached scalars "kl" (masked mean k3 KL to ref; 0 without ref),
     "clip_ratio", "clip_ratio_low", "clip_ratio_high" (fractions of completion tokens whose
     objective is clipped, TRL's definition), "ratio_mean" and "num_tokens".
     """
     _check_options(beta, epsilon_low, epsilon_high, loss_type, max_completion_length, importance_sampling_level)
     _check_ref(beta, ref_logprobs)
+    _check_num_items(num_items_in_batch, loss_type)
     _check_batch(logprobs, completion_mask, advantages, old_logprobs, ref_logprobs)
     return _grpo_core(logprobs, completion_mask, advantages, old_logprobs, ref_logprobs, beta, epsilon_low,
-                      epsilon_high, loss_type, max_completion_length, importance_sampling_level)
+                      epsilon_high, loss_type, max_completion_length, importance_sampling_level, num_items_in_batch)
 
 
 def linear_grpo_loss(hidden, weight, completion_ids, completion_mask, advantages, *, bias=None, temperature=1.0,
                      old_logprobs=None, ref_logprobs=None, beta=0.0, epsilon_low=0.2, epsilon_high=0.2,
-                     loss_type="dapo", max_completion_length=None, importance_sampling_level="token", impl=None):
+                     loss_type="dapo", max_completion_length=None, importance_sampling_level="token",
+                     num_items_in_batch=None, impl=None):
     """``grpo_loss`` straight from hidden states ``[B, T, H]`` and the LM head ``weight [V, H]``
     (+ ``bias [V]``): log-probs of ``completion_ids [B, T]`` under softmax(logits / temperature)
     come from :func:`saga_kernels.linear_logprobs` (no [B*T, V] buffer). Masked positions are
@@ -148,6 +169,7 @@ def linear_grpo_loss(hidden, weight, completion_ids, completion_mask, advantages
     """
     _check_options(beta, epsilon_low, epsilon_high, loss_type, max_completion_length, importance_sampling_level)
     _check_ref(beta, ref_logprobs)
+    _check_num_items(num_items_in_batch, loss_type)
     check_tensor("hidden", hidden, ndim=3)
     b, t, _ = hidden.shape
     check_tensor("weight", weight, ndim=2)
@@ -163,14 +185,14 @@ def linear_grpo_loss(hidden, weight, completion_ids, completion_mask, advantages
     return grpo_loss(logprobs, completion_mask, advantages, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                      beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, loss_type=loss_type,
                      max_completion_length=max_completion_length,
-                     importance_sampling_level=importance_sampling_level)
+                     importance_sampling_level=importance_sampling_level, num_items_in_batch=num_items_in_batch)
 
 
 class LinearGRPOLoss(torch.nn.Module):
     """Module form of :func:`linear_grpo_loss`; the options are fixed at construction.
 
     ``loss_fn(hidden, weight, completion_ids, completion_mask, advantages, bias=None,
-    old_logprobs=None, ref_logprobs=None) -> (loss, stats)``.
+    old_logprobs=None, ref_logprobs=None, num_items_in_batch=None) -> (loss, stats)``.
     """
 
     def __init__(self, *, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", max_completion_length=None,
@@ -182,12 +204,13 @@ class LinearGRPOLoss(torch.nn.Module):
         self.importance_sampling_level, self.temperature, self.impl = importance_sampling_level, temperature, impl
 
     def forward(self, hidden, weight, completion_ids, completion_mask, advantages, bias=None, old_logprobs=None,
-                ref_logprobs=None):
+                ref_logprobs=None, num_items_in_batch=None):
         return linear_grpo_loss(hidden, weight, completion_ids, completion_mask, advantages, bias=bias,
                                 temperature=self.temperature, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
                                 beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
                                 loss_type=self.loss_type, max_completion_length=self.max_completion_length,
-                                importance_sampling_level=self.importance_sampling_level, impl=self.impl)
+                                importance_sampling_level=self.importance_sampling_level,
+                                num_items_in_batch=num_items_in_batch, impl=self.impl)
 
     def extra_repr(self):
         return (f"loss_type={self.loss_type!r}, beta={self.beta}, epsilon=({self.epsilon_low}, {self.epsilon_high}), "

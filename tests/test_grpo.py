@@ -80,6 +80,23 @@ def test_no_old_logprobs_is_advantage_weighted_nll():
     torch.testing.assert_close(loss, -(adv[:, None] * m).sum() / m.sum())
 
 
+def test_dapo_num_items_in_batch_accumulates():
+    """Two calls dividing by the batch's token count add up to one call over the whole batch."""
+    logprobs, mask, adv, old, _ = make_batch(seed=2)
+    whole = logprobs.clone().requires_grad_(True)
+    parts = logprobs.clone().requires_grad_(True)
+    loss, _ = grpo_loss(whole, mask, adv, old_logprobs=old)
+    loss.backward()
+    total = int(mask.sum())
+    acc = sum(grpo_loss(parts[s], mask[s], adv[s], old_logprobs=old[s], num_items_in_batch=total)[0]
+              for s in (slice(0, 1), slice(1, B)))
+    acc.backward()
+    torch.testing.assert_close(acc, loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(parts.grad, whole.grad, rtol=1e-12, atol=1e-12)
+    half, _ = grpo_loss(logprobs, mask, adv, num_items_in_batch=torch.tensor(2.0 * total))
+    torch.testing.assert_close(half, grpo_loss(logprobs, mask, adv)[0] / 2)
+
+
 def _liger_loss(loss_type, beta, with_ref, level):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
@@ -110,16 +127,17 @@ def test_matches_liger(impl, device, loss_type, with_old, with_ref):
     level = "sequence" if loss_type == "bnpo" and with_old else "token"  # GSPO once, vs liger too
     h1 = hidden.clone().requires_grad_(True)
     w1 = weight.clone().requires_grad_(True)
+    num_items = 40 if loss_type == "dapo" and with_old else None  # TRL's gradient-accumulation divisor
     out = _liger_loss(loss_type, beta, with_ref, level)(
         h1, w1, ids, mask, adv, ref_per_token_logps=ref if with_ref else None,
-        old_per_token_logps=old if with_old else None)
+        old_per_token_logps=old if with_old else None, num_items_in_batch=num_items)
     out[0].backward()
     h2 = hidden.clone().requires_grad_(True)
     w2 = weight.clone().requires_grad_(True)
     loss, stats = linear_grpo_loss(h2, w2, ids, mask, adv, temperature=0.9, old_logprobs=old if with_old else None,
                                    ref_logprobs=ref if with_ref else None, beta=beta, epsilon_low=0.2,
                                    epsilon_high=0.28, loss_type=loss_type, max_completion_length=T + 2,
-                                   importance_sampling_level=level, impl=impl)
+                                   importance_sampling_level=level, num_items_in_batch=num_items, impl=impl)
     loss.backward()
     torch.testing.assert_close(loss, out[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-6)
@@ -182,6 +200,9 @@ def test_module_equals_function(impl, device):
         (dict(old_logprobs=torch.zeros(B, T - 1)), ValueError, "old_logprobs"),
         (dict(ref_logprobs=torch.zeros(B, T, dtype=torch.long)), TypeError, "ref_logprobs"),
         (dict(logprobs=torch.zeros(B * T)), ValueError, "logprobs"),
+        (dict(num_items_in_batch=0), ValueError, "num_items_in_batch"),
+        (dict(num_items_in_batch=torch.ones(2)), ValueError, "num_items_in_batch"),
+        (dict(num_items_in_batch=10, loss_type="bnpo"), ValueError, "num_items_in_batch"),
     ],
 )
 def test_grpo_bad_input(kwargs, exc, match):
