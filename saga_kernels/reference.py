@@ -101,7 +101,7 @@ def supcon_loss_reference(embeddings, labels, *, temperature=0.1, ref_embeddings
     key_labels = labels if self_pairs else ref_labels
     z = q @ k.T / temperature
     keep = torch.ones_like(z, dtype=torch.bool)
-    if self_pairs:
+    if self_pairs or ref_labels is labels:  # pml drops (i, i) when the key labels are the labels tensor itself
         keep.fill_diagonal_(False)
     same = labels[:, None] == key_labels[None, :]
     pos, neg = same & keep, ~same & keep

@@ -3,7 +3,8 @@
 Same conventions as pytorch-metric-learning 2.9 ``SupConLoss(temperature)`` with its defaults
 (CosineSimilarity, AvgNonZeroReducer). With unit rows ``q_i = e_i / ||e_i||``, keys ``k_j`` (the
 batch itself, or a reference set / cross-batch memory), ``z_ij = <q_i, k_j> / T`` and the kept
-columns ``K(i)`` = every key except ``j = i`` when the keys are the batch itself:
+columns ``K(i)`` = every key except ``j = i`` when the keys are the batch itself (pml's rule: no
+reference labels are given, or they are the very ``labels`` tensor):
 
     loss_i = logsumexp_{j in K(i)} z_ij - (1 / |P(i)|) sum_{p in P(i)} z_ip,   P(i) = {j in K(i): y_j = y_i}
     loss   = mean of loss_i over the anchors with loss_i > 0 (anchors without a positive have loss_i = 0)
@@ -59,47 +60,47 @@ def supcon_from_stats(lse, pos_sum, pos_cnt, neg_cnt):
 
 class _SupConFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, lq, lk, temperature: float, impl: str):
-        self_pairs = k is None
-        keys, lk = (q, lq) if self_pairs else (k, lk)
+    def forward(ctx, q, k, lq, lk, temperature: float, exclude_diagonal: bool, impl: str):
+        """k None: the keys are q itself. exclude_diagonal: drop pairs (i, i)."""
+        keys, lk = (q, lq) if k is None else (k, lk)
         inv_temp = 1.0 / temperature
         if impl == "triton":
             from ._metric_triton import supcon_forward
 
-            stats = supcon_forward(q, keys, lq, lk, inv_temp, self_pairs)
+            stats = supcon_forward(q, keys, lq, lk, inv_temp, exclude_diagonal)
         else:
-            stats = _forward_torch(q, keys, lq, lk, inv_temp, self_pairs)
+            stats = _forward_torch(q, keys, lq, lk, inv_temp, exclude_diagonal)
         loss, weight, inv_pos = supcon_from_stats(*stats)
         ctx.save_for_backward(q, keys, lq, lk, stats[0], weight, inv_pos)
-        ctx.inv_temp, ctx.self_pairs, ctx.impl = inv_temp, self_pairs, impl
+        ctx.inv_temp, ctx.self_keys, ctx.exclude_diagonal, ctx.impl = inv_temp, k is None, exclude_diagonal, impl
         return loss
 
     @staticmethod
     def backward(ctx, grad):
         q, keys, lq, lk, lse, weight, inv_pos = ctx.saved_tensors
-        self_pairs, inv_temp = ctx.self_pairs, ctx.inv_temp
+        self_keys, inv_temp = ctx.self_keys, ctx.inv_temp
         coef = weight * (grad * inv_temp)  # dLoss/dS_ij = coef_i * (softmax_ij - [j in P(i)] / |P(i)|)
-        need_dq = self_pairs or ctx.needs_input_grad[0]
-        need_dk = self_pairs or ctx.needs_input_grad[1]
+        need_dq = self_keys or ctx.needs_input_grad[0]
+        need_dk = self_keys or ctx.needs_input_grad[1]
         if ctx.impl == "triton":
             from ._metric_triton import SUPCON, pair_backward
 
             stats = (lse.float(), inv_pos.float(), lse.float(), inv_pos.float())
             dq, dk = pair_backward(q, keys, lq, lk, stats, coef.float().contiguous(), (inv_temp, 0.0, 0.0, 0.0),
-                                   loss=SUPCON, self_pairs=self_pairs, use_miner=False,
+                                   loss=SUPCON, self_pairs=ctx.exclude_diagonal, use_miner=False,
                                    need_dq=need_dq, need_dk=need_dk)
         else:
             def grad_tile(r0, r1, s, pos, neg, valid):
                 z = (s * inv_temp).masked_fill(~valid, float("-inf"))
                 return coef[r0:r1, None] * (torch.exp(z - lse[r0:r1, None]) - pos * inv_pos[r0:r1, None])
 
-            dq, dk = tiled_pair_backward(q, keys, lq, lk, grad_tile, self_pairs=self_pairs,
+            dq, dk = tiled_pair_backward(q, keys, lq, lk, grad_tile, self_pairs=ctx.exclude_diagonal,
                                          need_dq=need_dq, need_dk=need_dk)
-        if self_pairs:
-            return (dq + dk).to(q.dtype), None, None, None, None, None
+        if self_keys:
+            return (dq + dk).to(q.dtype), None, None, None, None, None, None
         dq = dq.to(q.dtype) if dq is not None else None
         dk = dk.to(keys.dtype) if dk is not None else None
-        return dq, dk, None, None, None, None
+        return dq, dk, None, None, None, None, None
 
 
 def supcon_loss(
@@ -115,8 +116,9 @@ def supcon_loss(
 
     ``ref_embeddings [M, D]`` / ``ref_labels [M]`` (both or neither) replace the keys, as in pml's
     ``loss(embeddings, labels, ref_emb=..., ref_labels=...)``: every query is compared with every
-    reference row (no self-exclusion), e.g. a cross-batch memory. Gradients flow to ``embeddings``
-    and to ``ref_embeddings`` when it requires grad. Returns a scalar of ``embeddings.dtype``.
+    reference row, e.g. a cross-batch memory. As in pml, pairs (i, i) are dropped only when
+    ``ref_labels is labels`` (the same tensor object). Gradients flow to ``embeddings`` and to
+    ``ref_embeddings`` when it requires grad. Returns a scalar of ``embeddings.dtype``.
     """
     check_embeddings_labels(embeddings, labels)
     temperature = check_positive("temperature", temperature)
@@ -131,8 +133,11 @@ def supcon_loss(
     else:
         (lq,), _ = remap_labels(labels)
         lk = None
+    exclude_diagonal = ref_labels is None or ref_labels is labels
+    if ref_embeddings is embeddings and ref_labels is labels:
+        ref_embeddings = None  # the batch against itself: one tensor, one gradient
     which = resolve_impl(impl, embeddings, ref_embeddings)
     q = l2_normalize(embeddings).contiguous()
     k = l2_normalize(ref_embeddings).contiguous() if ref_embeddings is not None else None
-    loss = _SupConFunction.apply(q, k, lq, lk, temperature, which)
+    loss = _SupConFunction.apply(q, k, lq, lk, temperature, exclude_diagonal, which)
     return loss.to(embeddings.dtype)

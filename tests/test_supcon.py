@@ -96,6 +96,31 @@ def test_reference_set_matches_pml(impl, device, query_needs_grad, ref_needs_gra
         assert ours[2] is None
 
 
+@pytest.mark.parametrize("ref_is_batch", [True, False])
+def test_ref_labels_identical_to_labels_drop_the_diagonal(impl, device, ref_is_batch):
+    """pml drops pairs (i, i) when ref_labels is the labels tensor itself, whatever ref_emb is."""
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(33, 10, generator=gen, dtype=torch.float64).to(device)
+    r = x if ref_is_batch else torch.randn(33, 10, generator=gen, dtype=torch.float64).to(device)
+    y = _labels(33, 5, gen).to(device)
+    gold = supcon_loss_reference(x, y, ref_embeddings=r, ref_labels=y)
+    if ref_is_batch:
+        torch.testing.assert_close(gold, supcon_loss_reference(x, y))
+    xf = x.float().requires_grad_()
+    rf = xf if ref_is_batch else r.float().requires_grad_()
+    ours = supcon_loss(xf, y, ref_embeddings=rf, ref_labels=y, impl=impl)
+    ours.backward()
+    xp = x.float().requires_grad_()
+    rp = xp if ref_is_batch else r.float().requires_grad_()
+    peer = SupConLoss()(xp, y, ref_emb=rp, ref_labels=y)
+    peer.backward()
+    torch.testing.assert_close(ours.double(), gold, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours, peer, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xf.grad, xp.grad, rtol=1e-4, atol=1e-5 * float(xp.grad.abs().max()))
+    if not ref_is_batch:
+        torch.testing.assert_close(rf.grad, rp.grad, rtol=1e-4, atol=1e-5 * float(rp.grad.abs().max()))
+
+
 def test_arbitrary_label_values(impl, device):
     """Only label equality matters: negative / huge / sparse values give the same loss as dense ids."""
     gen = torch.Generator().manual_seed(5)
