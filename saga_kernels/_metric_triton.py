@@ -275,14 +275,14 @@ def _rows(n: int, device) -> torch.Tensor:
     return torch.empty(n, dtype=torch.float32, device=device)
 
 
-def supcon_forward(q, k, lq, lk, inv_temp: float, self_pairs: bool):
+def supcon_forward(q, k, lq, lk, inv_temp: float, exclude_diagonal: bool):
     """Row statistics (lse, pos_sum, pos_cnt, neg_cnt) of SupCon; see ``_supcon_fwd_kernel``."""
     n, d = q.shape
     m = k.shape[0]
     lse, pos_sum, pos_cnt, neg_cnt = (_rows(n, q.device) for _ in range(4))
     _supcon_fwd_kernel[(triton.cdiv(n, BLOCK_M),)](
         q, k, lq, lk, lse, pos_sum, pos_cnt, neg_cnt, n, m, d, q.stride(0), k.stride(0), inv_temp,
-        SELF=self_pairs, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        SELF=exclude_diagonal, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )
     return lse, pos_sum, pos_cnt, neg_cnt
 
@@ -299,7 +299,7 @@ def ms_forward(q, lq, alpha: float, beta: float, base: float, eps: float, use_mi
     return tuple(out)
 
 
-def pair_backward(q, k, lq, lk, stats, coef, params, *, loss: int, self_pairs: bool, use_miner: bool,
+def pair_backward(q, k, lq, lk, stats, coef, params, *, loss: int, exclude_diagonal: bool, use_miner: bool,
                   need_dq: bool, need_dk: bool):
     """(dq, dk) in fp32 for ``G = dLoss/dS`` rebuilt from ``stats`` (4 row tensors) and ``coef``;
     ``params`` are the 4 scalars ``_grad_tile`` reads. A gradient that is not needed comes back None."""
@@ -307,7 +307,7 @@ def pair_backward(q, k, lq, lk, stats, coef, params, *, loss: int, self_pairs: b
     m = k.shape[0]
     # GPU only (the interpreter ignores them): 8 warps share the [64, 128] fp32 accumulator and operands;
     # num_stages=2 bounds the pipelined fp32 dot operands in shared memory.
-    meta = dict(LOSS=loss, SELF=self_pairs, USE_MINER=use_miner, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    meta = dict(LOSS=loss, SELF=exclude_diagonal, USE_MINER=use_miner, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                 BLOCK_K=BLOCK_K, BLOCK_DO=BLOCK_DO, num_warps=8, num_stages=2)
     dq = dk = None
     if need_dq:

@@ -103,18 +103,18 @@ def tile_size(n_cols: int, tile_elems: int = FALLBACK_TILE_ELEMS) -> int:
     return max(1, min(n_cols, tile_elems // max(n_cols, 1)))
 
 
-def pair_masks(lq: torch.Tensor, lk: torch.Tensor, row_offset: int, self_pairs: bool):
+def pair_masks(lq: torch.Tensor, lk: torch.Tensor, row_offset: int, exclude_diagonal: bool):
     """(positive, negative, valid) masks of the tile ``rows = row_offset + arange(len(lq))`` x all columns;
-    ``self_pairs`` drops the diagonal ``i == j`` (query and key sets are the same batch)."""
+    ``exclude_diagonal`` drops the pairs ``i == j`` (the key set is the query batch itself)."""
     same = lq[:, None] == lk[None, :]
     valid = torch.ones_like(same)
-    if self_pairs:
+    if exclude_diagonal:
         r = torch.arange(lq.numel(), device=lq.device)
         valid[r, r + row_offset] = False
     return same & valid, ~same & valid, valid
 
 
-def pair_tiles(q: torch.Tensor, k: torch.Tensor, lq: torch.Tensor, lk: torch.Tensor, self_pairs: bool) -> Iterator:
+def pair_tiles(q: torch.Tensor, k: torch.Tensor, lq: torch.Tensor, lk: torch.Tensor, exclude_diagonal: bool) -> Iterator:
     """Yield ``(r0, r1, s, pos, neg, valid)`` per block of query rows, ``s = q[r0:r1] @ k^T`` in the
     compute dtype. The tiling depends only on the shapes, so a backward that calls this again sees
     bit-identical similarities (and identical mining decisions)."""
@@ -124,7 +124,7 @@ def pair_tiles(q: torch.Tensor, k: torch.Tensor, lq: torch.Tensor, lk: torch.Ten
     for r0 in range(0, q.shape[0], rows):
         r1 = min(q.shape[0], r0 + rows)
         s = q[r0:r1].to(cd) @ kc.T
-        yield (r0, r1, s, *pair_masks(lq[r0:r1], lk, r0, self_pairs))
+        yield (r0, r1, s, *pair_masks(lq[r0:r1], lk, r0, exclude_diagonal))
 
 
 def tiled_pair_backward(
@@ -134,7 +134,7 @@ def tiled_pair_backward(
     lk: torch.Tensor,
     grad_tile: Callable,
     *,
-    self_pairs: bool,
+    exclude_diagonal: bool,
     need_dq: bool,
     need_dk: bool,
 ):
@@ -144,7 +144,7 @@ def tiled_pair_backward(
     kc = k.to(cd)
     dq = torch.zeros(q.shape, dtype=cd, device=q.device) if need_dq else None
     dk = torch.zeros(k.shape, dtype=cd, device=k.device) if need_dk else None
-    for r0, r1, s, pos, neg, valid in pair_tiles(q, k, lq, lk, self_pairs):
+    for r0, r1, s, pos, neg, valid in pair_tiles(q, k, lq, lk, exclude_diagonal):
         g = grad_tile(r0, r1, s, pos, neg, valid)
         if need_dq:
             dq[r0:r1] = g @ kc

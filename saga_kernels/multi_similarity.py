@@ -92,7 +92,7 @@ class _MultiSimilarityFunction(torch.autograd.Function):
 
             dq, dk = pair_backward(q, q, lq, lq, (lse_pos, lse_neg, min_pos, max_neg), coef.float().contiguous(),
                                    (alpha, beta, base, 0.0 if eps is None else eps), loss=MULTI_SIMILARITY,
-                                   self_pairs=True, use_miner=eps is not None, need_dq=True, need_dk=True)
+                                   exclude_diagonal=True, use_miner=eps is not None, need_dq=True, need_dk=True)
         else:
             def grad_tile(r0, r1, s, pos, neg, valid):
                 mp, mn = _mined(s, pos, neg, min_pos[r0:r1], max_neg[r0:r1], eps)
@@ -100,7 +100,7 @@ class _MultiSimilarityFunction(torch.autograd.Function):
                 gn = torch.exp((beta * (s - base) - lse_neg[r0:r1, None]).masked_fill(~mn, float("-inf")))
                 return coef[r0:r1, None] * (gn - gp)
 
-            dq, dk = tiled_pair_backward(q, q, lq, lq, grad_tile, self_pairs=True, need_dq=True, need_dk=True)
+            dq, dk = tiled_pair_backward(q, q, lq, lq, grad_tile, exclude_diagonal=True, need_dq=True, need_dk=True)
         return (dq + dk).to(q.dtype), None, None, None, None, None, None
 
 

@@ -31,12 +31,12 @@ from .metric_common import (
 )
 
 
-def _forward_torch(q, k, lq, lk, inv_temp: float, self_pairs: bool):
+def _forward_torch(q, k, lq, lk, inv_temp: float, exclude_diagonal: bool):
     """Row statistics (lse, pos_sum, pos_cnt, neg_cnt) of ``z = q k^T / T``, one row block at a time."""
     cd = compute_dtype(q.dtype)
     n = q.shape[0]
     lse, pos_sum, pos_cnt, neg_cnt = (torch.zeros(n, dtype=cd, device=q.device) for _ in range(4))
-    for r0, r1, s, pos, neg, valid in pair_tiles(q, k, lq, lk, self_pairs):
+    for r0, r1, s, pos, neg, valid in pair_tiles(q, k, lq, lk, exclude_diagonal):
         z = s * inv_temp
         row_lse = torch.logsumexp(z.masked_fill(~valid, float("-inf")), dim=1)
         lse[r0:r1] = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
@@ -87,14 +87,14 @@ class _SupConFunction(torch.autograd.Function):
 
             stats = (lse.float(), inv_pos.float(), lse.float(), inv_pos.float())
             dq, dk = pair_backward(q, keys, lq, lk, stats, coef.float().contiguous(), (inv_temp, 0.0, 0.0, 0.0),
-                                   loss=SUPCON, self_pairs=ctx.exclude_diagonal, use_miner=False,
+                                   loss=SUPCON, exclude_diagonal=ctx.exclude_diagonal, use_miner=False,
                                    need_dq=need_dq, need_dk=need_dk)
         else:
             def grad_tile(r0, r1, s, pos, neg, valid):
                 z = (s * inv_temp).masked_fill(~valid, float("-inf"))
                 return coef[r0:r1, None] * (torch.exp(z - lse[r0:r1, None]) - pos * inv_pos[r0:r1, None])
 
-            dq, dk = tiled_pair_backward(q, keys, lq, lk, grad_tile, self_pairs=ctx.exclude_diagonal,
+            dq, dk = tiled_pair_backward(q, keys, lq, lk, grad_tile, exclude_diagonal=ctx.exclude_diagonal,
                                          need_dq=need_dq, need_dk=need_dk)
         if self_keys:
             return (dq + dk).to(q.dtype), None, None, None, None, None, None

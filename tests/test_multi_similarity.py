@@ -156,7 +156,7 @@ def test_triton_kernels_respect_masks_and_strides(device):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     coef = torch.full((n,), 1.0 / n, device=device)
     dq, dk = pair_backward(q, q, lab, lab, stats[:4], coef, (2.0, 50.0, 0.5, 0.1), loss=MULTI_SIMILARITY,
-                           self_pairs=True, use_miner=True, need_dq=True, need_dk=True)
+                           exclude_diagonal=True, use_miner=True, need_dq=True, need_dk=True)
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
 
 

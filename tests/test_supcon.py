@@ -189,7 +189,7 @@ def test_triton_kernels_respect_masks_and_strides(device):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     _, weight, inv_pos = supcon_from_stats(*stats)
     dq, dk = pair_backward(q, q, lab, lab, (stats[0], inv_pos, stats[0], inv_pos), weight * 10.0, (10.0, 0.0, 0.0, 0.0),
-                           loss=SUPCON, self_pairs=True, use_miner=False, need_dq=True, need_dk=True)
+                           loss=SUPCON, exclude_diagonal=True, use_miner=False, need_dq=True, need_dk=True)
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all()
 
 
