@@ -1,0 +1,1 @@
+"""Experiment scripts on the synthetic world: the ablation table and training-curve plots."""
