@@ -104,20 +104,26 @@ def tile_size(n_cols: int, tile_elems: int = FALLBACK_TILE_ELEMS) -> int:
 
 
 def pair_masks(lq: torch.Tensor, lk: torch.Tensor, row_offset: int, exclude_diagonal: bool):
-    """(positive, negative, valid) masks of the tile ``rows = row_offset + arange(len(lq))`` x all columns;
-    ``exclude_diagonal`` drops the pairs ``i == j`` (the key set is the query batch itself)."""
-    same = lq[:, None] == lk[None, :]
-    valid = torch.ones_like(same)
+    """(positive, negative, diag) for the tile ``rows = row_offset + arange(len(lq))`` x all columns.
+
+    With ``exclude_diagonal`` (the key set is the query batch itself) the pairs ``i == j`` are neither
+    positive nor negative, and ``diag`` indexes them in the tile (for ``tile[diag] = ...``); else None.
+    """
+    pos = lq[:, None] == lk[None, :]
+    neg = ~pos  # (i, i) has equal labels, so it is never a negative
+    diag = None
     if exclude_diagonal:
         r = torch.arange(lq.numel(), device=lq.device)
-        valid[r, r + row_offset] = False
-    return same & valid, ~same & valid, valid
+        diag = (r, r + row_offset)
+        pos[diag] = False
+    return pos, neg, diag
 
 
 def pair_tiles(q: torch.Tensor, k: torch.Tensor, lq: torch.Tensor, lk: torch.Tensor, exclude_diagonal: bool) -> Iterator:
-    """Yield ``(r0, r1, s, pos, neg, valid)`` per block of query rows, ``s = q[r0:r1] @ k^T`` in the
-    compute dtype. The tiling depends only on the shapes, so a backward that calls this again sees
-    bit-identical similarities (and identical mining decisions)."""
+    """Yield ``(r0, r1, s, pos, neg, diag)`` per block of query rows (see :func:`pair_masks`),
+    ``s = q[r0:r1] @ k^T`` a fresh tensor in the compute dtype (callers may overwrite it). The tiling
+    depends only on the shapes, so a backward that calls this again sees bit-identical similarities
+    (and identical mining decisions)."""
     cd = compute_dtype(q.dtype)
     kc = k.to(cd)
     rows = tile_size(k.shape[0])
@@ -139,13 +145,13 @@ def tiled_pair_backward(
     need_dk: bool,
 ):
     """``dq = G k`` and ``dk = G^T q`` for ``G = dLoss/dS`` built tile by tile by
-    ``grad_tile(r0, r1, s, pos, neg, valid)``; returns (dq, dk) in the compute dtype (None if not needed)."""
+    ``grad_tile(r0, r1, s, pos, neg, diag)``; returns (dq, dk) in the compute dtype (None if not needed)."""
     cd = compute_dtype(q.dtype)
     kc = k.to(cd)
     dq = torch.zeros(q.shape, dtype=cd, device=q.device) if need_dq else None
     dk = torch.zeros(k.shape, dtype=cd, device=k.device) if need_dk else None
-    for r0, r1, s, pos, neg, valid in pair_tiles(q, k, lq, lk, exclude_diagonal):
-        g = grad_tile(r0, r1, s, pos, neg, valid)
+    for r0, r1, s, pos, neg, diag in pair_tiles(q, k, lq, lk, exclude_diagonal):
+        g = grad_tile(r0, r1, s, pos, neg, diag)
         if need_dq:
             dq[r0:r1] = g @ kc
         if need_dk:

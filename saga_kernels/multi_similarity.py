@@ -46,13 +46,14 @@ def _forward_torch(q, lq, alpha: float, beta: float, base: float, eps: float | N
     cd = compute_dtype(q.dtype)
     stats = [torch.zeros(q.shape[0], dtype=cd, device=q.device) for _ in range(6)]
     lse_pos, lse_neg, min_pos, max_neg, mined_pos, mined_neg = stats
-    for r0, r1, s, pos, neg, valid in pair_tiles(q, q, lq, lq, True):
-        lo = s.masked_fill(~pos, float("inf")).amin(1)
-        hi = s.masked_fill(~neg, float("-inf")).amax(1)
+    for r0, r1, s, pos, neg, _ in pair_tiles(q, q, lq, lq, True):
+        lo = torch.where(pos, s, float("inf")).amin(1)
+        hi = torch.where(neg, s, float("-inf")).amax(1)
         mp, mn = _mined(s, pos, neg, lo, hi, eps)
         zero = torch.zeros(r1 - r0, dtype=cd, device=q.device)
-        lse_pos[r0:r1] = torch.logaddexp(torch.logsumexp((-alpha * (s - base)).masked_fill(~mp, float("-inf")), 1), zero)
-        lse_neg[r0:r1] = torch.logaddexp(torch.logsumexp((beta * (s - base)).masked_fill(~mn, float("-inf")), 1), zero)
+        shifted = s - base
+        lse_pos[r0:r1] = torch.logaddexp(torch.logsumexp(torch.where(mp, shifted * -alpha, float("-inf")), 1), zero)
+        lse_neg[r0:r1] = torch.logaddexp(torch.logsumexp(torch.where(mn, shifted * beta, float("-inf")), 1), zero)
         min_pos[r0:r1], max_neg[r0:r1] = lo, hi
         mined_pos[r0:r1], mined_neg[r0:r1] = mp.sum(1), mn.sum(1)
     return tuple(stats)
@@ -94,11 +95,12 @@ class _MultiSimilarityFunction(torch.autograd.Function):
                                    (alpha, beta, base, 0.0 if eps is None else eps), loss=MULTI_SIMILARITY,
                                    exclude_diagonal=True, use_miner=eps is not None, need_dq=True, need_dk=True)
         else:
-            def grad_tile(r0, r1, s, pos, neg, valid):
+            def grad_tile(r0, r1, s, pos, neg, diag):
                 mp, mn = _mined(s, pos, neg, min_pos[r0:r1], max_neg[r0:r1], eps)
-                gp = torch.exp((-alpha * (s - base) - lse_pos[r0:r1, None]).masked_fill(~mp, float("-inf")))
-                gn = torch.exp((beta * (s - base) - lse_neg[r0:r1, None]).masked_fill(~mn, float("-inf")))
-                return coef[r0:r1, None] * (gn - gp)
+                shifted = s - base
+                gp = torch.where(mp, shifted * -alpha - lse_pos[r0:r1, None], float("-inf")).exp_()
+                gn = torch.where(mn, shifted.mul_(beta).sub_(lse_neg[r0:r1, None]), float("-inf")).exp_()
+                return gn.sub_(gp).mul_(coef[r0:r1, None])
 
             dq, dk = tiled_pair_backward(q, q, lq, lq, grad_tile, exclude_diagonal=True, need_dq=True, need_dk=True)
         return (dq + dk).to(q.dtype), None, None, None, None, None, None

@@ -36,13 +36,15 @@ def _forward_torch(q, k, lq, lk, inv_temp: float, exclude_diagonal: bool):
     cd = compute_dtype(q.dtype)
     n = q.shape[0]
     lse, pos_sum, pos_cnt, neg_cnt = (torch.zeros(n, dtype=cd, device=q.device) for _ in range(4))
-    for r0, r1, s, pos, neg, valid in pair_tiles(q, k, lq, lk, exclude_diagonal):
-        z = s * inv_temp
-        row_lse = torch.logsumexp(z.masked_fill(~valid, float("-inf")), dim=1)
-        lse[r0:r1] = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
-        pos_sum[r0:r1] = (z * pos).sum(1)
+    for r0, r1, s, pos, neg, diag in pair_tiles(q, k, lq, lk, exclude_diagonal):
+        z = s.mul_(inv_temp)
+        pos_sum[r0:r1] = torch.where(pos, z, 0.0).sum(1)
         pos_cnt[r0:r1] = pos.sum(1)
         neg_cnt[r0:r1] = neg.sum(1)
+        if diag is not None:
+            z[diag] = float("-inf")
+        row_lse = torch.logsumexp(z, dim=1)
+        lse[r0:r1] = torch.where(torch.isfinite(row_lse), row_lse, 0.0)
     return lse, pos_sum, pos_cnt, neg_cnt
 
 
@@ -90,9 +92,12 @@ class _SupConFunction(torch.autograd.Function):
                                    loss=SUPCON, exclude_diagonal=ctx.exclude_diagonal, use_miner=False,
                                    need_dq=need_dq, need_dk=need_dk)
         else:
-            def grad_tile(r0, r1, s, pos, neg, valid):
-                z = (s * inv_temp).masked_fill(~valid, float("-inf"))
-                return coef[r0:r1, None] * (torch.exp(z - lse[r0:r1, None]) - pos * inv_pos[r0:r1, None])
+            def grad_tile(r0, r1, s, pos, neg, diag):
+                g = s.mul_(inv_temp).sub_(lse[r0:r1, None]).exp_()  # softmax over the kept columns
+                if diag is not None:
+                    g[diag] = 0.0
+                g.sub_(torch.where(pos, inv_pos[r0:r1, None], 0.0))
+                return g.mul_(coef[r0:r1, None])
 
             dq, dk = tiled_pair_backward(q, keys, lq, lk, grad_tile, exclude_diagonal=ctx.exclude_diagonal,
                                          need_dq=need_dq, need_dk=need_dk)
