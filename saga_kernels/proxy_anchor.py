@@ -23,7 +23,19 @@ import torch
 
 from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
 from ._dispatch import resolve_impl
-from .metric_common import check_embeddings_labels, check_label_range, check_positive, compute_dtype, l2_normalize, tile_size
+from .metric_common import (
+    FALLBACK_TILE_ELEMS,
+    check_embeddings_labels,
+    check_label_range,
+    check_positive,
+    compute_dtype,
+    l2_normalize,
+)
+
+
+def chunk_rows(num_proxies: int) -> int:
+    """Embedding rows per fallback chunk: one [rows, C] tile holds about FALLBACK_TILE_ELEMS entries."""
+    return max(1, FALLBACK_TILE_ELEMS // num_proxies)
 
 
 def pa_logits(cos: torch.Tensor, is_pos: torch.Tensor, alpha: float, margin: float):
@@ -46,7 +58,7 @@ def _torch_forward(e, p, labels, alpha, margin):
     lse_pos = torch.zeros(p.shape[0], dtype=e.dtype, device=e.device)  # log 1: the "1 +" term
     lse_neg = torch.zeros_like(lse_pos)
     classes = torch.arange(p.shape[0], device=e.device)
-    step = tile_size(p.shape[0])
+    step = chunk_rows(p.shape[0])
     for r0 in range(0, e.shape[0], step):
         cos = e[r0 : r0 + step] @ p.T
         is_pos = labels[r0 : r0 + step, None] == classes[None, :]
@@ -61,7 +73,7 @@ def _torch_backward(e, p, labels, lse_pos, lse_neg, coef_pos, coef_neg, alpha, m
     grad_e = torch.empty_like(e) if need_e else None
     grad_p = torch.zeros_like(p) if need_p else None
     classes = torch.arange(p.shape[0], device=e.device)
-    step = tile_size(p.shape[0])
+    step = chunk_rows(p.shape[0])
     for r0 in range(0, e.shape[0], step):
         rows = e[r0 : r0 + step]
         cos = rows @ p.T

@@ -91,7 +91,7 @@ def test_fallback_accumulates_over_row_chunks(monkeypatch, device):
     """Force 4-row chunks so the logaddexp fold and the per-chunk gradient sums are exercised."""
     e, y, p = make_batch(19, 11, 5, [0, 1, 3, 4], seed=7, singleton=1, device=device)
     gold = loss_and_grads(proxy_anchor_loss_reference, e.double(), y, p.double())
-    monkeypatch.setattr(pa_module, "tile_size", lambda n_cols: 4)
+    monkeypatch.setattr(pa_module, "chunk_rows", lambda num_proxies: 4)
     ours = loss_and_grads(proxy_anchor_loss, e.double(), y, p.double(), impl="torch")
     for o, g in zip(ours, gold):
         torch.testing.assert_close(o, g, rtol=1e-10, atol=1e-12)
