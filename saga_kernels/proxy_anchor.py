@@ -19,6 +19,8 @@ one with proxies as rows; PyTorch: row chunks of a few MiB).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
@@ -149,6 +151,8 @@ def proxy_anchor_loss(
     check_finite("proxies", proxies)
     check_label_range("labels", labels, num_classes)
     margin = float(margin)
+    if not math.isfinite(margin):
+        raise ValueError(f"margin must be a finite number, got {margin}")
     alpha = check_positive("alpha", alpha)
     which = resolve_impl(impl, embeddings, labels, proxies)
     dtype = torch.float32 if which == "triton" else compute_dtype(embeddings.dtype)

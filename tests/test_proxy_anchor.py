@@ -139,6 +139,8 @@ def test_bad_input(device):
         proxy_anchor_loss(e, y.float(), p)
     with pytest.raises(ValueError, match="alpha must be"):
         proxy_anchor_loss(e, y, p, alpha=0.0)
+    with pytest.raises(ValueError, match="margin must be a finite number"):
+        proxy_anchor_loss(e, y, p, margin=float("nan"))
     with pytest.raises(ValueError, match="impl="):
         proxy_anchor_loss(e, y, p, impl="cuda")
 
