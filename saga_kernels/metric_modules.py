@@ -38,7 +38,8 @@ class ProxyAnchorLoss(nn.Module):
                                  impl=self.impl)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, margin={self.margin}, alpha={self.alpha}"
+        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, margin={self.margin}, "
+                f"alpha={self.alpha}")
 
 
 class PotentialFieldLoss(nn.Module):

@@ -23,7 +23,15 @@ import torch
 
 from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
 from ._dispatch import resolve_impl
-from .metric_common import INT_DTYPES, check_embeddings_labels, check_positive, compute_dtype, l2_normalize, remap_labels, tile_size
+from .metric_common import (
+    INT_DTYPES,
+    check_embeddings_labels,
+    check_positive,
+    compute_dtype,
+    l2_normalize,
+    remap_labels,
+    tile_size,
+)
 
 # Distances are clamped to at least this (gradient 0 below it), so coincident points of different
 # classes repel with the finite energy MIN_DISTANCE^-alpha. In float32 the Gram-matrix distance

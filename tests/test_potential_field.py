@@ -60,7 +60,8 @@ def make_set(n, d, num_classes, per_class, seed, device="cpu"):
     labels = torch.randint(0, num_classes, (n,), generator=g)
     embeddings = torch.randn(n, d, generator=g) * 2.0
     proxies = torch.randn(num_classes * per_class, d, generator=g)
-    proxy_labels = torch.arange(num_classes).repeat_interleave(per_class)[torch.randperm(num_classes * per_class, generator=g)]
+    order = torch.randperm(num_classes * per_class, generator=g)
+    proxy_labels = torch.arange(num_classes).repeat_interleave(per_class)[order]
     return embeddings.to(device), labels.to(device), proxies.to(device), proxy_labels.to(device)
 
 
