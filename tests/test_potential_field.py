@@ -193,3 +193,10 @@ def test_triton_kernels_read_in_bounds(device):
     xp, lp = padded(x, float("nan")), padded(lab, 0)
     torch.testing.assert_close(pf_forward(xp, lp, 4.0, 0.2, MIN_DISTANCE), want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(pf_backward(xp, lp, coef, 4.0, 0.2, MIN_DISTANCE), want_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_real_width_matches_reference():
+    """Compiled kernels (not the interpreter) at D = 512 with many tiles and column splits."""
+    e, y, p, py = make_set(700, 512, 40, 15, seed=14, device="cuda")
+    check("triton", e, y, p, py)
