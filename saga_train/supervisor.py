@@ -52,7 +52,7 @@ class SupervisorCacheError(RuntimeError):
 
 @dataclass(frozen=True)
 class SupervisorConfig:
-    """Everything that determines a trained supervisor (``threads`` only affects speed)."""
+    """Everything that determines a trained supervisor (``threads`` changes speed and, at most, float rounding)."""
 
     seed: int = 0  # SyntheticBirds split seed (held-out classes), init, pairs
     test_classes: int = 30  # held-out classes (must match the SAGA run's dataset to stay held out)
@@ -79,12 +79,14 @@ class SupervisorConfig:
     # evaluation on held-out-class pairs (greedy decoding)
     eval_pairs: int = 256
     eval_batch: int = 32
-    threads: int = 2
+    threads: int = 0  # torch threads while training; 0 = leave torch's setting (OMP_NUM_THREADS)
 
     def __post_init__(self):
-        for name in ("steps", "batch_pairs", "eval_pairs", "eval_batch", "threads", "test_classes"):
+        for name in ("steps", "batch_pairs", "eval_pairs", "eval_batch", "test_classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0 = torch's setting), got {self.threads}")
         if not (0 <= self.same_fraction and 0 <= self.one_attribute_fraction
                 and self.same_fraction + self.one_attribute_fraction <= 1):
             raise ValueError("same_fraction and one_attribute_fraction must be >= 0 and sum to <= 1, got "
@@ -390,7 +392,7 @@ def train_supervisor(cfg: SupervisorConfig, log_path=None, progress: bool = True
     from tqdm.auto import tqdm
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or threads)
     try:
         train_set, test_set = synthetic_splits(cfg)
         model, processor, prompt, spec = build_untrained(cfg, train_set)
@@ -422,7 +424,7 @@ def train_supervisor(cfg: SupervisorConfig, log_path=None, progress: bool = True
         tail = losses[-min(20, len(losses)):]
         metrics = {"train_loss_first": losses[0], "train_loss_last20": sum(tail) / len(tail),
                    "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / cfg.steps, 4),
-                   "threads": cfg.threads,
+                   "threads": torch.get_num_threads(),
                    "parameters": sum(p.numel() for p in model.parameters()),
                    "train_classes": len(train_set.combinations), "heldout_classes": len(test_set.combinations)}
         if evaluate:
