@@ -2,6 +2,7 @@
 import sys
 
 from .config import ConfigError, parse_args
+from .data import DatasetError
 from .model import ModelLoadError
 from .train import format_metrics, train
 
@@ -10,7 +11,7 @@ def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
         result = train(cfg)
-    except (ConfigError, ModelLoadError, FileNotFoundError) as e:
+    except (ConfigError, ModelLoadError, DatasetError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if "before" in result:

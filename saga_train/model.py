@@ -26,7 +26,9 @@ class ModelLoadError(ValueError):
 
 def load_qwen3vl(path: str, *, dtype=None, attn_implementation: str | None = None):
     """``(model, processor)`` from a local Qwen3-VL directory (no hub access)."""
-    from transformers import AutoConfig, AutoProcessor, Qwen3VLForConditionalGeneration
+    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
+
+    from .tiny import load_processor
 
     if not os.path.isdir(path):
         raise ModelLoadError(f"--model {path!r} is not a directory (expected a local Qwen3-VL checkpoint)")
@@ -43,8 +45,18 @@ def load_qwen3vl(path: str, *, dtype=None, attn_implementation: str | None = Non
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     model = Qwen3VLForConditionalGeneration.from_pretrained(path, **kwargs)
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    processor = load_processor(path)  # image-only processor: no torchvision needed
     return model, processor
+
+
+def fix_image_resolution(processor, image_size: int) -> None:
+    """Make the processor keep ``image_size`` x ``image_size`` inputs as they are (224 -> 14 x 14 patches
+    -> 49 LLM tokens for Qwen3-VL) instead of rescaling them into its own pixel range."""
+    ip = processor.image_processor
+    factor = ip.patch_size * ip.merge_size
+    if image_size % factor:
+        raise ValueError(f"image_size={image_size} must be a multiple of patch_size*merge_size={factor} for this model")
+    ip.size = {"shortest_edge": image_size * image_size, "longest_edge": image_size * image_size}
 
 
 def freeze_language_model(model) -> None:

@@ -11,6 +11,7 @@ exactly where an uninterrupted one would be.
 """
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -24,13 +25,15 @@ import torch
 from . import distributed as dist_lib
 from .config import Config, ConfigError
 from .losses import build_metric_loss, replay_group
-from .model import (Embedder, atomic_save_file, atomic_write_text, freeze_language_model, llm_num_layers,
-                    resolve_kl_layer, square_rgb)
+from .model import (Embedder, atomic_save_file, atomic_write_text, fix_image_resolution, freeze_language_model,
+                    llm_num_layers, load_qwen3vl, resolve_kl_layer, square_rgb)
 from .pooler import build_pooler
-from .prompts import pair_prompt, prompt_spec
+from .prompts import pair_prompt, prompt_spec, vocabulary
 from .rollout import collect_groups
 
 CHECKPOINT = "checkpoint.safetensors"
+# settings a resumed run may change; any other difference from the checkpoint's config is an error
+RESUME_MAY_CHANGE = ("resume", "stop_after", "progress", "eval_before", "eval_every_epoch", "checkpoint_every")
 METRICS = "metrics.jsonl"
 RANDOM_INIT_NOTICE = ("NOTE: the MLLM is a randomly initialized tiny Qwen3-VL: its verdicts are noise, so the "
                       "GRPO / attention-distillation signal in this run means nothing; only the metric loss teaches.")
@@ -74,11 +77,13 @@ def resolve_model(cfg: Config, dataset, device: torch.device):
         model = build_tiny_qwen3vl(tokenizer, image_size=cfg.image_size, seed=cfg.seed)
         description = "tiny Qwen3-VL, RANDOM INIT (no trained supervisor)"
     else:
-        from .model import load_qwen3vl
-
         model, processor = load_qwen3vl(cfg.model, dtype=torch.bfloat16 if bf16 else None,
                                         attn_implementation=attention_implementation(device))
         description = f"Qwen3-VL from {cfg.model}"
+    try:
+        fix_image_resolution(processor, cfg.image_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     model.to(device)
     if bf16:
         model.model.visual.float()  # trainable weights stay fp32; compute runs under bf16 autocast
@@ -89,31 +94,22 @@ def resolve_model(cfg: Config, dataset, device: torch.device):
 
 
 def vocabulary_for(cfg: Config, dataset) -> list:
-    from .prompts import vocabulary
-
     return vocabulary(prompt_spec(cfg.dataset, dataset), dataset)
 
 
 def attention_implementation(device: torch.device) -> str:
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-            return "flash_attention_2"
-        except ImportError:
-            pass
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
     return "sdpa"
 
 
 def apply_cuda_speedups(model, cfg: Config) -> None:
     """Liger-Kernel's Qwen3-VL patches (when installed) and activation checkpointing on the LLM."""
-    if cfg.liger:
-        try:
-            from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
-        except ImportError:
-            apply_liger_kernel_to_qwen3_vl = None
-        if apply_liger_kernel_to_qwen3_vl is not None:
-            apply_liger_kernel_to_qwen3_vl(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                           fused_linear_cross_entropy=False, model=model)
+    if cfg.liger and importlib.util.find_spec("liger_kernel") is not None:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
+
+        apply_liger_kernel_to_qwen3_vl(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                       fused_linear_cross_entropy=False, model=model)
     if cfg.grad_checkpointing:
         model.model.language_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -269,6 +265,11 @@ def load_checkpoint(comps: Components, optimizer, scheduler, path: str) -> int:
     with safe_open(path, framework="pt") as f:
         meta = json.loads(f.metadata()["saga"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    current = comps.cfg.to_dict()
+    changed = sorted(k for k, v in meta["config"].items() if k not in RESUME_MAY_CHANGE and current.get(k) != v)
+    if changed:
+        raise ConfigError(f"--resume: {path} was written with other settings for: "
+                          + ", ".join(f"{k} ({meta['config'][k]!r} -> {current.get(k)!r})" for k in changed))
     comps.embedder.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("embedder.")})
     comps.metric_loss.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("metric.")})
     state = {}
@@ -371,6 +372,9 @@ def _log(path: str, record: dict) -> None:
 def train(cfg: Config, log=print) -> dict:
     """Train (or resume) per ``cfg``; returns ``{"before": metrics, "after": metrics, ...}``."""
     t_start = time.perf_counter()
+    ckpt_path = os.path.join(cfg.run_dir, CHECKPOINT)
+    if cfg.resume and not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
     probe_device = resolve_device(cfg)
     dist = dist_lib.init_distributed(probe_device.type)
     comps = build_components(cfg, dist)
@@ -382,14 +386,11 @@ def train(cfg: Config, log=print) -> dict:
     kl_layer = resolve_kl_layer(cfg.kl_layer, llm_num_layers(comps.model))
     rollouts_on = cfg.lambda_lm > 0 or (cfg.lambda_kl > 0 and cfg.pooler == "attention")
     os.makedirs(cfg.run_dir, exist_ok=True)
-    ckpt_path = os.path.join(cfg.run_dir, CHECKPOINT)
     metrics_path = os.path.join(cfg.run_dir, METRICS)
     main = dist.is_main
 
     start = 0
     if cfg.resume:
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         start = load_checkpoint(comps, optimizer, scheduler, ckpt_path)
         log(f"resumed from {ckpt_path} at step {start}/{total}")
     elif main:

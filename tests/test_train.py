@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 import saga_kernels
 from saga_train import rollout, train as train_lib
-from saga_train.config import make_config
+from saga_train.__main__ import main
+from saga_train.config import ConfigError, make_config
 from saga_train.losses import replay_forward, replay_group
 from saga_train.model import load_embedder
 from saga_train.prompts import pair_prompt, prompt_spec
@@ -209,9 +210,28 @@ def test_resume_continues_exactly(tmp_path, signal):
     assert any(r["groups_kept"] for r in steps_a)  # GRPO was part of the trajectory
 
 
-def test_resume_without_checkpoint_is_an_error(tmp_path):
+def test_resume_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train_lib.train(small(tmp_path, resume=True), log=lambda *_: None)
+    cfg = small(tmp_path, lambda_lm=0.0, lambda_kl=0.0, max_steps=2, stop_after=1, eval_every_epoch=False)
+    train_lib.train(cfg, log=lambda *_: None)
+    with pytest.raises(ConfigError, match=r"lr_encoder \(2e-05 -> 0.001\)"):
+        train_lib.train(make_config(cfg, resume=True, lr_encoder=1e-3), log=lambda *_: None)
+
+
+def test_unreadable_image_is_named(tmp_path, capsys):
+    from PIL import Image
+
+    for c in range(4):
+        (tmp_path / "data" / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (20, 20), (60 * c, 10 * i, 90)).save(tmp_path / "data" / f"class{c}" / f"{i}.png")
+    (tmp_path / "data" / "class3" / "1.png").write_bytes(b"definitely not a png")
+    code = main(["--dataset", "folder", "--data-root", str(tmp_path / "data"), "--image-size", "32",
+                 "--run-dir", str(tmp_path / "run"), "--classes-per-batch", "2", "--images-per-class", "2",
+                 "--embedding-size", "8", "--no-progress"])
+    assert code == 2
+    assert os.path.join("class3", "1.png") in capsys.readouterr().err
 
 
 def test_lambda_zero_equals_plain_metric_learning(tmp_path):
