@@ -13,6 +13,7 @@ POOLERS = ("attention", "mean")
 DML_LOSSES = ("potential_field", "proxy_anchor", "multi_similarity", "supcon")
 PROMPTS = ("dataset", "generic")
 DEVICES = ("auto", "cpu", "cuda")
+CHOICES = {"pooler": POOLERS, "dml": DML_LOSSES, "prompt": PROMPTS, "device": DEVICES}
 
 
 class ConfigError(ValueError):
@@ -174,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"(default {default})")
         else:
-            parser.add_argument(flag, dest=name, type=kind, default=None, help=f"(default {default})")
+            parser.add_argument(flag, dest=name, type=kind, default=None, choices=CHOICES.get(name),
+                                help=f"(default {default})")
     return parser
 
 

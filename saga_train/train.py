@@ -455,8 +455,7 @@ def train(cfg: Config, log=print) -> dict:
             metrics = evaluate_embedder(comps)
             result[f"epoch_{epoch}"] = metrics
             _log(metrics_path, {"eval": f"epoch {epoch}", "step": step + 1, **metrics})
-            if progress is not None:
-                progress.write(f"epoch {epoch}: " + format_metrics(metrics))
+            (progress.write if progress is not None else log)(f"epoch {epoch}: " + format_metrics(metrics))
         periodic = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
         if main and (end_of_epoch or periodic or step + 1 == stop):
             save_checkpoint(comps, optimizer, scheduler, step + 1, ckpt_path)
