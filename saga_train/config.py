@@ -71,6 +71,7 @@ class Config:
     eval_every_epoch: bool = True
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end of each epoch)
     device: str = "auto"  # auto | cpu | cuda
+    threads: int = 1  # CPU intra-op threads (0 = torch's default); tiny models on a shared CPU run best on 1
     bf16: bool = True  # autocast on CUDA only
     grad_checkpointing: bool = True  # on the LLM, CUDA only
     liger: bool = True  # Liger-Kernel Qwen3-VL patches, CUDA only and when installed
@@ -88,7 +89,7 @@ class Config:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lambda_dml", "lambda_lm", "lambda_kl", "lr_encoder", "lr_pooler", "lr_proxies",
                      "weight_decay", "grad_clip", "steps_per_epoch", "max_steps", "stop_after", "checkpoint_every",
-                     "max_eval_images"):
+                     "threads", "max_eval_images"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.warmup_fraction < 1.0:

@@ -106,7 +106,8 @@ class Embedder(nn.Module):
         """``pixel_values`` and ``image_grid_thw`` for a list of PIL images (resized to image_size)."""
         images = [square_rgb(im, self.image_size, f"images[{i}]") for i, im in enumerate(images)]
         out = self.image_processor(images=images, return_tensors="pt")
-        return {"pixel_values": out["pixel_values"].to(self.device), "image_grid_thw": out["image_grid_thw"].to(self.device)}
+        return {"pixel_values": out["pixel_values"].to(self.device),
+                "image_grid_thw": out["image_grid_thw"].to(self.device)}
 
     def patch_tokens(self, pixel_values, image_grid_thw) -> torch.Tensor:
         """Merged patch tokens X ``[B, N, D]`` (the tower output the LLM consumes); all images share N."""

@@ -33,7 +33,8 @@ from .rollout import collect_groups
 
 CHECKPOINT = "checkpoint.safetensors"
 # settings a resumed run may change; any other difference from the checkpoint's config is an error
-RESUME_MAY_CHANGE = ("resume", "stop_after", "progress", "eval_before", "eval_every_epoch", "checkpoint_every")
+RESUME_MAY_CHANGE = ("resume", "stop_after", "progress", "eval_before", "eval_every_epoch", "checkpoint_every",
+                     "threads", "device")
 METRICS = "metrics.jsonl"
 RANDOM_INIT_NOTICE = ("NOTE: the MLLM is a randomly initialized tiny Qwen3-VL: its verdicts are noise, so the "
                       "GRPO / attention-distillation signal in this run means nothing; only the metric loss teaches.")
@@ -376,6 +377,8 @@ def train(cfg: Config, log=print) -> dict:
     if cfg.resume and not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
     probe_device = resolve_device(cfg)
+    if probe_device.type == "cpu" and cfg.threads:
+        torch.set_num_threads(cfg.threads)
     dist = dist_lib.init_distributed(probe_device.type)
     comps = build_components(cfg, dist)
     spe = steps_per_epoch(cfg, comps.train_set)
