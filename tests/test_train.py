@@ -285,3 +285,18 @@ def test_two_gloo_ranks_keep_identical_parameters(tmp_path):
     digests = [json.load(open(tmp_path / f"rank{r}.json"))["digest"] for r in range(2)]
     assert digests[0] == digests[1]
     assert digests[0] != init  # the run did train
+
+
+def test_local_checkpoint_directory_trains(tmp_path, signal):
+    """A saved Qwen3-VL directory (here a tiny one, as the synthetic supervisor is saved) loads by --model DIR."""
+    from saga_train.prompts import vocabulary
+    from saga_train.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
+
+    ds = train_lib.build_datasets(small(tmp_path))[0]
+    tokenizer = build_tokenizer(vocabulary(prompt_spec("synthetic", ds), ds))
+    build_tiny_qwen3vl(tokenizer, image_size=32, seed=5).save_pretrained(tmp_path / "ckpt")
+    build_processor(tokenizer, 32).save_pretrained(tmp_path / "ckpt")
+    cfg = small(tmp_path, model=str(tmp_path / "ckpt"), max_steps=1, eval_every_epoch=False)
+    result = train_lib.train(cfg, log=lambda *_: None)
+    assert result["model"] == f"Qwen3-VL from {tmp_path / 'ckpt'}"
+    assert result["rollouts"]["groups_kept"] >= 1
