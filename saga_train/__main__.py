@@ -14,6 +14,8 @@ def main(argv=None) -> int:
     except (ConfigError, ModelLoadError, DatasetError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if result["rank"] != 0:  # torchrun: rank 0 reports
+        return 0
     if "before" in result:
         print(f"before training: {format_metrics(result['before'])}")
     if result.get("after"):

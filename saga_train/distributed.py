@@ -4,6 +4,7 @@ Every rank holds the whole (frozen) MLLM. Trainable parameters start identical (
 rank 0); each rank embeds its share of the batch's classes, samples and replays its own pairs,
 and the trainable gradients are averaged with one all-reduce per tensor before clipping and the
 optimizer step, so parameters stay identical across ranks. Single process: every call is a no-op.
+L_GRPO's token normalization and L_KL's rollout mean are per rank; the all-reduce then averages ranks.
 """
 import os
 from dataclasses import dataclass

@@ -120,9 +120,12 @@ def replay_group(model, group, *, temperature: float, kl_layer: int, lambda_lm: 
             if not rows.any():
                 continue
             alpha = teacher_map(maps[name][rows].float(), tokens[rows])
+            alpha = alpha[alpha.sum(-1) > 0]  # attention that underflowed to 0 on every patch teaches nothing
+            if alpha.shape[0] == 0:
+                continue
             logits = pooler.logits(x.detach()[None]).expand(alpha.shape[0], -1)
             kl_terms.append(saga_kernels.attention_kl(logits, alpha, reduction="sum"))
-            kl_count = max(kl_count, int(rows.sum()))
+            kl_count = max(kl_count, alpha.shape[0])
         if kl_terms:
             kl = torch.stack(kl_terms).sum()
             total = total + lambda_kl * kl_weight * kl

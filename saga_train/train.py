@@ -405,7 +405,7 @@ def train(cfg: Config, log=print) -> dict:
         if cfg.model == "tiny-random":
             log(RANDOM_INIT_NOTICE)
 
-    result = {"run_dir": cfg.run_dir, "steps": total, "model": comps.model_description}
+    result = {"run_dir": cfg.run_dir, "steps": total, "model": comps.model_description, "rank": dist.rank}
     if start == 0 and cfg.eval_before and main:
         result["before"] = evaluate_embedder(comps)
         _log(metrics_path, {"eval": "before", "step": 0, **result["before"]})
