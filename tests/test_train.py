@@ -300,3 +300,31 @@ def test_local_checkpoint_directory_trains(tmp_path, signal):
     result = train_lib.train(cfg, log=lambda *_: None)
     assert result["model"] == f"Qwen3-VL from {tmp_path / 'ckpt'}"
     assert result["rollouts"]["groups_kept"] >= 1
+
+
+def test_poolers():
+    from saga_train.pooler import AttentionPooler, MeanPooler
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 12)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    attn, mean = AttentionPooler(12, 5), MeanPooler(12, 5)
+    mean.proj.load_state_dict(attn.proj.state_dict())
+    z_attn, logits = attn(x, mask)
+    z_mean, none = mean(x, mask)
+    assert none is None and logits.shape == (3, 7)
+    torch.testing.assert_close(z_attn, z_mean)  # q = 0 at init: uniform beta over the unmasked patches
+    torch.testing.assert_close(z_mean[1], torch.nn.functional.normalize(mean.proj(x[1, :4].mean(0)), dim=-1))
+    with torch.no_grad():
+        attn.query.normal_()
+    z, logits = attn(x, mask)
+    beta = torch.softmax(attn.key(x) @ attn.query / 12 ** 0.5 + torch.where(mask, 0.0, float("-inf")), -1)
+    torch.testing.assert_close(logits[mask], (attn.key(x) @ attn.query / 12 ** 0.5)[mask])
+    torch.testing.assert_close(z, torch.nn.functional.normalize(attn.proj(torch.einsum("bn,bnd->bd", beta, x)), dim=-1))
+
+
+def test_cosine_with_warmup():
+    lr = [train_lib.cosine_with_warmup(s, 2, 10) for s in range(11)]
+    assert lr[:3] == [0.5, 1.0, 1.0] and lr[-1] == 0.0
+    assert all(a >= b for a, b in zip(lr[1:], lr[2:]))
