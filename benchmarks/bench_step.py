@@ -324,6 +324,8 @@ def test_step_phase(benchmark, setup, provider, phase):
     _free(setup)
     try:
         loss = step()  # warm-up (kernel compilation, allocator)
+        tower_reached = any(p.grad is not None and bool(p.grad.abs().sum() > 0)
+                            for p in setup.model.model.visual.parameters())
         peak, how = peak_memory(step, DEVICE)
     except _oom_errors() as exc:
         oom = str(exc).splitlines()[0][:200]
@@ -332,6 +334,9 @@ def test_step_phase(benchmark, setup, provider, phase):
         benchmark.pedantic(lambda: None, rounds=1, iterations=1)
         record(benchmark, oom=oom, peak_bytes=None, peak_method=None, **info)
         return
+    # e.g. a transformers that ignores how replay_forward hands over the image features: the LLM then never
+    # sees the tower, and the time would be that of a different (and wrong) step
+    assert tower_reached, f"phase {phase} ({provider}): no gradient reached the vision tower"
     benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=0)
     _free(setup)
     record(benchmark, oom=None, peak_bytes=peak, peak_method=how, loss=float(loss), **info)
