@@ -16,10 +16,9 @@ def main(argv=None) -> int:
         return 2
     if result["rank"] != 0:  # torchrun: rank 0 reports
         return 0
-    if "before" in result:
-        print(f"before training: {format_metrics(result['before'])}")
     if result.get("after"):
-        print(f"after training:  {format_metrics(result['after'])}")
+        print(f"retrieval on the test classes: before {format_metrics(result.get('before'))} -> "
+              f"after {format_metrics(result['after'])}")
     if "reward_rate" in result:
         r = result["rollouts"]
         print(f"reward rate {result['reward_rate']:.3f} over {int(r['completions'])} completions "
