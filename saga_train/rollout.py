@@ -92,16 +92,19 @@ def token_char_ranges(tokenizer, ids) -> list:
     return ranges
 
 
-def item_token_mask(tokenizer, ids, text: str, item: str) -> torch.Tensor:
-    """Bool mask of the tokens inside the JSON value describing ``item`` (empty when absent)."""
-    mask = torch.zeros(len(ids), dtype=torch.bool)
-    span = verdict_lib.item_span(text, item)
-    if span is None:
-        return mask
-    for t, (s, e) in enumerate(token_char_ranges(tokenizer, ids)):
-        if e > s and s < span[1] and e > span[0]:
-            mask[t] = True
-    return mask
+def item_token_masks(tokenizer, ids, text: str) -> dict:
+    """Per item key, a bool mask of the tokens inside the JSON value describing it (empty when absent)."""
+    ranges = None
+    masks = {}
+    for item in ITEM_KEYS:
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        span = verdict_lib.item_span(text, item)
+        if span is not None:
+            ranges = ranges or token_char_ranges(tokenizer, ids)
+            for t, (s, e) in enumerate(ranges):
+                mask[t] = e > s and s < span[1] and e > span[0]
+        masks[item] = mask
+    return masks
 
 
 @torch.no_grad()
@@ -129,12 +132,12 @@ def sample_group(model, processor, prompt: str, image_a, image_b, same: bool, *,
     group = Group(same=same, inputs=inputs, completion_ids=completion_ids, completion_mask=mask, texts=texts,
                   verdicts=verdicts, rewards=rewards, advantages=group_advantages(rewards))
     if need_item_masks:
-        for item in ITEM_KEYS:
-            m = torch.zeros_like(mask, device="cpu")
-            for g, (r, text) in enumerate(zip(rows, texts)):
-                if rewards[g] == 1:
-                    m[g, : len(r)] = item_token_mask(tokenizer, r, text, item)
-            group.item_token_masks[item] = m.to(mask.device)
+        masks = {item: torch.zeros_like(mask, device="cpu") for item in ITEM_KEYS}
+        for g, (r, text) in enumerate(zip(rows, texts)):
+            if rewards[g] == 1:
+                for item, m in item_token_masks(tokenizer, r, text).items():
+                    masks[item][g, : len(r)] = m
+        group.item_token_masks = {item: m.to(mask.device) for item, m in masks.items()}
     return group
 
 

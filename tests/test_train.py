@@ -328,3 +328,20 @@ def test_cosine_with_warmup():
     lr = [train_lib.cosine_with_warmup(s, 2, 10) for s in range(11)]
     assert lr[:3] == [0.5, 1.0, 1.0] and lr[-1] == 0.0
     assert all(a >= b for a, b in zip(lr[1:], lr[2:]))
+
+
+def test_item_token_masks_select_the_item_values():
+    from saga_train.prompts import vocabulary
+    from saga_train.tiny import build_tokenizer
+
+    spec = prompt_spec("cub")
+    answer = ('{"item 1": {"bill shape": "hooked", "crown color": "red"}, "item 2": "short bill, blue crown", '
+              '"differences": "bill shape differ", "same_species": "no"}')
+    tokenizer = build_tokenizer(vocabulary(spec) + [answer])
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    masks = rollout.item_token_masks(tokenizer, ids, tokenizer.decode(ids))
+    assert tokenizer.decode([i for i, m in zip(ids, masks["item 1"]) if m]).strip() == \
+        '{"bill shape": "hooked", "crown color": "red"}'
+    assert tokenizer.decode([i for i, m in zip(ids, masks["item 2"]) if m]).strip() == '"short bill, blue crown"'
+    none = rollout.item_token_masks(tokenizer, ids[:5], tokenizer.decode(ids[:5]))
+    assert not none["item 1"].any() and not none["item 2"].any()
