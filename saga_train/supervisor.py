@@ -7,7 +7,7 @@ prompt is the trainer's own (``saga_train.prompts.pair_prompt``); the target is 
 METHOD.md built by ``build_answer``::
 
     {"item 1": "red body color, blue wing color, ..., fan tail shape", "item 2": "...",
-     "differences": "body color match, wing color differ, ...",
+     "differences": "body color red vs red match, wing color blue vs green differ, ...",
      "confidence": "high", "reasoning": "<n> of <m> attributes differ", "same_species": "yes" | "no"}
 
 The loss covers the answer tokens (and the closing ``<|im_end|>``) only. Pairs are 50% same class,
@@ -37,7 +37,7 @@ from types import SimpleNamespace
 
 import torch
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 VERDICT_KEY = "same_species"
 ITEM_KEYS = ("item 1", "item 2")
 MATCH, DIFFER = "match", "differ"
@@ -67,8 +67,8 @@ class SupervisorConfig:
     vision_depth: int = 2
     patch_size: int = 8
     # SFT
-    steps: int = 800
-    batch_pairs: int = 32
+    steps: int = 1600
+    batch_pairs: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 30
@@ -112,7 +112,9 @@ def answer_dict(attrs_a: dict, attrs_b: dict, attribute_names, verdict_key: str 
     """The target answer as a dict: both items described, match/differ per attribute, the verdict.
 
     Verdict "yes" iff every listed attribute agrees (a synthetic class IS its attribute combination).
-    Values are short strings (not nested objects) to keep the answer near 110 word-level tokens.
+    Values are short strings (not nested objects) to keep the answer near 140 word-level tokens. The
+    differences block repeats both values next to each other ("wing color red vs blue differ") so
+    match/differ is decided from adjacent tokens, not from two lists far apart.
     """
     names = list(attribute_names)
     missing = [n for n in names if n not in attrs_a or n not in attrs_b]
@@ -122,7 +124,8 @@ def answer_dict(attrs_a: dict, attrs_b: dict, attribute_names, verdict_key: str 
     return {
         ITEM_KEYS[0]: describe(attrs_a, names),
         ITEM_KEYS[1]: describe(attrs_b, names),
-        "differences": ", ".join(f"{n} {MATCH if ok else DIFFER}" for n, ok in zip(names, same)),
+        "differences": ", ".join(f"{n} {attrs_a[n]} vs {attrs_b[n]} {MATCH if ok else DIFFER}"
+                                 for n, ok in zip(names, same)),
         "confidence": "high",
         "reasoning": f"{same.count(False)} of {len(names)} attributes differ",
         verdict_key: "yes" if all(same) else "no",
@@ -158,6 +161,12 @@ def _split_named(text: str, attribute_names, name_last: bool) -> dict:
     return found
 
 
+def _last_word(text, allowed):
+    """The last word of ``text`` when it is one of ``allowed``, else None."""
+    words = (text or "").split()
+    return words[-1] if words and words[-1] in allowed else None
+
+
 def parse_answer(text: str, attribute_names, verdict_key: str = VERDICT_KEY) -> dict:
     """Read an answer back, tolerating broken JSON: ``{"item 1": {attr: value | None}, "item 2": ...,
     "differences": {attr: "match" | "differ" | None}, "verdict": True | False | None}``.
@@ -169,7 +178,8 @@ def parse_answer(text: str, attribute_names, verdict_key: str = VERDICT_KEY) -> 
     from saga_train.verdict import parse_verdict
 
     out = {key: _split_named(_string_after(text, key), attribute_names, name_last=True) for key in ITEM_KEYS}
-    out["differences"] = _split_named(_string_after(text, "differences"), attribute_names, name_last=False)
+    compared = _split_named(_string_after(text, "differences"), attribute_names, name_last=False)
+    out["differences"] = {n: _last_word(v, (MATCH, DIFFER)) for n, v in compared.items()}
     out["verdict"] = parse_verdict(text, verdict_key)
     return out
 

@@ -32,8 +32,9 @@ def test_answer_round_trip_and_verdict():
     assert list(data) == ["item 1", "item 2", "differences", "confidence", "reasoning", "same_species"]
     assert data["item 1"] == ("red body color, blue wing color, green head color, striped wing pattern, "
                               "long beak shape, fan tail shape")
-    assert data["differences"] == ("body color match, wing color match, head color match, wing pattern match, "
-                                   "beak shape differ, tail shape differ")
+    assert data["differences"] == ("body color red vs red match, wing color blue vs blue match, "
+                                   "head color green vs green match, wing pattern striped vs striped match, "
+                                   "beak shape long vs hooked differ, tail shape fan vs forked differ")
     assert data["reasoning"] == "2 of 6 attributes differ" and data["same_species"] == "no"
     assert json.loads(same)["same_species"] == "yes"
     for text, (a, b), verdict in ((same, (A, A), True), (diff, (A, B), False)):
