@@ -60,7 +60,7 @@ class Config:
     max_pair_draws: int = 4  # cap on pairs drawn per step while looking for K contributing pairs
     temperature: float = 1.0  # paper: 0.7
     top_p: float = 0.95
-    max_new_tokens: int = 160  # the synthetic supervisor's answers take ~125 tokens (paper: 1024)
+    max_new_tokens: int = 192  # room for the synthetic supervisor's JSON answer, ~125-150 tokens (paper: 1024)
     kl_layer: int = -1  # LLM layer of the attention teacher; -1 = round(26/36 * layers) (26 for 8B)
     prompt: str = "dataset"  # dataset | generic
     # run
