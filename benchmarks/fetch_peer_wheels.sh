@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download the peers the GPU machine lacks (shared/GPU.md) as wheels into .whl/ (git-ignored), for
+# Download the peers (and the test runner's pytest-xdist) the GPU machine lacks (shared/GPU.md) as wheels into .whl/ (git-ignored), for
 # Python 3.12 on manylinux x86_64; benchmarks/gpu_check.sh installs whatever is there (--no-deps).
 #   bash benchmarks/fetch_peer_wheels.sh            (needs PyPI; run it where there is network)
 # The GPU machine already has torch, triton, transformers, numpy, scipy, scikit-learn, pillow,
@@ -12,6 +12,7 @@ PEERS=(
   cut-cross-entropy==25.1.1        # needs torch, triton
   pytorch-metric-learning==2.9.0   # needs numpy, scikit-learn, torch, tqdm
   faiss-cpu==1.15.1                # needs numpy, packaging
+  pytest-xdist==3.8.0 execnet==2.1.1  # not a peer: gpu_check.sh's tests compile their kernels on 8 workers
 )
 mkdir -p "$DEST"
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
