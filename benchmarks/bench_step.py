@@ -142,7 +142,7 @@ class Setup:
     def __init__(self, size, device=DEVICE, bf16=True):
         s = STEP[size]
         self.cfg = Config(bf16=bf16, **{k: v for k, v in s.items() if k in Config.__dataclass_fields__})
-        self.size, self.device = size, device
+        self.device = device
         self.model, self.liger = _build_model(size, self.cfg, device)
         hidden = self.model.config.text_config.hidden_size
         torch.manual_seed(1)
