@@ -8,6 +8,7 @@
   describing an item to that item's patch tokens, renormalized over those patches and averaged over
   the tokens; beta = softmax of the pooler logits on detached X (only the pooler gets this gradient).
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,18 @@ def _image_positions(input_ids: torch.Tensor, image_token_id: int, tokens_per_im
     return pos[:n_a], pos[n_a:]
 
 
+@contextlib.contextmanager
+def _reuse_image_features(vlm, features):
+    """Make ``vlm.get_image_features`` return ``features`` (the images encoded once, repeated for the
+    G sequences) for the duration of the block. This works on every transformers version that has
+    Qwen3-VL, unlike passing precomputed encoder outputs, which older versions silently ignore."""
+    vlm.get_image_features = lambda *args, **kwargs: features
+    try:
+        yield
+    finally:
+        del vlm.get_image_features
+
+
 def replay_forward(model, group, kl_layer: int | None = None):
     """Differentiable forward of tower -> frozen LLM over the group's G sequences (prompt + completion).
 
@@ -61,28 +74,27 @@ def replay_forward(model, group, kl_layer: int | None = None):
     maps)``; ``maps`` (the ``AttentionProbe`` maps of layer ``kl_layer`` from the completion tokens to
     image a's / b's patch tokens, ``{"a": [G, T, n_a], "b": [G, T, n_b]}``) only when kl_layer is given.
     """
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
-
     inputs = group.inputs
     G, T = group.completion_ids.shape
     P = inputs["input_ids"].shape[1]
     grid = inputs["image_grid_thw"]
     image_out = model.model.get_image_features(inputs["pixel_values"], grid, return_dict=True)
     x_a, x_b = image_out.pooler_output  # each image encoded once, shared by all G sequences
-    repeated = BaseModelOutputWithDeepstackFeatures(
-        pooler_output=(x_a, x_b) * G,
-        deepstack_features=[tuple(level) * G for level in image_out.deepstack_features],
-    )
+    image_out.pooler_output = (x_a, x_b) * G
+    # transformers < 5.24 returns one tensor per deepstack level, newer versions one tuple per image
+    image_out.deepstack_features = [level.repeat(G, 1) if torch.is_tensor(level) else tuple(level) * G
+                                    for level in image_out.deepstack_features]
     input_ids = torch.cat([inputs["input_ids"].expand(G, P), group.completion_ids], dim=1)
     attention_mask = torch.cat([inputs["attention_mask"].expand(G, P), group.completion_mask.long()], dim=1)
-    forward_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, image_grid_thw=grid.repeat(G, 1),
-                          mm_encoder_outputs={"image": repeated}, use_cache=False)
+    forward_kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, pixel_values=inputs["pixel_values"],
+                          image_grid_thw=grid.repeat(G, 1), use_cache=False)
     if "mm_token_type_ids" in inputs:
         forward_kwargs["mm_token_type_ids"] = torch.cat(
             [inputs["mm_token_type_ids"].expand(G, P), torch.zeros_like(group.completion_ids, dtype=torch.int)], 1)
     maps = None
     if kl_layer is None:
-        out = model.model(**forward_kwargs)
+        with _reuse_image_features(model.model, image_out):
+            out = model.model(**forward_kwargs)
     else:
         from saga_kernels.integrations.hf import AttentionProbe
 
@@ -93,7 +105,8 @@ def replay_forward(model, group, kl_layer: int | None = None):
         query_positions = torch.where(group.completion_mask, P + steps, P).expand(G, T)
         key_index = {"a": pos_a.expand(G, -1), "b": pos_b.expand(G, -1)}
         probe = AttentionProbe(model, layers=[kl_layer])
-        with probe.capture(query_positions=query_positions, key_index=key_index):
+        with probe.capture(query_positions=query_positions, key_index=key_index), \
+                _reuse_image_features(model.model, image_out):
             out = model.model(**forward_kwargs)
         maps = probe.maps[kl_layer]
     hidden = out.last_hidden_state[:, P - 1: P - 1 + T]

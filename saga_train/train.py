@@ -17,6 +17,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -107,10 +108,13 @@ def attention_implementation(device: torch.device) -> str:
 def apply_cuda_speedups(model, cfg: Config) -> None:
     """Liger-Kernel's Qwen3-VL patches (when installed) and activation checkpointing on the LLM."""
     if cfg.liger and importlib.util.find_spec("liger_kernel") is not None:
-        from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
+        try:
+            from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
 
-        apply_liger_kernel_to_qwen3_vl(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                       fused_linear_cross_entropy=False, model=model)
+            apply_liger_kernel_to_qwen3_vl(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                           fused_linear_cross_entropy=False, model=model)
+        except ImportError as exc:  # e.g. liger-kernel 0.8.5 against transformers 5.24's Qwen3-VL module
+            warnings.warn(f"Liger-Kernel's Qwen3-VL patches are unavailable here ({exc}); training without them")
     if cfg.grad_checkpointing:
         model.model.language_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
