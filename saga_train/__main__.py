@@ -1,9 +1,12 @@
 """``python -m saga_train [flags]``: train SAGA; no flags = the embedded CPU default (see config.py)."""
+import os
 import sys
 
 from .config import ConfigError, parse_args
 from .data import DatasetError
+from .experiments.plot import plot_run
 from .model import ModelLoadError
+from .supervisor import SupervisorCacheError
 from .train import format_metrics, train
 
 
@@ -11,7 +14,7 @@ def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
         result = train(cfg)
-    except (ConfigError, ModelLoadError, DatasetError, FileNotFoundError) as e:
+    except (ConfigError, ModelLoadError, DatasetError, SupervisorCacheError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result["rank"] != 0:  # torchrun: rank 0 reports
@@ -29,7 +32,9 @@ def main(argv=None) -> int:
     if "RANDOM INIT" in result["model"]:
         print("The supervisor MLLM was randomly initialized: its verdicts are noise, so no GRPO or attention "
               "signal was meaningful in this run.")
-    print(f"run directory: {result['run_dir']}")
+    if "reward_rate" in result:
+        print(f"reward rate and R@1 over training: {os.path.abspath(plot_run(result['run_dir']))}")
+    print(f"run directory: {os.path.abspath(result['run_dir'])}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """The one training configuration: a frozen dataclass, presets, and CLI flags generated from it.
 
 Precedence: dataclass defaults < ``--preset`` < ``--config file.json`` < explicit CLI flags.
-``Config()`` with no arguments is the embedded CPU default (``python -m saga_train``).
+``python -m saga_train`` with no flags is the embedded CPU default: ``Config()`` with the "default"
+preset, which uses the synthetic-world supervisor (``Config()`` alone uses a random tiny model, for tests).
 """
 import argparse
 import dataclasses
@@ -25,7 +26,7 @@ class Config:
     """Every setting of a SAGA training run (METHOD.md names in comments)."""
 
     # model and data
-    model: str = "tiny-random"  # a local Qwen3-VL directory, or "tiny-random" (G's tiny kit, random init)
+    model: str = "tiny-random"  # a local Qwen3-VL directory, "synthetic-supervisor" or "tiny-random" (random init)
     dataset: str = "synthetic"  # synthetic | cub | cars | aircraft | inat | folder
     data_root: str = ""  # dataset directory (unused for "synthetic")
     image_size: int = 64  # images are resized to image_size x image_size (paper: 224)
@@ -111,7 +112,7 @@ class Config:
 
 # The 8B recipe of METHOD.md (one H200, bf16); pass --model DIR --dataset NAME --data-root DIR with it.
 PRESETS = {
-    "default": {},
+    "default": dict(model="synthetic-supervisor"),
     "paper": dict(
         image_size=224, pooler="attention", embedding_size=4096, dml="potential_field", epochs=3,
         classes_per_batch=16, images_per_class=4, pairs_per_step=8, group_size=8, contributing_pairs=8,

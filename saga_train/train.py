@@ -64,14 +64,38 @@ def build_datasets(cfg: Config):
         raise ConfigError(f"dataset={cfg.dataset!r} (data_root={cfg.data_root!r}): {e}") from e
 
 
+def synthetic_supervisor(cfg: Config):
+    """Directory of the synthetic-world supervisor whose held-out classes are this run's test classes."""
+    from .supervisor import SupervisorConfig, check_writable, ensure_supervisor, supervisor_dir
+
+    if cfg.dataset != "synthetic":
+        raise ConfigError(f"model='synthetic-supervisor' only knows the synthetic world, not dataset={cfg.dataset!r}; "
+                          "give --model a local Qwen3-VL checkpoint directory")
+    scfg = SupervisorConfig(seed=cfg.seed, image_size=cfg.image_size)
+    path = supervisor_dir(scfg)
+    if check_writable(path, scfg) == "train":
+        print(f"training the synthetic supervisor once (cached in {path}; about 10-20 minutes on a CPU)", flush=True)
+    return ensure_supervisor(scfg, progress=cfg.progress)
+
+
 def resolve_model(cfg: Config, dataset, device: torch.device):
     """``(model, processor, description)`` for ``cfg.model``; the one place model sources are resolved.
 
     "tiny-random": a tiny Qwen3-VL with random weights and a word-level tokenizer built from the
-    prompt vocabulary (saga_train.tiny). Anything else: a local Qwen3-VL checkpoint directory.
+    prompt vocabulary (saga_train.tiny). "synthetic-supervisor": the tiny Qwen3-VL fine-tuned on the
+    synthetic world's training classes (saga_train.supervisor; trained on first use, then cached).
+    Anything else: a local Qwen3-VL checkpoint directory.
     """
     bf16 = device.type == "cuda" and cfg.bf16
-    if cfg.model == "tiny-random":
+    if cfg.model == "synthetic-supervisor":
+        from .supervisor import read_marker
+
+        path = synthetic_supervisor(cfg)
+        model, processor = load_qwen3vl(str(path), attn_implementation=attention_implementation(device))
+        heldout = (read_marker(path).get("metrics") or {}).get("heldout", {})
+        description = (f"synthetic supervisor {path} (tiny Qwen3-VL trained on the seed-{cfg.seed} training classes; "
+                       f"held-out verdict accuracy {heldout.get('verdict_accuracy', float('nan')):.3f})")
+    elif cfg.model == "tiny-random":
         from .tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
 
         tokenizer = build_tokenizer(vocabulary_for(cfg, dataset))

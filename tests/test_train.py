@@ -227,7 +227,7 @@ def test_unreadable_image_is_named(tmp_path, capsys):
         for i in range(2):
             Image.new("RGB", (20, 20), (60 * c, 10 * i, 90)).save(tmp_path / "data" / f"class{c}" / f"{i}.png")
     (tmp_path / "data" / "class3" / "1.png").write_bytes(b"definitely not a png")
-    code = main(["--dataset", "folder", "--data-root", str(tmp_path / "data"), "--image-size", "32",
+    code = main(["--model", "tiny-random", "--dataset", "folder", "--data-root", str(tmp_path / "data"), "--image-size", "32",
                  "--run-dir", str(tmp_path / "run"), "--classes-per-batch", "2", "--images-per-class", "2",
                  "--embedding-size", "8", "--no-progress"])
     assert code == 2

@@ -9,8 +9,16 @@ from saga_train.config import Config, ConfigError, PRESETS, make_config, parse_a
 
 def test_defaults_are_the_embedded_cpu_run():
     cfg = parse_args([])
-    assert cfg == Config()
-    assert cfg.model == "tiny-random" and cfg.dataset == "synthetic" and cfg.device == "auto"
+    assert cfg == make_config(model="synthetic-supervisor")  # the "default" preset: the trained synthetic supervisor
+    assert cfg.dataset == "synthetic" and cfg.device == "auto"
+    assert Config().model == "tiny-random"  # Config() alone: a random tiny model (what the tests build)
+
+
+def test_synthetic_supervisor_needs_the_synthetic_world():
+    from saga_train.train import synthetic_supervisor
+
+    with pytest.raises(ConfigError, match="synthetic-supervisor.*dataset='cub'"):
+        synthetic_supervisor(make_config(model="synthetic-supervisor", dataset="cub"))
 
 
 def test_flags_are_generated_from_fields():
