@@ -57,6 +57,23 @@ def test_run_ablation_writes_table(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "ablation.md").read_text().startswith("# SAGA ablation")
 
 
+def test_merge_per_seed_records_equals_one_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablation, "run_arm", lambda cfg, arm: {"R@1": 0.1 * cfg.seed + len(arm) / 100, "NMI": 0.3})
+    monkeypatch.setattr("saga_train.supervisor.ensure_supervisor", lambda cfg: tmp_path / f"sup{cfg.seed}")
+    monkeypatch.setattr("saga_train.supervisor.read_marker", lambda path: {"metrics": {"path": str(path)}})
+    monkeypatch.setattr("saga_train.experiments.plot.plot_run", lambda run_dir: None)
+    both = ablation.run_ablation(Config(), [0, 1], ["pf", "saga"], tmp_path / "r", tmp_path / "both", log=print)
+    for seed in (0, 1):
+        ablation.run_ablation(Config(), [seed], ["pf", "saga"], tmp_path / "r", tmp_path / f"s{seed}", log=print)
+    files = [str(tmp_path / f"s{seed}" / "ablation.json") for seed in (0, 1)]
+    assert ablation.main(["--merge", *files, "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "ablation.json").read_text())
+    assert merged["summary"] == json.loads(json.dumps(both["summary"]))
+    assert merged["meta"]["seed_list"] == [0, 1] and set(merged["supervisors"]) == {"0", "1"}
+    with pytest.raises(ValueError, match="appears in two records"):
+        ablation.merge_records([json.loads(open(files[0]).read())] * 2)
+
+
 def test_cli_rejects_bad_overrides(capsys):
     assert ablation.parse_value("200") == 200 and ablation.parse_value("true") is True
     assert ablation.parse_value("tiny-random") == "tiny-random"

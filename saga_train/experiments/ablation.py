@@ -1,6 +1,7 @@
 """The paper's ablation at small scale: synthetic world, synthetic supervisor, several seeds.
 
 ``python -m saga_train.experiments.ablation [--seeds 0 1 2] [--arms ...] [--set key=value ...]``
+(``--merge a/ablation.json b/ablation.json`` unites runs made by separate processes, e.g. one per seed).
 
 Arms (all start from the supervisor's own vision tower, same budget per seed):
 
@@ -122,11 +123,39 @@ def run_ablation(base, seeds, arms, run_root, out_dir, supervisor_cfg=None, log=
                     "R@K/NMI on the held-out test classes after training."}
     record = {"meta": meta, "runs": {a: {str(s): m for s, m in r.items()} for a, r in runs.items()},
               "summary": summary, "supervisors": {str(s): m for s, m in supervisors.items()}}
+    write_record(record, out_dir)
+    return record
+
+
+def merge_records(records: list) -> dict:
+    """One ablation record from several (e.g. one process per seed): runs and supervisors united, the
+    summary recomputed. The records must share their base configuration."""
+    if not records:
+        raise ValueError("nothing to merge")
+    base = records[0]["meta"]["base_config"]
+    for r in records[1:]:
+        if r["meta"]["base_config"] != base:
+            raise ValueError("cannot merge ablation records made with different base configurations")
+    runs, supervisors, seeds, arms = {}, {}, [], []
+    for r in records:
+        for arm, by_seed in r["runs"].items():
+            arms += [arm] if arm not in arms else []
+            for seed, metrics in by_seed.items():
+                if seed in runs.get(arm, {}):
+                    raise ValueError(f"seed {seed} of arm {arm} appears in two records")
+                runs.setdefault(arm, {})[seed] = metrics
+        supervisors.update(r["supervisors"])
+        seeds += [s for s in r["meta"]["seed_list"] if s not in seeds]
+    meta = {**records[0]["meta"], "seeds": len(seeds), "seed_list": seeds, "arms": arms}
+    return {"meta": meta, "runs": runs, "summary": summarize(runs), "supervisors": supervisors}
+
+
+def write_record(record: dict, out_dir) -> None:
+    """``ablation.json`` + ``ablation.md`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(record, indent=2))
-    (out / "ablation.md").write_text(markdown(summary, supervisors, meta))
-    return record
+    (out / "ablation.md").write_text(markdown(record["summary"], record["supervisors"], record["meta"]))
 
 
 def parse_value(text: str):
@@ -147,7 +176,18 @@ def main(argv=None) -> int:
                         help="trainer Config overrides shared by every arm (e.g. max_steps=200)")
     parser.add_argument("--run-root", default="runs/ablation")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--merge", nargs="+", metavar="ABLATION_JSON",
+                        help="instead of running: unite ablation.json files (e.g. one process per seed) into --out")
     args = parser.parse_args(argv)
+    if args.merge:
+        try:
+            record = merge_records([json.loads(Path(p).read_text()) for p in args.merge])
+        except (OSError, ValueError, KeyError) as e:
+            print(f"error: --merge: {e}", file=sys.stderr)
+            return 2
+        write_record(record, args.out)
+        print(markdown(record["summary"], record["supervisors"], record["meta"]))
+        return 0
     try:
         overrides = {}
         for item in args.set:
