@@ -1,6 +1,13 @@
 """saga-kernels: Triton kernels and a thin PyTorch driver for SAGA (frozen-MLLM-supervised retrieval)."""
 from setuptools import find_packages, setup
 
+# what python -m saga_train needs beyond the kernels (torch SDPA and faiss-cpu are the defaults)
+TRAIN = ["transformers>=4.57", "tokenizers", "safetensors", "tqdm", "pillow", "scipy", "scikit-learn", "faiss-cpu",
+         "matplotlib"]
+# the tests also run the peers they compare against
+TEST = TRAIN + ["pytest", "pytest-benchmark", "liger-kernel==0.8.5", "cut-cross-entropy",
+                "pytorch-metric-learning==2.9.0"]
+
 setup(
     name="saga-kernels",
     version="0.1.0",
@@ -11,35 +18,6 @@ setup(
     python_requires=">=3.10",
     # torch is deliberately unpinned from above: GPU users bring their own build.
     install_requires=["torch>=2.4", "triton>=3.2; platform_system == 'Linux'", "numpy"],
-    extras_require={
-        "train": [
-            "transformers>=4.57",
-            "tokenizers",
-            "safetensors",
-            "tqdm",
-            "pillow",
-            "scipy",
-            "scikit-learn",
-            "faiss-cpu",
-            "matplotlib",
-        ],
-        "test": [
-            "pytest",
-            "pytest-benchmark",
-            "transformers>=4.57",
-            "tokenizers",
-            "safetensors",
-            "tqdm",
-            "pillow",
-            "scipy",
-            "scikit-learn",
-            "faiss-cpu",
-            "matplotlib",
-            "liger-kernel==0.8.5",
-            "cut-cross-entropy",
-            "pytorch-metric-learning==2.9.0",
-        ],
-        "gpu": ["faiss-gpu", "flash-attn", "liger-kernel"],
-    },
+    extras_require={"train": TRAIN, "test": TEST, "gpu": ["faiss-gpu", "flash-attn", "liger-kernel"]},
     entry_points={"console_scripts": ["saga-train=saga_train.__main__:main"]},
 )
