@@ -17,6 +17,9 @@ def test_arm_configs(tmp_path):
     assert (cfgs["pf_grpo"].lambda_lm, cfgs["pf_grpo"].lambda_kl) == (base.lambda_lm, 0.0)
     assert (cfgs["pf_kl"].lambda_lm, cfgs["pf_kl"].lambda_kl) == (0.0, base.lambda_kl)
     assert cfgs["saga"].prompt == "dataset" and cfgs["saga_generic"].prompt == "generic"
+    for arm in ("saga", "saga_generic"):  # full SAGA: every loss on, the attention pooler
+        c = cfgs[arm]
+        assert (c.lambda_dml, c.lambda_lm, c.lambda_kl, c.pooler) == (1.0, base.lambda_lm, base.lambda_kl, "attention")
     assert len({c.run_dir for c in cfgs.values()}) == len(ablation.ARMS)
     with pytest.raises(ValueError, match="unknown arm"):
         ablation.arm_config(base, "nope", 0, "/m", tmp_path)

@@ -43,7 +43,9 @@ def arm_config(base, arm: str, seed: int, model_dir, run_root):
 
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; arms: {list(ARMS)}")
-    overrides = dict(ARMS[arm] or {"pooler": "mean", "lambda_lm": 0.0, "lambda_kl": 0.0})
+    # the untrained arm is evaluated only; its mean pooler is the baselines' (an empty dict is "full SAGA")
+    no_training = {"pooler": "mean", "lambda_lm": 0.0, "lambda_kl": 0.0}
+    overrides = dict(no_training if ARMS[arm] is None else ARMS[arm])
     return make_config(base, model=str(model_dir), seed=seed, run_dir=str(Path(run_root) / f"{arm}-seed{seed}"),
                        progress=False, **overrides)
 
