@@ -1,6 +1,9 @@
 """Argument validation shared by every op: each failure names the argument and what is wrong."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import os
 from collections.abc import Iterable
 
 import torch
@@ -48,21 +51,100 @@ def check_same_device(**tensors) -> torch.device:
     return next(iter(devices))
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raise ValueError if ``t`` holds NaN or +-inf (one device sync; call once per op, not per tile)."""
-    if not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or inf)")
+# ----------------------------------------------------------------------------------------------------
+# Value checks (they read tensor contents, so on a GPU a plain check is a host sync)
+# ----------------------------------------------------------------------------------------------------
+CHECK_MODES = ("sync", "async", "off")
+_forced_mode: contextvars.ContextVar[str | None] = contextvars.ContextVar("saga_input_checks", default=None)
 
 
-def check_index_range(name: str, idx: torch.Tensor, upper: int, *, ignore_index: int | None = None) -> None:
-    """Every entry of ``idx`` lies in [0, upper) (entries equal to ``ignore_index`` excepted)."""
+@contextlib.contextmanager
+def input_checks(mode: str):
+    """Choose how the ops check input *values* (non-finite numbers, indices out of range) inside the block.
+
+    ``"sync"``: read the result on the host and raise ValueError naming the argument (a device sync per
+    check on CUDA). ``"async"``: ``torch._assert_async`` with the same message, no host sync (on CUDA a
+    failure surfaces as a device-side assert at a later synchronization, and the CUDA context is lost).
+    ``"off"``: no value checks (shape, dtype and device checks always run; they read no values).
+    Without a context the ``SAGA_CHECK_INPUTS`` environment variable decides (same three values or
+    ``"auto"``); ``auto`` is "sync" on the CPU, "async" on CUDA, and "off" while a CUDA graph is being
+    captured or torch.compile is tracing.
+    """
+    if mode not in CHECK_MODES:
+        raise ValueError(f"input_checks mode must be one of {CHECK_MODES}, got {mode!r}")
+    token = _forced_mode.set(mode)
+    try:
+        yield
+    finally:
+        _forced_mode.reset(token)
+
+
+def check_mode(t: torch.Tensor) -> str:
+    """The value-check mode for a tensor on ``t``'s device (see :func:`input_checks`)."""
+    mode = _forced_mode.get()
+    if mode is None:
+        mode = os.environ.get("SAGA_CHECK_INPUTS", "auto").strip().lower() or "auto"
+        if mode not in CHECK_MODES + ("auto",):
+            raise ValueError(f"SAGA_CHECK_INPUTS={mode!r} is not one of {CHECK_MODES + ('auto',)}")
+    if torch.compiler.is_compiling() or (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return "off"
+    if mode == "auto":
+        return "async" if t.device.type == "cuda" else "sync"
+    return mode
+
+
+def _assert_values(ok: torch.Tensor, describe) -> None:
+    """Raise ValueError(describe()) unless the bool scalar ``ok`` is True (sync), or assert it on device (async)."""
+    mode = check_mode(ok)
+    if mode == "off":
+        return
+    if mode == "async":
+        torch._assert_async(ok, describe(None))
+    elif not bool(ok):
+        raise ValueError(describe(True))
+
+
+def check_finite(name: str, t: torch.Tensor, where: torch.Tensor | None = None) -> None:
+    """Raise ValueError if ``t`` (only the entries where the bool ``where`` is True, if given) holds NaN or
+    +-inf. Entries outside ``where`` may hold anything: they are never read as numbers."""
+    if t.numel() == 0:
+        return
+    finite = torch.isfinite(t)
+    if where is not None:
+        finite = finite | ~where
+    at = "" if where is None else " at positions the mask keeps"
+
+    def describe(count):
+        if count is None:
+            return f"{name} contains non-finite value(s) (NaN or inf){at}"
+        return f"{name} contains {int((~finite).sum())} non-finite value(s) (NaN or inf){at}"
+
+    _assert_values(finite.all(), describe)
+
+
+def check_index_range(name: str, idx: torch.Tensor, upper: int, *, ignore_index: int | None = None,
+                      where: torch.Tensor | None = None) -> None:
+    """Every entry of ``idx`` lies in [0, upper): entries equal to ``ignore_index``, and entries where the
+    bool ``where`` is False, excepted."""
     if idx.numel() == 0:
         return
-    valid = idx if ignore_index is None else idx[idx != ignore_index]
-    if valid.numel() == 0:
+    skip = torch.zeros_like(idx, dtype=torch.bool) if ignore_index is None else idx == ignore_index
+    if where is not None:
+        skip = skip | ~where
+    ok = skip | ((idx >= 0) & (idx < upper))
+    extra = f" (or {ignore_index})" if ignore_index is not None else ""
+
+    def describe(sync):
+        if sync is None:
+            return f"{name} must lie in [0, {upper}){extra}"
+        bad = idx[~ok]
+        return f"{name} must lie in [0, {upper}){extra}, found values in [{int(bad.min())}, {int(bad.max())}]"
+
+    _assert_values(ok.all(), describe)
+
+
+def check_values(name: str, ok: torch.Tensor, requirement: str) -> None:
+    """Raise ValueError "``name`` must ``requirement``" unless every entry of the bool tensor ``ok`` is True."""
+    if ok.numel() == 0:
         return
-    lo, hi = int(valid.min()), int(valid.max())
-    if lo < 0 or hi >= upper:
-        extra = f" (or {ignore_index})" if ignore_index is not None else ""
-        raise ValueError(f"{name} must lie in [0, {upper}){extra}, found values in [{lo}, {hi}]")
+    _assert_values(ok.all(), lambda _: f"{name} must {requirement}")

@@ -12,7 +12,6 @@ falling back.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -24,14 +23,10 @@ class ImplUnavailableError(RuntimeError):
     """The requested implementation cannot run on these tensors / this machine."""
 
 
-@functools.lru_cache(maxsize=None)
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install that fails at import
-        return False
-    return True
+    from ._triton import HAS_TRITON  # the library's one Triton import guard
+
+    return HAS_TRITON
 
 
 def interpreter_on() -> bool:

@@ -72,7 +72,31 @@ def check_positive(name: str, value) -> float:
     return value
 
 
-def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+NORM_EPS = 1e-12  # pytorch-metric-learning's (and F.normalize's) clamp of the row norm
+
+
+def inverse_norms(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """``r_i = 1 / max(||x_i||_2, eps)`` per row, computed and returned in float32 (float64 for float64 x)
+    without an upcast copy of ``x``. The kernels take raw rows plus ``r`` and form unit-row similarities as
+    ``(x_i . x_j) r_i r_j``: half-precision rows feed the tensor cores as they are, and the normalization
+    itself is never rounded to the input dtype."""
+    acc = compute_dtype(x.dtype)
+    return torch.linalg.vector_norm(x, dim=1, dtype=acc).clamp_min(eps).reciprocal()
+
+
+def normalize_backward(x: torch.Tensor, inv_norm: torch.Tensor, u: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """dL/dx from ``u_i = r_i * dL/dxhat_i`` for ``xhat_i = x_i r_i`` (r from :func:`inverse_norms`):
+
+        dL/dx_i = r_i (g_i - xhat_i <xhat_i, g_i>) = u_i - r_i^2 <x_i, u_i> x_i,     g_i = dL/dxhat_i
+
+    (rows whose norm was clamped at ``eps`` have the Jacobian r I, so there dL/dx_i = u_i). In u's dtype."""
+    xc = x.to(u.dtype)
+    radial = (xc * u).sum(dim=1) * inv_norm.to(u.dtype).square()
+    clamped = inv_norm >= 1.0 / eps
+    return u - torch.where(clamped, 0.0, radial)[:, None] * xc
+
+
+def l2_normalize(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     """Row-wise ``x / max(||x||_2, eps)``; its backward is autograd's
     ``(g - x_hat * <x_hat, g>) / ||x||`` (pytorch-metric-learning's CosineSimilarity uses the same)."""
     return F.normalize(x, p=2, dim=1, eps=eps)

@@ -1,0 +1,111 @@
+"""Helpers shared by every kernel file: device functions (``@triton.jit``, inlined into the kernels that
+call them) and the host-side choices every launcher makes the same way.
+
+Device functions
+    tile_dot        fp32 ``A[rows, :K] @ B[cols, :K]^T`` streamed over K with explicit row strides
+    lse_update      one step of the online log-sum-exp (safe when a whole row is masked, -inf)
+Host helpers
+    dot_config      the (operand dtype, input_precision) pair every ``tl.dot`` of a launch uses
+    on_device       the context every launch runs in: the inputs' CUDA device, not torch's current one
+    next_pow2, cdiv block-size arithmetic
+    MASKED          the sentinel for masked scores (-inf), always placed with ``tl.where`` BEFORE any
+                    arithmetic touches the masked value, so neither a value nor a 0 * inf gradient leaks
+
+Precision (``dot_config``): half-precision inputs go to ``tl.dot`` as they are (bf16/fp16 wgmma on sm_90,
+fp32 accumulation). fp32 inputs follow ``torch.get_float32_matmul_precision()``: "highest" (torch's
+default) -> "tf32x3" (three TF32 products, about fp32 accuracy at tensor-core rate), "high" / "medium" ->
+"tf32". Full-precision "ieee" products (scalar FMA, 10-30x slower) run only when asked:
+``SAGA_FP32_DOT=ieee`` (or ``tf32`` / ``tf32x3`` to override torch's setting). An op whose accuracy needs
+more than TF32 passes ``min_fp32_precision="tf32x3"``. In the interpreter (CPU) every dot runs in fp32:
+its half-precision arithmetic is unreliable and it ignores ``input_precision``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from ._triton import tl, triton
+
+MASKED = float("-inf")
+_FP32_PRECISIONS = ("tf32", "tf32x3", "ieee")  # weakest to strongest
+_TORCH_TO_TRITON = {"highest": "tf32x3", "high": "tf32", "medium": "tf32"}
+
+
+@triton.jit
+def tile_dot(a_ptr, b_ptr, rows, cols, row_ok, col_ok, K, stride_a, stride_b,
+             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+             DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 ``acc[BLOCK_R, BLOCK_C] = A[rows, :K] @ B[cols, :K]^T``.
+
+    A and B are row-major with unit stride along K (row strides ``stride_a`` / ``stride_b``, in elements);
+    ``rows`` / ``cols`` are int64 index vectors, ``row_ok`` / ``col_ok`` their masks. Operands are loaded in
+    their own dtype and cast to DOT_DTYPE (a no-op for half inputs on a GPU). Masked entries load as 0.
+    """
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        a = tl.load(a_ptr + rows[:, None] * stride_a + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + cols[None, :] * stride_b + kk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def lse_update(m, s, z):
+    """Fold the rows of tile ``z`` ([R, C], -inf where masked) into the running (max m, sum exp(. - m)).
+
+    Returns the new (m, s). A row that has seen only masked entries keeps m = -inf and s = 0 (the shift
+    uses 0 instead of -inf, so no -inf - -inf = NaN appears).
+    """
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
+    return m_new, s
+
+
+def next_pow2(x: int) -> int:
+    """Smallest power of two >= x (1 for x <= 1)."""
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def fp32_dot_precision(minimum: str | None = None) -> str:
+    """input_precision for fp32 ``tl.dot`` operands (see the module docstring)."""
+    forced = os.environ.get("SAGA_FP32_DOT", "").strip().lower()
+    if forced:
+        if forced not in _FP32_PRECISIONS:
+            raise ValueError(f"SAGA_FP32_DOT={forced!r} is not one of {_FP32_PRECISIONS}")
+        choice = forced
+    else:
+        choice = _TORCH_TO_TRITON.get(torch.get_float32_matmul_precision(), "tf32x3")
+    if minimum is not None and _FP32_PRECISIONS.index(choice) < _FP32_PRECISIONS.index(minimum):
+        choice = minimum
+    return choice
+
+
+def dot_config(dtype: torch.dtype, device: torch.device, *, min_fp32_precision: str | None = None):
+    """(``tl`` dtype of the dot operands, input_precision) for inputs of ``dtype`` on ``device``."""
+    if device.type != "cuda":  # the interpreter: fp32 numpy products
+        return tl.float32, "ieee"
+    if dtype == torch.bfloat16:
+        return tl.bfloat16, "tf32"  # precision only concerns fp32 operands
+    if dtype == torch.float16:
+        return tl.float16, "tf32"
+    if dtype == torch.float64:
+        return tl.float64, "ieee"
+    return tl.float32, fp32_dot_precision(min_fp32_precision)
+
+
+def on_device(*tensors):
+    """Context for a launch: Triton launches on torch's *current* CUDA device, so switch to the inputs'
+    (a model spread with ``device_map="auto"`` otherwise crashes or computes on the wrong GPU)."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+            return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
