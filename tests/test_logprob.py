@@ -6,6 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import saga_kernels.logprob as logprob_mod
 from saga_kernels import linear_logprobs
 from saga_kernels.reference import linear_logprobs_reference
+from utils import JUNK, assert_rule
 
 # N not a multiple of any block, V = 1000 + odd, H spanning two H tiles with a remainder.
 N, H, V = 77, 97, 1013
@@ -16,7 +17,10 @@ def small_tiles(monkeypatch):
     """Force several chunks/splits at test sizes so chunk boundaries and split merging are exercised."""
     monkeypatch.setattr(logprob_mod, "_TORCH_ROWS_PER_CHUNK", 32)
     monkeypatch.setattr(logprob_mod, "_TORCH_VOCAB_PER_CHUNK", 300)
-    monkeypatch.setattr(logprob_mod, "_TARGET_PROGRAMS", 4)  # 2 row blocks x 2 splits of 4 vocab tiles
+    monkeypatch.setattr(logprob_mod, "_SPLITS", 3)  # 3 vocab splits (the last one shorter)
+    monkeypatch.setattr(logprob_mod, "_SPLITS_SMALL_N", 3)
+    monkeypatch.setattr(logprob_mod, "_JAC_ROWS", 40)  # path 2: row chunks of 40 and vocab segments of 384
+    monkeypatch.setattr(logprob_mod, "_JAC_SEGMENT", 384)
     monkeypatch.setattr(logprob_mod, "_TRITON_ROWS_PER_CHUNK", 32)
     monkeypatch.setattr(logprob_mod, "_DZ_CHUNK_BYTES", 32 * 256 * 4)  # 256 fp32 vocab columns per chunk
 
@@ -31,34 +35,30 @@ def make_inputs(dtype, device, *, n=N, h=H, v=V, bias=True, seed=0):
     return hidden, weight, b, targets
 
 
-def max_err(x, gold):
-    return (x.double() - gold.double()).abs().max().item()
-
-
-def assert_rule(ours, gold, peer, slack, what):
-    """|ours - gold| <= |torch same dtype - gold| + slack (max-norm), gold in float64."""
-    e_ours, e_peer = max_err(ours, gold), max_err(peer, gold)
-    assert e_ours <= e_peer + slack, f"{what}: error {e_ours:.3g} vs torch-same-dtype {e_peer:.3g} + slack {slack:.3g}"
-
-
-def run(fn, hidden, weight, bias, targets, temperature, g_lp, g_ent, entropy):
-    """Forward + backward of sum(g_lp * logp [+ g_ent * entropy]); returns outputs and grads."""
+def run(fn, hidden, weight, bias, targets, temperature, g_lp, g_ent, entropy, train_head=True):
+    """Forward + backward of sum(g_lp * logp [+ g_ent * entropy]); returns outputs and grads (those of
+    hidden, then of weight and bias when ``train_head``)."""
     hidden = hidden.detach().clone().requires_grad_(True)
-    weight = weight.detach().clone().requires_grad_(True)
-    bias = bias.detach().clone().requires_grad_(True) if bias is not None else None
+    weight = weight.detach().clone().requires_grad_(train_head)
+    bias = bias.detach().clone().requires_grad_(train_head) if bias is not None else None
     out = fn(hidden, weight, targets, bias=bias, temperature=temperature, return_entropy=entropy)
     logp, ent = out if entropy else (out, None)
     obj = (logp.double() * g_lp.double()).sum()
     if entropy:
         obj = obj + (ent.double() * g_ent.double()).sum()
     obj.backward()
-    grads = [hidden.grad, weight.grad] + ([bias.grad] if bias is not None else [])
+    grads = [hidden.grad] + ([weight.grad] + ([bias.grad] if bias is not None else []) if train_head else [])
     return logp.detach(), (ent.detach() if entropy else None), grads
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("temperature,entropy,bias", [(1.0, False, False), (0.7, True, True)])
-def test_matches_reference(impl, device, dtype, temperature, entropy, bias):
+@pytest.mark.parametrize("temperature,entropy,bias,train_head", [
+    (1.0, False, False, True),  # path 3 (recompute): the head trains
+    (0.7, True, True, True),  # path 3 with entropy and bias
+    (0.7, False, True, False),  # path 2 (Jacobian): frozen head and bias
+    (1.0, True, False, False),  # path 3: entropy with a frozen head
+])
+def test_matches_reference(impl, device, dtype, temperature, entropy, bias, train_head):
     hidden, weight, b, targets = make_inputs(dtype, device, bias=bias)
     g_lp = torch.randn(N, device=device)
     g_ent = torch.randn(N, device=device)
@@ -66,26 +66,26 @@ def test_matches_reference(impl, device, dtype, temperature, entropy, bias):
     def ours(*args, **kw):
         return linear_logprobs(*args, impl=impl, **kw)
 
-    lp, ent, grads = run(ours, hidden, weight, b, targets, temperature, g_lp, g_ent, entropy)
+    lp, ent, grads = run(ours, hidden, weight, b, targets, temperature, g_lp, g_ent, entropy, train_head)
     to64 = [t.double() if t is not None else None for t in (hidden, weight, b)]
-    lp64, ent64, grads64 = run(linear_logprobs_reference, *to64, targets, temperature, g_lp, g_ent, entropy)
+    lp64, ent64, grads64 = run(linear_logprobs_reference, *to64, targets, temperature, g_lp, g_ent, entropy,
+                               train_head)
     lp_pe, ent_pe, grads_pe = run(linear_logprobs_reference, hidden, weight, b, targets, temperature, g_lp, g_ent,
-                                  entropy)
+                                  entropy, train_head)
 
     assert lp.dtype == torch.float32 and lp.shape == (N,)
     ignored = targets == -100
     assert torch.all(lp[ignored] == 0)
     assert torch.all(lp[~ignored] < 0)
     slack = 2e-5 if dtype == torch.float32 else 1e-3
-    assert_rule(lp, lp64, lp_pe, slack, "logprobs")
+    assert_rule(lp, lp64, lp_pe, slack=slack, what="logprobs")
     if entropy:
         assert ent.dtype == torch.float32
         assert torch.all(ent[ignored] == 0)
-        assert_rule(ent, ent64, ent_pe, slack, "entropy")
+        assert_rule(ent, ent64, ent_pe, slack=slack, what="entropy")
     for name, ours_g, gold_g, peer_g in zip(("hidden", "weight", "bias"), grads, grads64, grads_pe):
         assert ours_g.dtype == dtype
-        scale = gold_g.abs().max().item()
-        assert_rule(ours_g, gold_g, peer_g, slack * scale, f"d_{name}")
+        assert_rule(ours_g, gold_g, peer_g, rel_slack=slack, what=f"d_{name}")
     # ignored rows get an exactly zero hidden gradient
     assert torch.all(grads[0][ignored] == 0)
 
@@ -140,14 +140,79 @@ def _backward_matmuls(impl, device, train_weight):
 
 
 def test_frozen_weight_does_no_weight_work(impl, device):
-    frozen = _backward_matmuls(impl, device, train_weight=False)
+    """A frozen head takes path 2: its backward is g * J, no matmul at all. A trained head recomputes."""
+    assert _backward_matmuls(impl, device, train_weight=False) == 0
     trained = _backward_matmuls(impl, device, train_weight=True)
-    if impl == "triton":  # per (row chunk, vocab chunk of 256): d_hidden, plus d_weight only when trained
-        chunks = 2 * 4
-        assert (frozen, trained) == (chunks, 2 * chunks)
-    else:  # per (row chunk, vocab chunk of 300): logits + d_hidden, plus d_weight only when trained
-        chunks = 2 * 4
-        assert (frozen, trained) == (2 * chunks, 3 * chunks)
+    chunks = 2 * 4  # (row chunks of 32) x (vocab chunks of 256 (triton) / 300 (torch))
+    if impl == "triton":  # per chunk: d_hidden and d_weight (the logits are recomputed inside the kernel)
+        assert trained == 2 * chunks
+    else:  # per chunk: logits, d_hidden and d_weight
+        assert trained == 3 * chunks
+
+
+@pytest.mark.parametrize("train_head,entropy,grad,fwd,bwd", [
+    (False, False, False, 2, 0),  # path 1: forward only, 2NHV
+    (False, False, True, 4, 0),  # path 2: frozen head, the forward forms J: 4NHV, nothing in the backward
+    (False, True, True, 2, 4),  # path 3: entropy -> recompute in the backward: 6NHV
+    (True, False, True, 2, 6),  # path 3 with a trained head: 8NHV
+])
+def test_flops_per_call_meet_the_floor(device, train_head, entropy, grad, fwd, bwd):
+    """Matmul flops of one forward + backward of the torch fallback, counted by torch's FlopCounterMode:
+    the forward costs fwd * N_active * H * V (ignored rows are compacted out), path 3's backward
+    bwd * N * H * V (it computes every row and masks the ignored ones)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    hidden, weight, _, targets = make_inputs(torch.float32, device, n=70)
+    n_active = int((targets != -100).sum())
+    hidden.requires_grad_(grad)
+    weight.requires_grad_(train_head)
+    with FlopCounterMode(display=False) as counter:
+        out = linear_logprobs(hidden, weight, targets, return_entropy=entropy, impl="torch")
+        if grad:
+            (out[0].sum() + out[1].sum() if entropy else out.sum()).backward()
+    assert counter.get_total_flops() == (fwd * n_active + bwd * 70) * H * V
+
+
+def test_jacobian_path_equals_recompute_path(impl, device, monkeypatch):
+    """Path 2 and path 3 give the same log-probs and hidden gradient (frozen head, fp32)."""
+    hidden, weight, b, targets = make_inputs(torch.float32, device)
+    g = torch.randn(N, device=device)
+    results = []
+    for jacobian in (True, False):
+        monkeypatch.setattr(logprob_mod, "JACOBIAN_PATH", jacobian)
+        lp, _, grads = run(lambda *a, **k: linear_logprobs(*a, impl=impl, **k), hidden, weight, b, targets, 0.9, g,
+                           g, False, train_head=False)
+        results.append((lp, grads[0]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
+
+
+def test_forward_only_under_no_grad(impl, device):
+    hidden, weight, b, targets = make_inputs(torch.float32, device)
+    hidden.requires_grad_(True)
+    with torch.no_grad():
+        lp = linear_logprobs(hidden, weight, targets, bias=b, impl=impl)
+    assert not lp.requires_grad
+    gold = linear_logprobs_reference(hidden.double(), weight.double(), targets, bias=b.double())
+    torch.testing.assert_close(lp.double(), gold, rtol=0, atol=2e-5)
+
+
+def test_target_almost_certain_keeps_gradient_precision(impl, device):
+    """p_y -> 1: the Jacobian's (1 - p_y) comes from -expm1(logprob), so the tiny gradient keeps its
+    relative precision as well as eager fp32's softmax - onehot does (tolerance rule)."""
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(300, 64, generator=g).to(device)
+    targets = torch.randint(0, 300, (24,), generator=g).to(device)
+    hidden = (weight[targets] * torch.linspace(0.5, 3.0, 24)[:, None]).to(device)  # p_y from moderate to ~1
+    ones = torch.ones(24, device=device)
+    ours = run(lambda *a, **k: linear_logprobs(*a, impl=impl, **k), hidden, weight, None, targets, 1.0, ones, ones,
+               False, train_head=False)
+    gold = run(linear_logprobs_reference, hidden.double(), weight.double(), None, targets, 1.0, ones, ones, False,
+               train_head=False)
+    peer = run(linear_logprobs_reference, hidden, weight, None, targets, 1.0, ones, ones, False, train_head=False)
+    assert float(gold[0].max()) > -1e-5  # some rows are (almost) certain
+    assert_rule(ours[0], gold[0], peer[0], slack=1e-6, what="logprobs")
+    assert_rule(ours[2][0], gold[2][0], peer[2][0], rel_slack=1e-6, what="d_hidden")
 
 
 def test_bias_only_gradient(impl, device):
@@ -186,14 +251,45 @@ def test_nan_canary(impl, device):
     torch.testing.assert_close(lp[~ignored].double(), gold, rtol=0, atol=2e-5)
 
 
-def test_empty_and_all_ignored(impl, device):
-    hidden, weight, _, _ = make_inputs(torch.float32, device, n=5)
-    empty = linear_logprobs(hidden[:0].requires_grad_(True), weight, torch.zeros(0, dtype=torch.long), impl=impl)
-    assert empty.shape == (0,)
+@pytest.mark.parametrize("rows", [0, 5])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_empty_and_all_ignored_give_zero_gradients(impl, device, rows, train_head):
+    """No rows (an empty micro-batch under DDP) or only ignored rows: log-probs 0 and a zero gradient of
+    the right shape for every tensor that requires grad (a None would drop it from DDP's reduction)."""
+    hidden, weight, b, _ = make_inputs(torch.float32, device, n=rows)
     h = hidden.clone().requires_grad_(True)
-    lp = linear_logprobs(h, weight, torch.full((5,), -100), impl=impl)
+    w = weight.clone().requires_grad_(train_head)
+    bb = b.clone().requires_grad_(train_head)
+    lp = linear_logprobs(h, w, torch.full((rows,), -100, device=device), bias=bb, impl=impl)
     lp.sum().backward()
-    assert torch.all(lp == 0) and torch.all(h.grad == 0)
+    assert lp.shape == (rows,) and torch.all(lp == 0)
+    assert h.grad is not None and h.grad.shape == h.shape and torch.all(h.grad == 0)
+    if train_head:
+        for p in (w, bb):
+            assert p.grad is not None and p.grad.shape == p.shape and torch.all(p.grad == 0)
+
+
+@pytest.mark.parametrize("junk", JUNK)
+@pytest.mark.parametrize("train_head,entropy", [(False, False), (True, False), (False, True)])
+def test_junk_at_ignored_rows_never_leaks(impl, device, junk, train_head, entropy):
+    """Hidden states of ignored rows filled with +inf / -inf / NaN: log-probs, entropy and every gradient
+    equal the clean run, and the ignored rows' gradient is exactly 0 (every path)."""
+    hidden, weight, b, targets = make_inputs(torch.float32, device, n=45)
+    ignored = targets == -100
+    g = torch.randn(45, device=device)
+    dirty = torch.where(ignored[:, None], torch.full_like(hidden, junk), hidden)
+
+    def fn(*a, **k):
+        return linear_logprobs(*a, impl=impl, **k)
+
+    clean = run(fn, hidden, weight, b, targets, 1.0, g, g, entropy, train_head)
+    bad = run(fn, dirty, weight, b, targets, 1.0, g, g, entropy, train_head)
+    torch.testing.assert_close(bad[0], clean[0], rtol=0, atol=0)
+    if entropy:
+        torch.testing.assert_close(bad[1], clean[1], rtol=0, atol=0)
+    for ours, want in zip(bad[2], clean[2]):
+        torch.testing.assert_close(ours, want, rtol=0, atol=0)
+    assert torch.all(bad[2][0][ignored] == 0)
 
 
 @pytest.mark.parametrize(
@@ -248,5 +344,78 @@ def test_gpu_large_vocab_memory_and_accuracy():
     hid_bf = hidden.detach().clone().requires_grad_(True)
     peer = linear_logprobs_reference(hid_bf, weight, targets)
     peer.sum().backward()
-    assert_rule(lp, gold, peer, 1e-3, "logprobs")
-    assert_rule(ours_grad, hid32.grad, hid_bf.grad, 1e-3 * hid32.grad.abs().max().item(), "d_hidden")
+    assert_rule(lp, gold, peer, slack=1e-3, what="logprobs")
+    assert_rule(ours_grad, hid32.grad, hid_bf.grad, rel_slack=1e-3, what="d_hidden")
+
+
+# ----------------------------------------------------------------------------------------------------
+# sm_90 compile of every kernel at Qwen3-VL-8B shapes (H = 4096, V = 151936), as launched
+# ----------------------------------------------------------------------------------------------------
+from aot import Spec, assert_specs, skip_on_gpu  # noqa: E402
+
+_CUDA = torch.device("cuda")
+_INTS = dict(row0="i32", R="i32", v_begin="i32", v_end="i32", vocab_per_split="i32", H="i32", V="i32")
+
+
+def _logprob_specs(dtype: str, dot, precision, cfgs=None):
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    cfg_s, cfg_e, cfg_d = cfgs or (logprob_mod.stats_config(_CUDA, torch_dtype),
+                                   logprob_mod.expect_config(_CUDA, torch_dtype),
+                                   logprob_mod.dlogits_config(_CUDA, torch_dtype))
+    warps = lambda c: dict(num_warps=c["num_warps"], num_stages=c["num_stages"])  # noqa: E731
+    blocks = lambda c: {k: v for k, v in c.items() if k.startswith("BLOCK")}  # noqa: E731
+    half = dtype != "fp32" or precision != "ieee"
+    f32 = "*fp32"
+    stats = Spec("saga_kernels.logprob", "_stats_kernel",
+                 dict(h_ptr="*" + dtype, w_ptr="*" + dtype, b_ptr="*" + dtype, tgt_ptr="*i64", order_ptr="*i64",
+                      n_active_ptr="*i64", m_ptr=f32, s_ptr=f32, t_ptr=f32, zt_ptr=f32, sx_ptr=f32,
+                      p_ptr="*" + dtype, mt_ptr=f32, inv_temp="fp32", **_INTS),
+                 dict(SPLITS=16, FIRST=False, HAS_BIAS=False, WITH_ENT=False, WRITE_P=True, DOT_DTYPE=dot,
+                      PRECISION=precision, **blocks(cfg_s)),
+                 label=f"{dtype} path 2", expect_wgmma=half,
+                 divisible=("row0", "R", "v_begin", "v_end", "vocab_per_split", "H", "V", "stride_h", "stride_w",
+                            "stride_p", "stride_mt"), **warps(cfg_s))
+    expect = Spec("saga_kernels.logprob", "_expect_kernel",
+                  dict(p_ptr="*" + dtype, mt_ptr=f32, w_ptr="*" + dtype, tgt_ptr="*i64", order_ptr="*i64",
+                       n_active_ptr="*i64", m_ptr=f32, mprev_ptr=f32, e_ptr=f32),
+                  dict(FIRST=False, TILE_V=cfg_s["BLOCK_V"], DOT_DTYPE=dot, PRECISION=precision, **blocks(cfg_e)),
+                  label=dtype, expect_wgmma=half,
+                  divisible=("row0", "R", "v_begin", "v_end", "H", "stride_p", "stride_mt", "stride_w", "stride_e"),
+                  **warps(cfg_e))
+    dlogits = Spec("saga_kernels.logprob", "_dlogits_kernel",
+                   dict(h_ptr="*" + dtype, w_ptr="*" + dtype, b_ptr="*" + dtype, tgt_ptr="*i64", lse_ptr=f32,
+                        g_ptr=f32, ge_ptr=f32, ez_ptr=f32, dz_ptr="*" + dtype, inv_temp="fp32"),
+                   dict(HAS_BIAS=False, WITH_ENT=True, DOT_DTYPE=dot, PRECISION=precision, **blocks(cfg_d)),
+                   label=f"{dtype} path 3", expect_wgmma=half,
+                   divisible=("N", "v_start", "v_stop", "H", "stride_h", "stride_w", "stride_dz"), **warps(cfg_d))
+    return [stats, expect, dlogits]
+
+
+def _aot_specs():
+    import triton.language as tl
+
+    return _logprob_specs("bf16", tl.bfloat16, "tf32") + _logprob_specs("fp32", tl.float32, "tf32x3")
+
+
+AOT_SPECS = _aot_specs() if logprob_mod.triton.__class__.__name__ != "_MissingTriton" else []
+
+
+@skip_on_gpu
+def test_kernels_compile_for_sm90():
+    """bf16 and fp32 (tf32x3) kernels at real shapes: wgmma, no spills, <= 255 registers, shared < 228 KB."""
+    assert_specs(AOT_SPECS)
+
+
+@pytest.mark.slow
+@skip_on_gpu
+def test_autotune_space_compiles_for_sm90():
+    """Every config SAGA_AUTOTUNE=1 may pick compiles for sm_90 (bf16) without spills."""
+    import triton.language as tl
+
+    space = logprob_mod._AUTOTUNE_SPACE
+    specs = []
+    for cs in space["stats"]:
+        specs.append(_logprob_specs("bf16", tl.bfloat16, "tf32", (cs, space["expect"][0], cs))[0])
+    for ce in space["expect"]:
+        specs.append(_logprob_specs("bf16", tl.bfloat16, "tf32", (space["stats"][0], ce, space["stats"][0]))[1])
+    assert_specs(specs)
