@@ -11,86 +11,96 @@ This is SAGA's pooler loss L_KL (teacher attention map first). The forward also 
 logits require grad (one more pass over the row), so the backward only scales it by the upstream
 gradient. ``target`` is a detached teacher: it never receives a gradient. Reductions: "batchmean"
 (sum over rows / number of rows), "sum", "none" (per row, shape ``logits.shape[:-1]``).
+
+Entries outside the mask may hold anything in ``logits`` and ``target`` (+-inf, NaN: a padded buffer):
+they are never loaded by the kernel (masked ``tl.load``) and replaced with ``torch.where`` before any
+arithmetic in the fallback, so loss and gradient equal those of a clean input and the gradient there is
+exactly 0. At entries inside the mask, non-finite logits or target values and negative target values
+are errors naming the argument (``saga_kernels._checks.input_checks``: raised on the CPU, asserted on
+device without a host sync on CUDA). An empty input (no rows) gives a zero loss and a zero gradient.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from ._checks import check_finite, check_same_device, check_tensor
+from ._checks import check_finite, check_mode, check_same_device, check_tensor, check_values
 from ._dispatch import resolve_impl
+from ._tl_utils import cdiv, lse_update, next_pow2, on_device
+from ._triton import tl, triton
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("batchmean", "sum", "none")
 _TORCH_ROWS_PER_CHUNK = 4096
-_MAX_BLOCK = 1024
+_MAX_BLOCK = 1024  # entries per row tile
+_TILE_ELEMS = 2048  # rows x entries of one program's tile (16 fp32 values per thread per live tensor)
 
-_KERNEL = None
+
+@triton.jit
+def _kl_kernel(z_ptr, a_ptr, m_ptr, loss_ptr, grad_ptr, R, N, s_z, s_a, s_m, s_g,
+               HAS_MASK: tl.constexpr, WITH_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    """One program = BLOCK_R rows. Pass 1: online lse of z (``lse_update``) and the sum of a over the mask;
+    pass 2: KL terms and (WITH_GRAD) the gradient q - t. Masked entries are never loaded."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    z_rows = z_ptr + rows[:, None] * s_z
+    a_rows = a_ptr + rows[:, None] * s_a
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_R,), tl.float32)
+    a_sum = tl.zeros((BLOCK_R,), tl.float32)
+    for start in range(0, N, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        ok = row_ok[:, None] & (cols < N)[None, :]
+        if HAS_MASK:
+            ok = ok & (tl.load(m_ptr + rows[:, None] * s_m + cols[None, :], mask=ok, other=0) != 0)
+        z = tl.load(z_rows + cols[None, :], mask=ok, other=float("-inf")).to(tl.float32)
+        m, l = lse_update(m, l, z)
+        a_sum += tl.sum(tl.load(a_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32), 1)
+    lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), 0.0)
+    inv_a = 1.0 / tl.where(a_sum > 0, a_sum, 1.0)
+
+    kl = tl.zeros((BLOCK_R,), tl.float32)
+    for start in range(0, N, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = (cols < N)[None, :]
+        ok = row_ok[:, None] & in_row
+        if HAS_MASK:
+            ok = ok & (tl.load(m_ptr + rows[:, None] * s_m + cols[None, :], mask=ok, other=0) != 0)
+        log_q = tl.load(z_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32) - lse[:, None]
+        t = tl.load(a_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32) * inv_a[:, None]
+        pos = t > 0
+        kl += tl.sum(tl.where(pos, t * (tl.log(tl.where(pos, t, 1.0)) - log_q), 0.0), 1)
+        if WITH_GRAD:
+            tl.store(grad_ptr + rows[:, None] * s_g + cols[None, :], tl.where(ok, tl.exp(log_q) - t, 0.0),
+                     mask=row_ok[:, None] & in_row)
+    tl.store(loss_ptr + rows, kl, mask=row_ok)
 
 
-def _kernel():
-    """Build the @triton.jit kernel on first use (never at import time)."""
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
-    import triton
-    import triton.language as tl
+def kl_launch_config(n: int) -> dict:
+    """The one launch configuration of ``_kl_kernel`` (used by the launcher and the sm_90 compile test):
+    a row tile of up to 1024 entries, and as many rows per program as fill 2048 elements (short rows, e.g.
+    one image's patches, share a program), 4 warps; the loops stream row tiles, no shared-memory pipeline."""
+    block = min(_MAX_BLOCK, max(16, next_pow2(n)))
+    return dict(BLOCK_R=max(1, _TILE_ELEMS // block), BLOCK=block, num_warps=4, num_stages=1)
 
-    @triton.jit
-    def _kl_kernel(z_ptr, a_ptr, m_ptr, loss_ptr, grad_ptr, N, s_z, s_a, s_m, s_g,
-                   HAS_MASK: tl.constexpr, WITH_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-        """One program per row: pass 1 = per-lane online lse of z and sum of a over the mask;
-        pass 2 = KL terms and (WITH_GRAD) the gradient q - t."""
-        row = tl.program_id(0).to(tl.int64)
-        z_row = z_ptr + row * s_z
-        a_row = a_ptr + row * s_a
-        m_lane = tl.full((BLOCK,), float("-inf"), tl.float32)
-        l_lane = tl.zeros((BLOCK,), tl.float32)
-        a_sum = tl.zeros((BLOCK,), tl.float32)
-        for start in range(0, N, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            ok = cols < N
-            if HAS_MASK:
-                ok = ok & (tl.load(m_ptr + row * s_m + cols, mask=ok, other=0) != 0)
-            z = tl.where(ok, tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32), float("-inf"))
-            a = tl.load(a_row + cols, mask=ok, other=0.0).to(tl.float32)
-            m_new = tl.maximum(m_lane, z)
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_lane = l_lane * tl.exp(m_lane - m_ref) + tl.exp(z - m_ref)
-            m_lane = m_new
-            a_sum += a
-        m_row = tl.max(m_lane, 0)
-        lse = m_row + tl.log(tl.sum(l_lane * tl.exp(m_lane - m_row), 0))
-        inv_a = 1.0 / tl.sum(a_sum, 0)
 
-        kl = tl.zeros((BLOCK,), tl.float32)
-        for start in range(0, N, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            ok = cols < N
-            if HAS_MASK:
-                ok = ok & (tl.load(m_ptr + row * s_m + cols, mask=ok, other=0) != 0)
-            log_q = tl.load(z_row + cols, mask=ok, other=0.0).to(tl.float32) - lse
-            t = tl.load(a_row + cols, mask=ok, other=0.0).to(tl.float32) * inv_a
-            pos = t > 0
-            kl += tl.where(pos, t * (tl.log(tl.where(pos, t, 1.0)) - log_q), 0.0)
-            if WITH_GRAD:
-                tl.store(grad_ptr + row * s_g + cols, tl.where(ok, tl.exp(log_q) - t, 0.0), mask=cols < N)
-        tl.store(loss_ptr + row, tl.sum(kl, 0))
-
-    _KERNEL = _kl_kernel
-    return _KERNEL
+def _unit_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _triton_kl(z, a, mask, with_grad):
     rows, n = z.shape
     loss = torch.empty(rows, device=z.device, dtype=torch.float32)
     grad = torch.empty((rows, n), device=z.device, dtype=torch.float32) if with_grad else loss
-    z, a = z.contiguous(), a.contiguous()
-    m_arg = mask.to(torch.int8).contiguous() if mask is not None else z
-    block = min(_MAX_BLOCK, max(16, 1 << (n - 1).bit_length()))
-    _kernel()[(rows,)](
-        z, a, m_arg, loss, grad, n, z.stride(0), a.stride(0), m_arg.stride(0), grad.stride(0) if with_grad else 0,
-        HAS_MASK=mask is not None, WITH_GRAD=with_grad, BLOCK=block,
-    )
+    z, a = _unit_last(z), _unit_last(a)
+    m_arg = _unit_last(mask).view(torch.int8) if mask is not None else z  # bool -> int8: a view, no copy
+    cfg = kl_launch_config(n)
+    with on_device(z):
+        _kl_kernel[(cdiv(rows, cfg["BLOCK_R"]),)](
+            z, a, m_arg, loss, grad, rows, n, z.stride(0), a.stride(0), m_arg.stride(0),
+            grad.stride(0) if with_grad else 0, HAS_MASK=mask is not None, WITH_GRAD=with_grad, **cfg,
+        )
     return loss, grad if with_grad else None
 
 
@@ -102,15 +112,20 @@ def _torch_kl(z, a, mask, with_grad):
     for r0 in range(0, rows, _TORCH_ROWS_PER_CHUNK):
         r1 = min(rows, r0 + _TORCH_ROWS_PER_CHUNK)
         zf, af = z[r0:r1].float(), a[r0:r1].float()
-        mk = mask[r0:r1] if mask is not None else torch.ones_like(zf, dtype=torch.bool)
-        lse = torch.logsumexp(zf.masked_fill(~mk, float("-inf")), dim=-1, keepdim=True)
-        log_q = torch.where(mk, zf - lse, torch.zeros_like(zf))
-        t = torch.where(mk, af, torch.zeros_like(af))
-        t = t / t.sum(dim=-1, keepdim=True)
+        if mask is not None:  # masked entries may hold anything: replace them before any arithmetic
+            mk = mask[r0:r1]
+            zf = torch.where(mk, zf, float("-inf"))
+            af = torch.where(mk, af, 0.0)
+        lse = torch.logsumexp(zf, dim=-1, keepdim=True)
+        lse = torch.where(lse == float("-inf"), 0.0, lse)  # an empty row (only when checks are off)
+        log_q = zf - lse  # -inf at masked entries; only read where t > 0 (loss) or mk (gradient)
+        mass = af.sum(dim=-1, keepdim=True)
+        t = af / torch.where(mass > 0, mass, 1.0)
         pos = t > 0
-        loss[r0:r1] = torch.where(pos, t * (torch.log(torch.where(pos, t, torch.ones_like(t))) - log_q), 0.0).sum(-1)
+        loss[r0:r1] = torch.where(pos, t * (torch.log(torch.where(pos, t, 1.0)) - torch.where(pos, log_q, 0.0)),
+                                  0.0).sum(-1)
         if with_grad:
-            grad[r0:r1] = torch.where(mk, torch.exp(log_q) - t, torch.zeros_like(t))
+            grad[r0:r1] = torch.exp(log_q) - t  # exp(-inf) - 0 = 0 at masked entries, exactly
     return loss, grad
 
 
@@ -154,14 +169,17 @@ def _check_inputs(logits, target, mask, reduction):
 
 
 def _check_values(z, a, mask):
-    """Finite logits; a non-negative, finite target with positive mass on every row's mask."""
-    check_finite("logits", z if mask is None else z[mask])
-    check_finite("target", a)
-    if bool((a < 0).any()):
-        raise ValueError("target must be non-negative (a distribution, renormalized over the mask)")
-    mass = (a if mask is None else torch.where(mask, a, torch.zeros_like(a))).sum(dim=-1)
-    if bool((mass <= 0).any()):
-        row = int((mass <= 0).nonzero()[0, 0])
+    """Finite logits; a non-negative, finite target with positive mass on every row's mask (entries outside
+    the mask are not read). Mode-aware (``_checks.check_mode``): no host sync unless the mode is "sync"."""
+    check_finite("logits", z, where=mask)
+    check_finite("target", a, where=mask)
+    non_negative = a >= 0 if mask is None else (a >= 0) | ~mask
+    check_values("target", non_negative, "be non-negative (a distribution, renormalized over the mask)")
+    mass = (a if mask is None else torch.where(mask, a, 0.0)).sum(dim=-1) > 0
+    if check_mode(mass) != "sync":
+        check_values("target", mass, "have positive mass on every row's mask (no empty mask row, no all-zero row)")
+    elif not bool(mass.all()):
+        row = int((~mass).nonzero()[0, 0])
         raise ValueError(f"target row {row} has no positive mass on its mask (empty mask row or all-zero target)")
 
 
@@ -173,6 +191,7 @@ def attention_kl(logits, target, *, mask=None, reduction="batchmean", impl=None)
         target: ``[..., N]`` non-negative teacher weights (e.g. an ``attention_probs`` map). Each row is
             renormalized over its mask inside, so it need not sum to 1. Detached: no gradient.
         mask: ``[..., N]`` bool, True = entry belongs to the row (rows of different lengths); None = all.
+            Entries outside the mask may hold anything (NaN, +-inf) in logits and target.
         reduction: ``"batchmean"`` (sum / rows), ``"sum"`` or ``"none"`` (shape ``logits.shape[:-1]``).
         impl: ``"triton"`` | ``"torch"`` | None (see ``saga_kernels._dispatch``).
 
@@ -181,11 +200,12 @@ def attention_kl(logits, target, *, mask=None, reduction="batchmean", impl=None)
     """
     _check_inputs(logits, target, mask, reduction)
     n = logits.shape[-1]
-    z = logits.reshape(-1, n)
-    a = target.detach().reshape(-1, n)
-    m = mask.reshape(-1, n) if mask is not None else None
+    rows = math.prod(logits.shape[:-1])
+    z = logits.reshape(rows, n)
+    a = target.detach().reshape(rows, n)
+    m = mask.reshape(rows, n) if mask is not None else None
     path = resolve_impl(impl, logits, target)
-    if z.shape[0] == 0:
+    if z.shape[0] == 0:  # no rows: a zero loss whose gradient is zeros of logits' shape
         zero = logits.float().sum(dim=-1) * 0.0
         return zero if reduction == "none" else zero.sum()
     _check_values(z, a, m)

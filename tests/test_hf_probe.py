@@ -1,12 +1,19 @@
 """AttentionProbe on a tiny random Qwen3-VL (MRoPE, q/k norms, GQA, two images, left padding) vs eager
-``output_attentions``: the SDPA model's probed maps equal the eager maps' head mean at the image columns."""
+``output_attentions``: the SDPA model's probed maps equal the eager maps' head mean at the image columns.
+
+Tolerance rule (tests/utils.py): gold = the float64 reference on the very query/key states the probe hands to
+``attention_probs`` (recorded by wrapping it), peer = transformers' eager attention maps in fp32."""
 import pytest
 import torch
+from utils import assert_rule
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration  # noqa: E402
 
+import saga_kernels.integrations.hf as hf  # noqa: E402
+from saga_kernels._checks import input_checks  # noqa: E402
 from saga_kernels.integrations.hf import AttentionProbe  # noqa: E402
+from saga_kernels.reference import attention_probs_reference  # noqa: E402
 
 PAD, IMAGE, VIDEO, V_START, V_END = 0, 60, 61, 62, 63
 GRIDS = [(1, 4, 6), (1, 4, 4)]  # (t, h, w) patches of image a and image b; 2x2 merge -> 6 and 4 tokens
@@ -77,6 +84,27 @@ def setup():
     return sdpa, eager, inputs, qpos, key_index, plain, gold
 
 
+SLACK = 1e-7  # probabilities are <= 1: fp32 rounding of the softmax is a few 1e-8
+
+
+def _record_gold(monkeypatch, probe, key_index):
+    """Wrap the probe's attention_probs: every call also computes the float64 reference on its inputs.
+    Returns {layer: {name: gold map}}, refilled by every forward pass (layers run in order; the last pass wins,
+    as for ``probe.maps``)."""
+    gold, calls = {}, []
+    real = hf.attention_probs
+
+    def recording(q, k, kidx, *, query_positions, key_padding_mask, scale):
+        full = attention_probs_reference(q.double(), k.double(), kidx, query_positions, key_padding_mask, scale)
+        calls.append(full)
+        layer = sorted(probe.layers)[(len(calls) - 1) % len(probe.layers)]
+        gold[layer] = dict(zip(key_index, full.split([v.shape[1] for v in key_index.values()], dim=-1)))
+        return real(q, k, kidx, query_positions=query_positions, key_padding_mask=key_padding_mask, scale=scale)
+
+    monkeypatch.setattr(hf, "attention_probs", recording)
+    return gold
+
+
 def _eager_maps(gold, layer, qpos, key_index):
     attn = gold.attentions[layer].mean(dim=1)  # [B, L, L], head mean
     rows = attn.gather(1, qpos[:, :, None].expand(-1, -1, attn.shape[-1]))
@@ -84,10 +112,11 @@ def _eager_maps(gold, layer, qpos, key_index):
 
 
 @pytest.mark.parametrize("which", ["sdpa", "eager"])
-def test_probe_matches_eager_attentions_and_keeps_logits(setup, which):
+def test_probe_matches_eager_attentions_and_keeps_logits(setup, which, monkeypatch):
     sdpa, eager, inputs, qpos, key_index, plain, gold = setup
     model = sdpa if which == "sdpa" else eager
     probe = AttentionProbe(model, layers=[0, 2])
+    gold64 = _record_gold(monkeypatch, probe, key_index)
     with torch.no_grad(), probe.capture(query_positions=qpos, key_index=key_index):
         logits = model(**inputs).logits
     assert torch.equal(logits, plain if which == "sdpa" else gold.logits)  # outputs untouched
@@ -101,7 +130,7 @@ def test_probe_matches_eager_attentions_and_keeps_logits(setup, which):
             assert visible.min() > 0
             if name == "b":
                 assert (got[:, 0] == 0).all()  # image b is in row 0's future
-            torch.testing.assert_close(got, want[name], rtol=1e-4, atol=2e-6)
+            assert_rule(got, gold64[layer][name], want[name], slack=SLACK, what=f"layer {layer} map {name}")
 
 
 def test_logits_identical_to_unprobed_model(setup):
@@ -116,13 +145,14 @@ def test_logits_identical_to_unprobed_model(setup):
     sdpa.zero_grad(set_to_none=True)
 
 
-def test_explicit_padding_mask_and_padding_matters(setup):
+def test_explicit_padding_mask_and_padding_matters(setup, monkeypatch):
     sdpa, _, inputs, qpos, key_index, _, gold = setup
     probe = AttentionProbe(sdpa, layers=[1])
+    gold64 = _record_gold(monkeypatch, probe, key_index)
     with torch.no_grad(), probe.capture(qpos, key_index, key_padding_mask=inputs["attention_mask"].bool()):
         sdpa(**inputs)
     want = _eager_maps(gold, 1, qpos, key_index)
-    torch.testing.assert_close(probe.maps[1]["b"], want["b"], rtol=1e-4, atol=2e-6)
+    assert_rule(probe.maps[1]["b"], gold64[1]["b"], want["b"], slack=SLACK)
     no_pad = torch.ones_like(inputs["attention_mask"], dtype=torch.bool)
     with torch.no_grad(), probe.capture(qpos, key_index, key_padding_mask=no_pad):
         sdpa(**inputs)
@@ -144,6 +174,11 @@ def test_restores_on_error_and_bad_arguments(setup):
     with pytest.raises(RuntimeError, match="did not run"):
         with probe.capture(qpos, key_index):
             pass
+    with input_checks("async"):  # on device without a host sync (on the CPU torch._assert_async raises at once)
+        with pytest.raises(RuntimeError, match="query_positions must lie in"):
+            with torch.no_grad(), probe.capture(qpos + 100, key_index):
+                sdpa(**inputs)
+    assert sdpa.config.text_config._attn_implementation == "sdpa"
 
 
 def test_importing_saga_kernels_does_not_import_transformers():
@@ -158,6 +193,7 @@ def test_both_impls_inside_the_probe(setup, monkeypatch):
     sdpa, _, inputs, qpos, key_index, _, gold = setup
     probe = AttentionProbe(sdpa, layers=[2])
     maps = {}
+    gold64 = _record_gold(monkeypatch, probe, key_index)
     for impl in ("torch", "triton"):
         monkeypatch.setenv("SAGA_IMPL", impl)
         with torch.no_grad(), probe.capture(qpos, key_index):
@@ -165,5 +201,6 @@ def test_both_impls_inside_the_probe(setup, monkeypatch):
         maps[impl] = probe.maps[2]
     want = _eager_maps(gold, 2, qpos, key_index)
     for name in ("a", "b"):
-        torch.testing.assert_close(maps["torch"][name], want[name], rtol=1e-4, atol=2e-6)
+        for impl in ("torch", "triton"):
+            assert_rule(maps[impl][name], gold64[2][name], want[name], slack=SLACK, what=f"{impl} map {name}")
         torch.testing.assert_close(maps["triton"][name], maps["torch"][name], rtol=1e-5, atol=1e-7)

@@ -27,6 +27,7 @@ import sys
 
 import torch
 
+from .._checks import check_mode, check_values
 from ..attention import attention_probs
 
 _PREFIX = "saga_probe|"
@@ -83,6 +84,18 @@ def _key_padding_from_layer_mask(mask, bsz: int, lk: int):
     else:
         raise ValueError(f"unsupported attention mask of shape {tuple(mask.shape)} (expected 2-D or 4-D)")
     return kpm.expand(bsz, lk)
+
+
+def _check_query_rows(qpos, lo: int, hi: int) -> None:
+    """query_positions name rows of this forward: [lo, hi). No host sync unless the check mode is "sync"."""
+    if qpos.numel() == 0:
+        return
+    ok = (qpos >= lo) & (qpos < hi)
+    if check_mode(ok) != "sync":
+        check_values("query_positions", ok, f"lie in [{lo}, {hi}) (this forward's query rows)")
+    elif not bool(ok.all()):
+        raise ValueError(f"query_positions must lie in [{lo}, {hi}) (this forward's query rows), "
+                         f"found [{int(qpos.min())}, {int(qpos.max())}]")
 
 
 class AttentionProbe:
@@ -165,12 +178,11 @@ class AttentionProbe:
         lk = key.shape[2]
         device = query.device
         qpos = req["query_positions"].to(device).long()
-        rows = qpos - (lk - lq_all)  # with a cache, the layer's queries are the last lq_all positions
         if qpos.shape[0] != bsz:
             raise ValueError(f"query_positions has batch {qpos.shape[0]}, the model's batch is {bsz}")
-        if rows.numel() and (int(rows.min()) < 0 or int(qpos.max()) >= lk):
-            raise ValueError(f"query_positions must lie in [{lk - lq_all}, {lk}) (this forward's query rows), "
-                             f"found [{int(qpos.min())}, {int(qpos.max())}]")
+        _check_query_rows(qpos, lk - lq_all, lk)
+        # with a cache, the layer's queries are the last lq_all positions (clamped: checks may be off)
+        rows = (qpos - (lk - lq_all)).clamp(0, max(lq_all - 1, 0))
         kpm = req["key_padding_mask"]
         kpm = kpm.to(device).bool() if kpm is not None else _key_padding_from_layer_mask(attention_mask, bsz, lk)
         with torch.no_grad():
