@@ -3,6 +3,7 @@
 Every op has three implementations (Triton, a tiled PyTorch fallback, and ``reference``); see
 ``saga_kernels._dispatch`` for which one runs.
 """
+from ._checks import input_checks
 from ._dispatch import ImplUnavailableError
 
 __version__ = "0.1.0"

@@ -11,10 +11,20 @@ and the masked per-token losses are reduced by the loss type:
 
     grpo     (1/B) sum_i (sum_t m L / sum_t m)          per-sequence mean, then mean over sequences
     bnpo     sum m L / sum m                            token mean over the batch
-    dapo     sum m L / sum m                            or / num_items_in_batch when given: the
-                                                        token count of the whole batch over all
-                                                        gradient-accumulation calls (TRL's)
+    dapo     sum m L / sum m                            or / (num_items_in_batch / world_size) when
+                                                        given: TRL's convention (see below)
     dr_grpo  sum m L / (B * max_completion_length)
+
+``num_items_in_batch`` is the completion-token count of the whole generation batch: every
+gradient-accumulation micro-batch of every process. As in TRL and Liger-Kernel, under an initialized
+``torch.distributed`` it is divided by the world size, because DDP then averages the gradients over
+the processes: the summed token losses of all ranks end up divided by the global token count once.
+
+Masked positions (completion_mask 0) may hold anything in logprobs, old_logprobs and ref_logprobs
+(+-inf or NaN from a model's log_softmax or a padded rollout buffer): they are replaced by 0 before any
+arithmetic, so neither the loss nor any gradient sees them, and their gradient is exactly 0.
+Non-finite values at kept positions are errors naming the argument (a value check, see
+``saga_kernels.input_checks``: no host sync on CUDA).
 
 Without old log-probs, old = lp.detach(): r == 1 exactly, clipping never acts, and the gradient is
 that of the advantage-weighted NLL -sum m A lp / norm (SAGA's L_GRPO with "dapo"); the loss
@@ -26,7 +36,7 @@ import math
 
 import torch
 
-from ._checks import check_finite, check_index_range, check_same_device, check_tensor
+from ._checks import check_finite, check_index_range, check_same_device, check_tensor, check_values
 from .logprob import linear_logprobs
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -62,9 +72,12 @@ def _check_num_items(num_items_in_batch, loss_type):
     if isinstance(num_items_in_batch, torch.Tensor):
         if num_items_in_batch.numel() != 1:
             raise ValueError(f"num_items_in_batch must be a scalar, got shape {list(num_items_in_batch.shape)}")
-        value = num_items_in_batch.item()
-    else:
-        value = num_items_in_batch
+        if num_items_in_batch.is_complex() or num_items_in_batch.dtype == torch.bool:
+            raise TypeError(f"num_items_in_batch must be a real number, got dtype {num_items_in_batch.dtype}")
+        check_values("num_items_in_batch", torch.isfinite(num_items_in_batch) & (num_items_in_batch > 0),
+                     "be a finite number > 0")
+        return
+    value = num_items_in_batch
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"num_items_in_batch must be a number > 0, got {num_items_in_batch!r}")
 
@@ -72,18 +85,34 @@ def _check_num_items(num_items_in_batch, loss_type):
 def _check_batch(logprobs, completion_mask, advantages, old_logprobs, ref_logprobs):
     check_tensor("logprobs", logprobs, ndim=2, dtypes=_LOGPROB_DTYPES)
     b, t = logprobs.shape
-    check_tensor("completion_mask", completion_mask, shape=(b, t))
-    if completion_mask.is_floating_point() or completion_mask.is_complex():
-        if not bool(((completion_mask == 0) | (completion_mask == 1)).all()):
-            raise ValueError("completion_mask must hold only 0 and 1")
+    _check_mask(completion_mask, (b, t))
     check_tensor("advantages", advantages, shape=(b,), dtypes=_LOGPROB_DTYPES)
-    check_finite("advantages", advantages)
     if old_logprobs is not None:
         check_tensor("old_logprobs", old_logprobs, shape=(b, t), dtypes=_LOGPROB_DTYPES)
     if ref_logprobs is not None:
         check_tensor("ref_logprobs", ref_logprobs, shape=(b, t), dtypes=_LOGPROB_DTYPES)
     check_same_device(logprobs=logprobs, completion_mask=completion_mask, advantages=advantages,
                       old_logprobs=old_logprobs, ref_logprobs=ref_logprobs)
+    check_finite("advantages", advantages)
+    keep = completion_mask.bool()
+    for name, value in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if value is not None:
+            check_finite(name, value.detach(), where=keep)
+
+
+def _check_mask(completion_mask, shape):
+    check_tensor("completion_mask", completion_mask, shape=shape)
+    if completion_mask.is_complex():
+        raise TypeError("completion_mask must be bool, integer or floating point, got a complex dtype")
+    if completion_mask.dtype != torch.bool:
+        check_values("completion_mask", (completion_mask == 0) | (completion_mask == 1), "hold only 0 and 1")
+
+
+def _world_size() -> int:
+    """Processes of the default torch.distributed group (1 when it is not initialized)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
 
 
 def _masked_mean(x, mask):
@@ -94,11 +123,12 @@ def _grpo_core(logprobs, completion_mask, advantages, old_logprobs, ref_logprobs
                loss_type, max_completion_length, importance_sampling_level, num_items_in_batch):
     """The loss math (inputs already validated); returns (loss, stats)."""
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
-    lp = logprobs.to(dtype)
     keep = completion_mask.bool()
     mask = keep.to(dtype)
+    # masked positions may hold +-inf / NaN: select them away before any arithmetic (value and gradient)
+    lp = torch.where(keep, logprobs.to(dtype), 0.0)
     adv = advantages.to(dtype).unsqueeze(-1)  # [B, 1]
-    old = lp.detach() if old_logprobs is None else old_logprobs.to(dtype)
+    old = lp.detach() if old_logprobs is None else torch.where(keep, old_logprobs.to(dtype), 0.0)
     log_ratio = lp - old
     if importance_sampling_level == "sequence":
         log_ratio = (torch.where(keep, log_ratio, 0.0).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)  # [B, 1]
@@ -107,7 +137,7 @@ def _grpo_core(logprobs, completion_mask, advantages, old_logprobs, ref_logprobs
     per_token = -torch.minimum(ratio * adv, clipped_ratio * adv)
     kl = None
     if ref_logprobs is not None:
-        d = ref_logprobs.to(dtype) - lp
+        d = torch.where(keep, ref_logprobs.to(dtype), 0.0) - lp
         kl = torch.exp(d) - d - 1  # k3 estimator of KL(pi || pi_ref)
         if beta > 0:
             per_token = per_token + beta * kl
@@ -118,7 +148,7 @@ def _grpo_core(logprobs, completion_mask, advantages, old_logprobs, ref_logprobs
     elif loss_type == "dr_grpo":
         loss = masked.sum() / (batch * max_completion_length)
     elif loss_type == "dapo" and num_items_in_batch is not None:
-        loss = masked.sum() / num_items_in_batch
+        loss = masked.sum() / (num_items_in_batch / _world_size())
     else:  # bnpo, dapo
         loss = masked.sum() / mask.sum().clamp(min=1)
 
@@ -143,8 +173,11 @@ def grpo_loss(logprobs, completion_mask, advantages, *, old_logprobs=None, ref_l
 
     logprobs ``[B, T]`` (differentiable), completion_mask ``[B, T]`` (0/1, bool or numeric),
     advantages ``[B]`` (finite), old_logprobs / ref_logprobs ``[B, T]`` or None. ``beta > 0``
-    needs ref_logprobs; "dr_grpo" needs max_completion_length; ``num_items_in_batch`` (dapo only)
-    replaces this call's token count as the divisor, for gradient accumulation. Returns ``(loss, stats)``: a scalar
+    needs ref_logprobs; "dr_grpo" needs max_completion_length; ``num_items_in_batch`` (dapo only; a
+    number or a scalar tensor) replaces this call's token count as the divisor, for gradient
+    accumulation: the token count of the whole generation batch, divided by the world size under
+    torch.distributed (TRL's convention, module docstring). Masked positions may hold anything; non-finite
+    values at kept positions raise ValueError naming the argument. Returns ``(loss, stats)``: a scalar
     in at least fp32, and detached scalars "kl" (masked mean k3 KL to ref; 0 without ref),
     "clip_ratio", "clip_ratio_low", "clip_ratio_high" (fractions of completion tokens whose
     objective is clipped, TRL's definition), "ratio_mean" and "num_tokens".
@@ -174,10 +207,10 @@ def linear_grpo_loss(hidden, weight, completion_ids, completion_mask, advantages
     b, t, _ = hidden.shape
     check_tensor("weight", weight, ndim=2)
     check_tensor("completion_ids", completion_ids, shape=(b, t), dtypes=(torch.int64, torch.int32))
-    check_tensor("completion_mask", completion_mask, shape=(b, t))
+    _check_mask(completion_mask, (b, t))
     check_same_device(hidden=hidden, weight=weight, completion_ids=completion_ids, completion_mask=completion_mask)
     keep = completion_mask.bool()
-    check_index_range("completion_ids", completion_ids[keep], weight.shape[0])
+    check_index_range("completion_ids", completion_ids, weight.shape[0], where=keep)
     ignore_index = -1
     targets = torch.where(keep, completion_ids.to(torch.int64), ignore_index)
     logprobs = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,

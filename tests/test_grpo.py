@@ -1,9 +1,14 @@
 """grpo_loss / linear_grpo_loss / LinearGRPOLoss against the float64 reference and Liger-Kernel."""
+import json
+import os
+import socket
+
 import pytest
 import torch
 
-from saga_kernels import LinearGRPOLoss, grpo_loss, linear_grpo_loss
+from saga_kernels import LinearGRPOLoss, grpo_loss, input_checks, linear_grpo_loss
 from saga_kernels.reference import grpo_loss_reference, linear_logprobs_reference
+from utils import JUNK
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
 B, T, H, V = 3, 11, 37, 1001
@@ -227,3 +232,146 @@ def test_linear_grpo_bad_input():
         linear_grpo_loss(hidden, weight.double(), ids, mask, adv, impl="torch")
     with pytest.raises(ValueError, match="loss_type"):
         LinearGRPOLoss(loss_type="gspo")
+
+
+def test_issue_minimal_case_masked_minus_inf():
+    """The reported case: -inf in old_logprobs under the mask gave a NaN gradient there."""
+    lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss, _ = grpo_loss(lp, torch.tensor([[1, 0]]), torch.tensor([1.0]),
+                        old_logprobs=torch.tensor([[-1.1, float("-inf")]]))
+    loss.backward()
+    want = -float(torch.exp(torch.tensor(0.1)))
+    assert abs(float(loss.detach()) - want) < 1e-6
+    torch.testing.assert_close(lp.grad, torch.tensor([[want, 0.0]]))
+
+
+@pytest.mark.parametrize("junk", JUNK)
+@pytest.mark.parametrize("where", ["logprobs", "old_logprobs", "ref_logprobs"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_junk_at_masked_positions_never_leaks(junk, where, loss_type, level):
+    """+inf / -inf / NaN at masked positions of any log-prob input: loss, stats and gradient equal the clean
+    run, and the gradient at masked positions is exactly 0."""
+    logprobs, mask, adv, old, ref = make_batch(seed=6)
+    kw = dict(beta=0.04, epsilon_high=0.28, loss_type=loss_type, max_completion_length=T + 2,
+              importance_sampling_level=level)
+    inputs = dict(logprobs=logprobs, old_logprobs=old, ref_logprobs=ref)
+
+    def run(values):
+        lp = values["logprobs"].clone().requires_grad_(True)
+        loss, stats = grpo_loss(lp, mask, adv, old_logprobs=values["old_logprobs"],
+                                ref_logprobs=values["ref_logprobs"], **kw)
+        loss.backward()
+        return loss.detach(), stats, lp.grad
+
+    clean = run(inputs)
+    dirty = run(dict(inputs, **{where: torch.where(mask.bool(), inputs[where], torch.full_like(logprobs, junk))}))
+    assert torch.equal(dirty[0], clean[0]) and torch.equal(dirty[2], clean[2])
+    assert all(torch.equal(dirty[1][k], clean[1][k]) for k in clean[1])
+    assert torch.all(dirty[2][mask == 0] == 0)
+
+
+def test_log_softmax_logprobs_with_masked_minus_inf_keep_hidden_gradients_finite():
+    """Log-probs gathered from a model's own log_softmax: a banned token (logit -inf) at padded positions
+    gives -inf log-probs there; no hidden-state gradient may become NaN."""
+    hidden, weight, ids, mask, adv, _, _ = _linear_inputs("cpu", seed=7)
+    banned = V - 1
+    bias = torch.zeros(V)
+    bias[banned] = float("-inf")
+    pad_ids = torch.where(mask.bool(), ids.clamp(max=V - 2), torch.full_like(ids, banned))
+    grads = []
+    for use in (pad_ids, ids.clamp(max=V - 2)):
+        h = hidden.clone().requires_grad_(True)
+        lp = torch.log_softmax(h @ weight.T + bias, dim=-1).gather(-1, use[..., None])[..., 0]
+        loss, _ = grpo_loss(lp, mask, adv, loss_type="dapo")
+        loss.backward()
+        grads.append(h.grad)
+    assert torch.isfinite(grads[0]).all()
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("where", ["logprobs", "old_logprobs", "ref_logprobs"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_at_kept_positions_raise(where, value):
+    logprobs, mask, adv, old, ref = make_batch()
+    inputs = dict(logprobs=logprobs, old_logprobs=old, ref_logprobs=ref)
+    bad = inputs[where].clone()
+    bad[0, 0] = value  # mask[0] is all ones
+    inputs[where] = bad
+    with pytest.raises(ValueError, match=f"{where} contains 1 non-finite"):
+        grpo_loss(inputs["logprobs"], mask, adv, old_logprobs=inputs["old_logprobs"],
+                  ref_logprobs=inputs["ref_logprobs"], beta=0.04)
+    with input_checks("async"), pytest.raises(RuntimeError, match=f"{where} contains non-finite"):
+        grpo_loss(inputs["logprobs"], mask, adv, old_logprobs=inputs["old_logprobs"],
+                  ref_logprobs=inputs["ref_logprobs"], beta=0.04)
+    with input_checks("off"):  # no value check at all: the caller asked for none, so no error either
+        grpo_loss(inputs["logprobs"], mask, adv, old_logprobs=inputs["old_logprobs"],
+                  ref_logprobs=inputs["ref_logprobs"], beta=0.04)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_empty_batch_gives_zero_head_gradients(impl, device, with_bias):
+    """B = 0 (a rank whose micro-batch is empty): zero loss, and zero gradients of the right shape for
+    the hidden states, weight and bias, so DDP's reduction sees every parameter."""
+    h = torch.randn(0, T, H, device=device, requires_grad=True)
+    w = torch.randn(V, H, device=device, requires_grad=True)
+    b = torch.randn(V, device=device, requires_grad=True) if with_bias else None
+    loss, stats = linear_grpo_loss(h, w, torch.zeros(0, T, dtype=torch.long, device=device),
+                                   torch.zeros(0, T, dtype=torch.long, device=device), torch.zeros(0, device=device),
+                                   bias=b, impl=impl)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and float(stats["num_tokens"]) == 0.0
+    for p in (h, w) + ((b,) if with_bias else ()):
+        assert p.grad is not None and p.grad.shape == p.shape and torch.all(p.grad == 0)
+
+
+def _num_items_worker(rank, world, port, out_dir):
+    """One gloo rank: its share of the batch, TRL's num_items_in_batch (global token count), ours vs Liger;
+    then the gradients are averaged over ranks as DDP does."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    hidden, weight, ids, mask, adv, old, _ = _linear_inputs("cpu", seed=8)
+    total = int(mask.sum())
+    rows = slice(rank, rank + 1) if rank == 0 else slice(1, B)
+    out = {}
+    for name in ("ours", "liger"):
+        h = hidden[rows].clone().requires_grad_(True)
+        if name == "ours":
+            loss, _ = linear_grpo_loss(h, weight, ids[rows], mask[rows], adv[rows], old_logprobs=old[rows],
+                                       num_items_in_batch=total, impl="torch")
+        else:
+            liger = LigerFusedLinearGRPOLoss(beta=0.0, compiled=False, use_ref_model=False, loss_type="dapo")
+            loss = liger(h, weight, ids[rows], mask[rows], adv[rows], old_per_token_logps=old[rows],
+                         num_items_in_batch=total)[0]
+        loss.backward()
+        full = torch.zeros(B, T, H)
+        full[rows] = h.grad
+        torch.distributed.all_reduce(full)
+        out[name] = dict(loss=float(loss), grad=(full / world).tolist())  # DDP's average over ranks
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    torch.distributed.destroy_process_group()
+
+
+def test_num_items_in_batch_follows_trl_under_torch_distributed(tmp_path):
+    """On 2 gloo ranks each rank's loss equals Liger-Kernel's (TRL's num_items_in_batch / world_size), and the
+    DDP-averaged gradient equals one process's gradient over the whole batch."""
+    pytest.importorskip("liger_kernel")
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_num_items_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    hidden, weight, ids, mask, adv, old, _ = _linear_inputs("cpu", seed=8)
+    h = hidden.clone().requires_grad_(True)
+    loss, _ = linear_grpo_loss(h, weight, ids, mask, adv, old_logprobs=old, impl="torch")  # the whole batch
+    loss.backward()
+    for rank in range(2):
+        got = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert abs(got["ours"]["loss"] - got["liger"]["loss"]) <= 1e-5 * max(1.0, abs(got["liger"]["loss"]))
+        torch.testing.assert_close(torch.tensor(got["ours"]["grad"]), torch.tensor(got["liger"]["grad"]),
+                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(got["ours"]["grad"]), h.grad, rtol=1e-4, atol=1e-6)

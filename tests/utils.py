@@ -17,7 +17,6 @@ import torch
 def _size(x: torch.Tensor, norm: str) -> float:
     if x.numel() == 0:
         return 0.0
-    x = x.double()
     return float(x.abs().max()) if norm == "max" else float(x.norm())
 
 
@@ -27,9 +26,9 @@ def assert_rule(ours, gold, peer, *, slack: float = 0.0, rel_slack: float = 0.0,
     assert norm in ("max", "fro"), norm
     assert ours is not None and gold is not None and peer is not None, f"{what}: missing tensor"
     assert ours.shape == gold.shape == peer.shape, f"{what}: shapes {ours.shape}, {gold.shape}, {peer.shape}"
-    gold = gold.double()
-    err_ours = _size(ours.double() - gold, norm)
-    err_peer = _size(peer.double() - gold, norm)
+    ours, gold, peer = (t.detach().double() for t in (ours, gold, peer))
+    err_ours = _size(ours - gold, norm)
+    err_peer = _size(peer - gold, norm)
     bound = err_peer + slack + rel_slack * _size(gold, norm)
     assert err_ours <= bound, (f"{what}: error {err_ours:.3g} > peer's {err_peer:.3g} + slack "
                                f"({bound - err_peer:.3g})")
