@@ -2,18 +2,23 @@
 
 Every provider computes the same thing: per-token log-probs of the targets under
 softmax(hidden @ W.T), then the (negligible) dapo GRPO loss with no old log-probs, then backward.
-  saga   saga_kernels.linear_grpo_loss (Triton on CUDA; the chunked torch fallback on a CPU)
-  torch  eager: materialized logits + log_softmax + gather, then saga_kernels.grpo_loss
-  liger  liger_kernel's LigerFusedLinearGRPOLoss (beta = 0, no reference model)
-  cce    cut-cross-entropy: -linear_cross_entropy(e, c, targets, reduction="none") (CUDA only)
-extra_info: peak extra memory of one call, the matmul flop floor (6 N H V frozen, 8 N H V
-trainable) and the implied throughput of the median time.
+  saga            saga_kernels.linear_grpo_loss (Triton on CUDA; the chunked torch fallback on a CPU): a
+                  frozen head takes the Jacobian path (4NHV), a trained one the recompute path (8NHV)
+  saga_recompute  the same with the Jacobian path switched off: the recompute path (6NHV frozen), the
+                  design before the Jacobian path, measured side by side
+  torch           eager: materialized logits + log_softmax + gather, then saga_kernels.grpo_loss
+  liger           liger_kernel's LigerFusedLinearGRPOLoss (beta = 0, no reference model)
+  cce             cut-cross-entropy: -linear_cross_entropy(e, c, targets, reduction="none") (CUDA only)
+extra_info: peak extra memory of one call, the matmul flop floor (4 N H V frozen: the forward forms the
+Jacobian; 8 N H V trainable), the flops the provider's algorithm does, and the throughput of the median
+time against the floor.
 """
 import pytest
 import torch
 from _memory import peak_memory
 from conftest import DEVICE, SIZE, record
 
+import saga_kernels.logprob as logprob_mod
 from saga_kernels import grpo_loss, linear_grpo_loss
 from saga_kernels._dispatch import resolve_impl
 
@@ -21,7 +26,9 @@ SHAPES = {  # (sequences B, tokens per sequence T, H, V, dtype)
     "real": (8, 1024, 4096, 151936, torch.bfloat16),
     "small": (4, 128, 128, 8191, torch.float32),
 }
-PROVIDERS = ["saga", "torch", "liger", "cce"]
+PROVIDERS = ["saga", "saga_recompute", "torch", "liger", "cce"]
+# matmul flops per N H V of each provider's algorithm (frozen head, trained head)
+FLOPS_DONE = {"saga": (4, 8), "saga_recompute": (6, 8), "torch": (6, 8), "liger": (6, 8), "cce": (6, 8)}
 
 
 def _inputs(b, t, h, v, dtype, trainable, seed=0):
@@ -41,9 +48,15 @@ def _eager_logprobs(hidden, weight, ids):
 
 def _step_fn(provider, hidden, weight, ids, mask, adv):
     """A closure running forward + backward once (grads are reset so memory stays flat)."""
-    if provider == "saga":
+    if provider in ("saga", "saga_recompute"):
+        jacobian = provider == "saga"
+
         def loss_fn():
-            return linear_grpo_loss(hidden, weight, ids, mask, adv)[0]
+            previous, logprob_mod.JACOBIAN_PATH = logprob_mod.JACOBIAN_PATH, jacobian
+            try:
+                return linear_grpo_loss(hidden, weight, ids, mask, adv)[0]
+            finally:
+                logprob_mod.JACOBIAN_PATH = previous
     elif provider == "torch":
         def loss_fn():
             return grpo_loss(_eager_logprobs(hidden, weight, ids), mask, adv)[0]
@@ -83,23 +96,38 @@ def test_logprob_fwd_bwd(benchmark, provider, head):
     peak, how = peak_memory(step, DEVICE)
     benchmark.pedantic(step, rounds=5 if SIZE == "small" else 10, iterations=1, warmup_rounds=1)
     n = b * t
-    flops = (8 if head == "trainable" else 6) * n * h * v
+    trained = head == "trainable"
+    floor = (8 if trained else 4) * n * h * v
     record(benchmark, provider=provider, head=head, N=n, H=h, V=v, dtype=str(dtype), peak_bytes=peak,
-           peak_method=how, flop_floor=flops, tflops=flops / benchmark.stats.stats.median / 1e12,
-           saga_impl=resolve_impl(None, hidden) if provider == "saga" else None)
+           peak_method=how, flop_floor=floor, flops_done=FLOPS_DONE[provider][trained] * n * h * v,
+           tflops=floor / benchmark.stats.stats.median / 1e12,
+           saga_impl=resolve_impl(None, hidden) if provider.startswith("saga") else None)
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="the issue's CPU memory check (fallback vs eager)")
-def test_cpu_memory_check(benchmark):
-    """N = 2048, H = 256, V = 151936, fp32, frozen head: the fallback's peak must be < 1/4 of eager's."""
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU checks of issues 2 and 12 (torch fallback)")
+def test_cpu_jacobian_vs_recompute_and_memory(benchmark):
+    """N = 2048, H = 256, V = 151936, fp32, frozen head, torch fallback: fwd + bwd of the Jacobian path
+    (4NHV) against the recompute path (6NHV, the design before it), interleaved over 3 rounds (min of
+    each); the Jacobian path must be >= 25% faster, and its peak memory < 1/4 of eager's."""
+    import time
+
     hidden, weight, ids, mask, adv = _inputs(1, 2048, 256, 151936, torch.float32, trainable=False)
     eager_peak, how = peak_memory(_step_fn("torch", hidden, weight, ids, mask, adv), DEVICE)
-    step = _step_fn("saga", hidden, weight, ids, mask, adv)
-    saga_peak, _ = peak_memory(step, DEVICE)
-    benchmark.pedantic(step, rounds=1, iterations=1)
+    steps = {p: _step_fn(p, hidden, weight, ids, mask, adv) for p in ("saga", "saga_recompute")}
+    saga_peak, _ = peak_memory(steps["saga"], DEVICE)
+    times = {p: [] for p in steps}
+    for _ in range(3):
+        for p, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[p].append(time.perf_counter() - start)
+    benchmark.pedantic(steps["saga"], rounds=1, iterations=1)
+    ratio = min(times["saga"]) / min(times["saga_recompute"])
     record(benchmark, provider="saga", head="frozen", N=2048, H=256, V=151936, dtype="float32",
-           peak_bytes=saga_peak, eager_peak_bytes=eager_peak, peak_method=how,
-           saga_impl=resolve_impl(None, hidden))
-    print(f"\nCPU memory check: saga ({resolve_impl(None, hidden)}) peak {saga_peak / 2**20:.0f} MiB, "
-          f"eager peak {eager_peak / 2**20:.0f} MiB, ratio {saga_peak / eager_peak:.3f}")
+           peak_bytes=saga_peak, eager_peak_bytes=eager_peak, peak_method=how, saga_impl=resolve_impl(None, hidden),
+           jacobian_s=times["saga"], recompute_s=times["saga_recompute"], time_ratio=ratio)
+    print(f"\nCPU check: Jacobian path {min(times['saga']):.2f} s vs recompute path "
+          f"{min(times['saga_recompute']):.2f} s (ratio {ratio:.2f}); peak {saga_peak / 2**20:.0f} MiB vs eager "
+          f"{eager_peak / 2**20:.0f} MiB ({saga_peak / eager_peak:.3f})")
+    assert ratio <= 0.75
     assert saga_peak < eager_peak / 4
