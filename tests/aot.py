@@ -102,13 +102,14 @@ def _encode(value):
     return "tl." + {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}.get(name, name)
 
 
-def compile_specs(specs) -> list[dict]:
-    """Compile every spec for sm_90a in a fresh interpreter-free Python; return one report dict per spec."""
+def compile_specs(specs, root: str | None = None) -> list[dict]:
+    """Compile every spec for sm_90a in a fresh interpreter-free Python; return one report dict per spec.
+    ``root``: the checkout whose ``saga_kernels`` is compiled (default: this one)."""
     payload = [dict(dataclasses.asdict(s), name=s.name, consts={k: _encode(v) for k, v in s.consts.items()},
                     divisible=list(s.divisible)) for s in specs]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     run = subprocess.run([sys.executable, "-c", _WORKER], input=json.dumps(payload), env=env, capture_output=True,
                          text=True, timeout=900)
