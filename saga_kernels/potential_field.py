@@ -1,45 +1,418 @@
-"""Potential Field loss (METHOD.md, "Potential Field loss"), streamed over (element x element) tiles.
+"""Potential Field loss (METHOD.md, "Potential Field loss") on tensor cores, streamed over (point x point) tiles.
 
-Let A = the L2-normalized batch embeddings followed by the L2-normalized proxies (n = N + P elements),
-y(a) the class of element a (``labels`` for embeddings, ``proxy_labels`` for proxies) and d(a, s) their
-Euclidean distance, clamped below at ``MIN_DISTANCE``. Then
+The point set A is the N batch embeddings ``x`` [N, D] followed by the P proxies ``w`` [P, D] (n = N + P
+points; raw rows in any float dtype, never concatenated: the kernels read the two tensors through their
+own pointers). Point a has class y(a) (``labels`` for embeddings, ``proxy_labels`` for proxies, compared by
+equality only), inverse norm ``r_a = 1 / max(||a||, eps)`` (:func:`~saga_kernels.metric_common.inverse_norms`)
+and unit row ``ahat = r_a a``. For unit rows
 
+    d2(a, s) = ||ahat - shat||^2 = 2 - 2 c_as,   c_as = (a . s) r_a r_s,   d = sqrt(max(d2, MIN_DISTANCE^2))
     psi_att(d) = -1 / max(d, delta)^alpha      (y(a) = y(s): flat inside delta)
     psi_rep(d) =  1 / min(d, delta)^alpha      (y(a) != y(s): constant, i.e. zero force, beyond delta)
-    L = 1/n sum_a 1/(n - 1) sum_{s != a} psi(d(a, s))
+    L = 1 / (n (n - 1)) sum_a sum_{s != a} psi(d(a, s))
 
-("s != a" is by index: two coincident elements still feel each other). psi is symmetric, so with
-d = sqrt(2 - 2 <a, s>) for unit rows,
+("s != a" is by index: two coincident points still feel each other, at the clamped distance; L = 0 when
+n <= 1). N = 0 is the energy of the proxies alone (the definition with an empty batch).
 
-    dL/da = 2 / (n (n - 1)) sum_{s != a} psi'(d(a, s)) * (-s / d(a, s))
+Backward. psi is symmetric, so with the upstream gradient g and ``coef = 2 g / (n (n - 1))``,
+dd/dahat = -shat / d on the sphere (the radial part is removed by the normalization's backward) and
+psi'(d) / d = +alpha d^-(alpha + 2) (attraction, d > delta), -alpha d^-(alpha + 2) (repulsion, d < delta and
+d2 > MIN_DISTANCE^2), 0 where a clamp holds d:
 
-up to a radial term that the normalization's backward removes. Both paths keep only the unit rows and
-n row sums: the forward streams row sums of psi, the backward recomputes distances tile by tile (the
-set is its own column side, so every element, proxy or embedding, gets its gradient as a row).
+    W_as = -coef psi'(d_as) / d_as                          (0 for s = a)
+    u_a  = r_a dL/dahat = sum_{s != a} (W_as r_a r_s) s
+    dL/da = u_a - r_a^2 <a, u_a> a                          (normalize_backward)
+
+so every point, embedding or proxy, gets its gradient as a row of one pass over the point set.
+
+Kernels (raw rows in their own dtype feed ``tl.dot``: bf16/fp16 on the tensor cores; fp32 at least as
+tf32x3, since the short distances sqrt(2 - 2 c) need about fp32 accuracy in c). Each launch takes one
+source (embeddings or proxies) as its rows and sweeps both sources as columns. Similarity-sized matmuls
+(n x n x D products, counting both row launches together) per call:
+
+* ``_pf_fwd_kernel``: row sums of psi over a split of the columns (split when rows are few). 1 matmul.
+* ``_pf_bwd_kernel`` (D <= ``_MAX_FUSED_D`` = 512 for bf16/fp16, half that for fp32: :func:`fused_backward`):
+  recomputes the cosine tile once and accumulates ``(W r r) @ s`` into a [BLOCK_M, next_pow2(D)] fp32
+  accumulator held by one program. 2 matmuls.
+* ``_pf_grad_tile_kernel`` (larger D): writes ``W r r`` for a chunk of rows against all n columns (at most
+  ``_GRAD_CHUNK_BYTES``; bf16/fp16 for half inputs on a GPU, else fp32) once; cuBLAS does the product.
+  2 matmuls.
+
+Accuracy near d = 0. ``2 - 2 c`` cancels: with c accumulated in fp32 (any Gram-matrix evaluation: this
+kernel, torch's ``x @ x.T``, cuBLAS) d2 carries an absolute error of a few 1e-7, i.e. a relative force error
+of about (alpha + 2) * 1e-7 / d2 (1e-3 at d = 0.03). Distances below ``MIN_DISTANCE`` are clamped (zero
+force), so the error stays bounded; only the N x N x D differences avoid the cancellation.
+
+The torch fallback computes the same math in fp32 (fp64 for fp64 inputs) on [tile_size(n), n] tiles.
 """
 from __future__ import annotations
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_finite, check_mode, check_same_device, check_tensor
 from ._dispatch import resolve_impl
+from ._tl_utils import cdiv, dot_config, next_pow2, on_device, tile_dot
+from ._triton import tl, triton
 from .metric_common import (
     INT_DTYPES,
     check_embeddings_labels,
     check_positive,
     compute_dtype,
-    l2_normalize,
-    remap_labels,
+    inverse_norms,
+    normalize_backward,
     tile_size,
 )
+from .proxy_anchor import column_splits
 
 # Distances are clamped to at least this (gradient 0 below it), so coincident points of different
 # classes repel with the finite energy MIN_DISTANCE^-alpha. In float32 the Gram-matrix distance
-# sqrt(2 - 2 cos) of unit rows carries an absolute error of about 3e-4 near 0, so the clamp sits well
-# above that noise and the float32 kernels agree with a float64 evaluation.
+# sqrt(2 - 2 cos) of unit rows carries an absolute error of about 3e-4 near 0 (sqrt of a few 1e-7), so the
+# clamp sits well above that noise: coincident points land on the clamp in float32 as in float64.
 MIN_DISTANCE = 1e-2
 
+_MAX_FUSED_D = 512  # largest D whose backward keeps the [BLOCK_M, next_pow2(D)] accumulator in one program
+_GRAD_CHUNK_BYTES = 64 * 2**20  # large-D backward: the gradient tile written per chunk, at most this big
+_PARTIAL_BYTES = 256 * 2**20  # fused backward: fp32 partial sums over column splits stay under this
 
+
+# --------------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------------
+@triton.jit
+def _pf_log_d2(a_ptr, b_ptr, ra, rb, rows, cols, row_ok, col_ok, D, stride_a, stride_b, min_dist,
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """(unclamped d2 = 2 - 2 c, log of the clamped d2) of a tile of raw rows; masked entries give c = 0."""
+    dots = tile_dot(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_a, stride_b,
+                    BLOCK_R, BLOCK_C, BLOCK_K, DOT_DTYPE, PRECISION)
+    d2 = 2.0 - 2.0 * (dots * (ra[:, None] * rb[None, :]))
+    return d2, tl.log(tl.maximum(d2, min_dist * min_dist))
+
+
+@triton.jit
+def _pf_energy(log_d2, same, keep, alpha, log_delta2):
+    """psi = -max(d, delta)^-alpha (same class), min(d, delta)^-alpha (else), 0 where ``keep`` is False:
+    one exp per entry, d^-alpha = exp(-alpha/2 log d2)."""
+    e = tl.exp(-0.5 * alpha * tl.where(same, tl.maximum(log_d2, log_delta2), tl.minimum(log_d2, log_delta2)))
+    return tl.where(keep, tl.where(same, -e, e), 0.0)
+
+
+@triton.jit
+def _pf_weight(d2, log_d2, same, keep, coef, alpha, delta, min_dist):
+    """W = -coef psi'(d) / d: -coef alpha d^-(alpha+2) (attraction beyond delta), +coef alpha d^-(alpha+2)
+    (repulsion inside delta, unclamped), 0 elsewhere and where ``keep`` is False."""
+    slope = coef * alpha * tl.exp(-0.5 * (alpha + 2.0) * log_d2)
+    attract = same & (d2 > delta * delta)
+    repel = (~same) & (d2 < delta * delta) & (d2 > min_dist * min_dist)
+    return tl.where(keep & attract, -slope, tl.where(keep & repel, slope, 0.0))
+
+
+@triton.jit
+def _pf_fwd_kernel(row_ptr, rr_ptr, lr_ptr, n_rows, stride_row, row_offset,
+                   x_ptr, rx_ptr, lx_ptr, N, stride_x,
+                   w_ptr, rw_ptr, lw_ptr, P, stride_w,
+                   out_ptr, D, cols_per_split, alpha, delta, min_dist,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """out[split, a] = sum over the split's columns s != a of psi(d(a, s)) for the rows a of one source
+    (global index row_offset + a); columns run over the embeddings (global 0..N-1), then the proxies
+    (N..N+P-1); the host sums the splits."""
+    alpha = tl.cast(alpha, tl.float32)
+    delta = tl.cast(delta, tl.float32)
+    min_dist = tl.cast(min_dist, tl.float32)
+    log_delta2 = tl.log(delta * delta)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    grow = (rows + row_offset).to(tl.int32)  # global row index (n < 2^31), for s != a
+    split = tl.program_id(1).to(tl.int64)
+    start = split * cols_per_split
+    end = tl.minimum(start + cols_per_split, N + P)
+    rr = tl.load(rr_ptr + rows, mask=row_ok, other=0.0)
+    lr = tl.load(lr_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    x_end = tl.minimum(end, N)
+    for c0 in range(start, x_end, BLOCK_N):  # embedding columns
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < x_end
+        rc = tl.load(rx_ptr + cols, mask=col_ok, other=0.0)
+        _, log_d2 = _pf_log_d2(row_ptr, x_ptr, rr, rc, rows, cols, row_ok, col_ok, D, stride_row, stride_x,
+                               min_dist, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
+        lc = tl.load(lx_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
+        keep = row_ok[:, None] & col_ok[None, :] & (grow[:, None] != cols.to(tl.int32)[None, :])
+        acc += tl.sum(_pf_energy(log_d2, lr[:, None] == lc[None, :], keep, alpha, log_delta2), axis=1)
+    w_start = tl.maximum(start, N) - N
+    w_end = tl.maximum(end, N) - N
+    for c0 in range(w_start, w_end, BLOCK_N):  # proxy columns
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < w_end
+        rc = tl.load(rw_ptr + cols, mask=col_ok, other=0.0)
+        _, log_d2 = _pf_log_d2(row_ptr, w_ptr, rr, rc, rows, cols, row_ok, col_ok, D, stride_row, stride_w,
+                               min_dist, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
+        lc = tl.load(lw_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
+        keep = row_ok[:, None] & col_ok[None, :] & (grow[:, None] != (cols + N).to(tl.int32)[None, :])
+        acc += tl.sum(_pf_energy(log_d2, lr[:, None] == lc[None, :], keep, alpha, log_delta2), axis=1)
+    tl.store(out_ptr + split * n_rows + rows, acc, mask=row_ok)
+
+
+@triton.jit
+def _pf_bwd_kernel(row_ptr, rr_ptr, lr_ptr, n_rows, stride_row, row_offset,
+                   x_ptr, rx_ptr, lx_ptr, N, stride_x,
+                   w_ptr, rw_ptr, lw_ptr, P, stride_w,
+                   coef_ptr, u_ptr, D, cols_per_split, alpha, delta, min_dist,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """u[split, a, :] = sum over the split's columns s != a of (W_as r_a r_s) s for the rows a of one
+    source (fp32 [splits, n_rows, D]; the host sums the splits)."""
+    alpha = tl.cast(alpha, tl.float32)
+    delta = tl.cast(delta, tl.float32)
+    min_dist = tl.cast(min_dist, tl.float32)
+    coef = tl.load(coef_ptr)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    grow = (rows + row_offset).to(tl.int32)  # global row index (n < 2^31), for s != a
+    split = tl.program_id(1).to(tl.int64)
+    start = split * cols_per_split
+    end = tl.minimum(start + cols_per_split, N + P)
+    rr = tl.load(rr_ptr + rows, mask=row_ok, other=0.0)
+    lr = tl.load(lr_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    x_end = tl.minimum(end, N)
+    for c0 in range(start, x_end, BLOCK_N):  # embedding columns
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < x_end
+        rc = tl.load(rx_ptr + cols, mask=col_ok, other=0.0)
+        d2, log_d2 = _pf_log_d2(row_ptr, x_ptr, rr, rc, rows, cols, row_ok, col_ok, D, stride_row, stride_x,
+                                min_dist, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
+        lc = tl.load(lx_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
+        keep = row_ok[:, None] & col_ok[None, :] & (grow[:, None] != cols.to(tl.int32)[None, :])
+        wt = _pf_weight(d2, log_d2, lr[:, None] == lc[None, :], keep, coef, alpha, delta, min_dist)
+        wt = wt * (rr[:, None] * rc[None, :])
+        s = tl.load(x_ptr + cols[:, None] * stride_x + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(wt.to(DOT_DTYPE), s.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    w_start = tl.maximum(start, N) - N
+    w_end = tl.maximum(end, N) - N
+    for c0 in range(w_start, w_end, BLOCK_N):  # proxy columns
+        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        col_ok = cols < w_end
+        rc = tl.load(rw_ptr + cols, mask=col_ok, other=0.0)
+        d2, log_d2 = _pf_log_d2(row_ptr, w_ptr, rr, rc, rows, cols, row_ok, col_ok, D, stride_row, stride_w,
+                                min_dist, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
+        lc = tl.load(lw_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
+        keep = row_ok[:, None] & col_ok[None, :] & (grow[:, None] != (cols + N).to(tl.int32)[None, :])
+        wt = _pf_weight(d2, log_d2, lr[:, None] == lc[None, :], keep, coef, alpha, delta, min_dist)
+        wt = wt * (rr[:, None] * rc[None, :])
+        s = tl.load(w_ptr + cols[:, None] * stride_w + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(wt.to(DOT_DTYPE), s.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    out = u_ptr + split * n_rows * D + rows[:, None] * D + dd[None, :]
+    tl.store(out, acc, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _pf_grad_tile_kernel(row_ptr, rr_ptr, lr_ptr, n_rows, stride_row, row_offset,
+                         col_ptr, rc_ptr, lc_ptr, n_cols, stride_col, col_offset,
+                         coef_ptr, g_ptr, stride_g, D, alpha, delta, min_dist,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """g[a, s] = W_as r_a r_s (in g's dtype) for the given rows and columns (global indices row_offset + a,
+    col_offset + s), one tile per program."""
+    alpha = tl.cast(alpha, tl.float32)
+    delta = tl.cast(delta, tl.float32)
+    min_dist = tl.cast(min_dist, tl.float32)
+    coef = tl.load(coef_ptr)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    rr = tl.load(rr_ptr + rows, mask=row_ok, other=0.0)
+    rc = tl.load(rc_ptr + cols, mask=col_ok, other=0.0)
+    d2, log_d2 = _pf_log_d2(row_ptr, col_ptr, rr, rc, rows, cols, row_ok, col_ok, D, stride_row, stride_col,
+                            min_dist, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
+    lr = tl.load(lr_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    lc = tl.load(lc_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
+    ok = row_ok[:, None] & col_ok[None, :]
+    keep = ok & ((rows + row_offset).to(tl.int32)[:, None] != (cols + col_offset).to(tl.int32)[None, :])
+    wt = _pf_weight(d2, log_d2, lr[:, None] == lc[None, :], keep, coef, alpha, delta, min_dist)
+    wt = wt * (rr[:, None] * rc[None, :])
+    tl.store(g_ptr + rows[:, None] * stride_g + cols[None, :], wt.to(g_ptr.dtype.element_ty), mask=ok)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launch configurations: one function per kernel, used by the launchers and by the sm_90 compile test
+# (tests/test_potential_field.py::AOT_SPECS), so the compiled artifact is what runs.
+# --------------------------------------------------------------------------------------------------------
+def _half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def _block_k(dtype: torch.dtype) -> int:
+    """D chunk of every similarity dot (the same in all kernels: the backward recomputes the forward's
+    distances with the same summation order): 64 half elements or 32 fp32 ones, 128 bytes per row."""
+    return 64 if _half(dtype) else 32
+
+
+def fwd_config(d: int, dtype: torch.dtype) -> dict:
+    """``_pf_fwd_kernel``: 64 x 64 tiles, 8 warps: the energy keeps about 8 registers per tile entry alive
+    (cosine, log d2, exp, masks), i.e. 130 (bf16) / 190 (fp32, tf32x3 splits) registers per thread;
+    128 x 64 tiles need 245-255, 4 warps 200-245."""
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=_block_k(dtype), num_warps=8, num_stages=3)
+
+
+def fused_backward(d: int, dtype: torch.dtype) -> bool:
+    """Whether the backward accumulates D in one program: D <= _MAX_FUSED_D for half inputs, D <=
+    _MAX_FUSED_D / 2 for fp32 (tf32x3 splits the [BLOCK_N, BLOCK_D] product operand into three register
+    copies: at D = 512 that and the 128-register accumulator spill 4-8 KB per thread at any BLOCK_N)."""
+    return d <= (_MAX_FUSED_D if _half(dtype) else _MAX_FUSED_D // 2)
+
+
+def bwd_config(d: int, dtype: torch.dtype) -> dict:
+    """``_pf_bwd_kernel`` (fused): the [BLOCK_M, BLOCK_D] fp32 accumulator lives in registers (64 x 512
+    over 8 warps: 128 per thread), the [BLOCK_N, BLOCK_D] product operand in shared memory next to the
+    similarity's two pipelined stages. BLOCK_N = 32 (16 for fp32 beyond D = 128) keeps registers at
+    <= 252 with no spills (sm_90 compile, tests); 64 spills at D = 512."""
+    block_d = max(16, next_pow2(d))
+    block_m = 128 if block_d <= 128 else 64
+    block_n = 32 if (_half(dtype) or block_d <= 128) else 16
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_k(dtype), BLOCK_D=block_d, num_warps=8,
+                num_stages=2)
+
+
+def grad_tile_config(d: int, dtype: torch.dtype) -> dict:
+    """``_pf_grad_tile_kernel`` (unfused backward): one 128 x 64 tile per program, 8 warps."""
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=_block_k(dtype), num_warps=8, num_stages=3)
+
+
+def _launch_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """The dtype both operands of a dot are cast to inside the kernels (a no-op when they match)."""
+    return x.dtype if x.dtype == w.dtype else torch.promote_types(x.dtype, w.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launchers. ``pts`` = ((x, r_x, labels), (w, r_w, proxy_labels)); x may have 0 rows.
+# --------------------------------------------------------------------------------------------------------
+def _sources(pts):
+    """Kernel arguments of the two column sources (an empty x is replaced by w's pointers: never read)."""
+    (x, rx, lx), (w, rw, lw) = pts
+    if x.shape[0] == 0:
+        x, rx, lx = w, rw, lw
+    return dict(x_ptr=x, rx_ptr=rx, lx_ptr=lx, N=pts[0][0].shape[0], stride_x=x.stride(0),
+                w_ptr=w, rw_ptr=rw, lw_ptr=lw, P=w.shape[0], stride_w=w.stride(0))
+
+
+def _row_launches(pts, needed=(True, True)):
+    """(source index, rows, r, labels, global offset) of each needed, non-empty row source."""
+    offset = 0
+    for i, (t, r, lab) in enumerate(pts):
+        if needed[i] and t.shape[0] > 0:
+            yield i, t, r, lab, offset
+        offset += t.shape[0]
+
+
+def _triton_forward(pts, alpha: float, delta: float) -> torch.Tensor:
+    """sum_a sum_{s != a} psi(d(a, s)) over all points, fp32 scalar."""
+    (x, _, _), (w, _, _) = pts
+    n, d = x.shape[0] + w.shape[0], w.shape[1]
+    dtype = _launch_dtype(x, w)
+    dot_dtype, precision = dot_config(dtype, w.device, min_fp32_precision="tf32x3")
+    cfg = fwd_config(d, dtype)
+    total = torch.zeros((), device=w.device, dtype=torch.float32)
+    row_programs = sum(cdiv(t.shape[0], cfg["BLOCK_M"]) for t, _, _ in pts)
+    splits, per_split = column_splits(row_programs, n, cfg["BLOCK_N"])
+    for _, rows, r, lab, offset in _row_launches(pts):
+        out = torch.empty((splits, rows.shape[0]), device=w.device, dtype=torch.float32)
+        with on_device(w):
+            _pf_fwd_kernel[(cdiv(rows.shape[0], cfg["BLOCK_M"]), splits)](
+                row_ptr=rows, rr_ptr=r, lr_ptr=lab, n_rows=rows.shape[0], stride_row=rows.stride(0),
+                row_offset=offset, **_sources(pts), out_ptr=out, D=d, cols_per_split=per_split, alpha=alpha,
+                delta=delta, min_dist=MIN_DISTANCE, DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg)
+        total = total + out.sum()
+    return total
+
+
+def _fused_backward(pts, coef, alpha, delta, needed):
+    (x, _, _), (w, _, _) = pts
+    n, d = x.shape[0] + w.shape[0], w.shape[1]
+    dtype = _launch_dtype(x, w)
+    dot_dtype, precision = dot_config(dtype, w.device, min_fp32_precision="tf32x3")
+    cfg = bwd_config(d, dtype)
+    us = [None, None]
+    row_programs = sum(cdiv(t.shape[0], cfg["BLOCK_M"]) for (t, _, _), need in zip(pts, needed) if need)
+    cap = max(1, _PARTIAL_BYTES // (4 * max(1, n) * d))
+    splits, per_split = column_splits(row_programs, n, cfg["BLOCK_N"], cap=cap)
+    for i, rows, r, lab, offset in _row_launches(pts, needed):
+        out = torch.empty((splits, rows.shape[0], d), device=w.device, dtype=torch.float32)
+        with on_device(w):
+            _pf_bwd_kernel[(cdiv(rows.shape[0], cfg["BLOCK_M"]), splits)](
+                row_ptr=rows, rr_ptr=r, lr_ptr=lab, n_rows=rows.shape[0], stride_row=rows.stride(0),
+                row_offset=offset, **_sources(pts), coef_ptr=coef, u_ptr=out, D=d, cols_per_split=per_split,
+                alpha=alpha, delta=delta, min_dist=MIN_DISTANCE, DOT_DTYPE=dot_dtype, PRECISION=precision,
+                **cfg)
+        us[i] = out[0] if splits == 1 else out.sum(dim=0)
+    return us
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with an fp32 result: half operands on CUDA accumulate in fp32 inside cuBLAS with no upcast
+    copy (``out_dtype``); mixed or CPU operands are upcast (one bounded chunk at a time)."""
+    if a.dtype == b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and a.dtype == b.dtype and _half(a.dtype):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm(out_dtype=)
+            return (a @ b).float()
+    return a.float() @ b.float()
+
+
+def _unfused_backward(pts, coef, alpha, delta, needed):
+    """Large D: u per needed source from bounded chunks of ``W r r`` (rows x all n columns)
+    written once; cuBLAS forms the product. 2 matmuls."""
+    (x, _, _), (w, _, _) = pts
+    n, d = x.shape[0] + w.shape[0], w.shape[1]
+    dtype = _launch_dtype(x, w)
+    dot_dtype, precision = dot_config(dtype, w.device, min_fp32_precision="tf32x3")
+    cfg = grad_tile_config(d, dtype)
+    buf_dtype = dtype if (w.is_cuda and _half(dtype)) else torch.float32
+    elt = torch.finfo(buf_dtype).bits // 8
+    chunk = max(cfg["BLOCK_M"], _GRAD_CHUNK_BYTES // (elt * n) // cfg["BLOCK_M"] * cfg["BLOCK_M"])
+    buf = torch.empty((min(chunk, n), n), device=w.device, dtype=buf_dtype)
+    us = [None, None]
+    for i, rows, r, lab, offset in _row_launches(pts, needed):
+        u = torch.empty((rows.shape[0], d), device=w.device, dtype=torch.float32)
+        for r0 in range(0, rows.shape[0], chunk):
+            r1 = min(rows.shape[0], r0 + chunk)
+            g = buf[: r1 - r0]
+            col0 = 0
+            for cols, rc, lc in pts:
+                if cols.shape[0] > 0:
+                    with on_device(w):
+                        _pf_grad_tile_kernel[(cdiv(r1 - r0, cfg["BLOCK_M"]), cdiv(cols.shape[0], cfg["BLOCK_N"]))](
+                            row_ptr=rows[r0:r1], rr_ptr=r[r0:r1], lr_ptr=lab[r0:r1], n_rows=r1 - r0,
+                            stride_row=rows.stride(0), row_offset=offset + r0, col_ptr=cols, rc_ptr=rc,
+                            lc_ptr=lc, n_cols=cols.shape[0], stride_col=cols.stride(0), col_offset=col0,
+                            coef_ptr=coef, g_ptr=g[:, col0:], stride_g=g.stride(0), D=d, alpha=alpha,
+                            delta=delta, min_dist=MIN_DISTANCE, DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg)
+                col0 += cols.shape[0]
+            nx = pts[0][0].shape[0]
+            acc = _mm_fp32(g[:, nx:], w)
+            if nx > 0:
+                acc += _mm_fp32(g[:, :nx], x)
+            u[r0:r1] = acc
+        us[i] = u
+    return us
+
+
+def _triton_backward(pts, coef, alpha, delta, needed):
+    (x, _, _), (w, _, _) = pts
+    if not fused_backward(w.shape[1], _launch_dtype(x, w)):
+        return _unfused_backward(pts, coef, alpha, delta, needed)
+    return _fused_backward(pts, coef, alpha, delta, needed)
+
+
+# --------------------------------------------------------------------------------------------------------
+# PyTorch fallback: the same math on [tile_size(n), n] tiles in fp32 (fp64 for fp64 inputs)
+# --------------------------------------------------------------------------------------------------------
 def pf_energy(d: torch.Tensor, same: torch.Tensor, alpha: float, delta: float) -> torch.Tensor:
     """psi(d): -max(d, delta)^-alpha where ``same``, min(d, delta)^-alpha elsewhere."""
     return torch.where(same, -d.clamp(min=delta).pow(-alpha), d.clamp(max=delta).pow(-alpha))
@@ -54,71 +427,122 @@ def pf_slope(d: torch.Tensor, d2: torch.Tensor, same: torch.Tensor, alpha: float
     return torch.where(same, attract, repel)
 
 
-def _distances(rows: torch.Tensor, x: torch.Tensor):
-    """(clamped d, unclamped d^2) between unit ``rows`` and unit ``x``."""
-    d2 = 2.0 - 2.0 * (rows @ x.T)
-    return d2.clamp(min=MIN_DISTANCE**2).sqrt(), d2
-
-
-def _torch_forward(x, labels, alpha, delta):
-    """Row sums [n] of psi over s != a, in row chunks."""
-    n = x.shape[0]
-    rowsum = torch.empty(n, dtype=x.dtype, device=x.device)
-    cols = torch.arange(n, device=x.device)
+def _fallback_tiles(pts, needed=(True, True)):
+    """Yield (source, r0, r1, d, d2, same, keep, column blocks) per row chunk of each needed source, in the
+    compute dtype: d/d2 are [rows, n] over the columns x then w; ``keep`` drops s = a."""
+    cd = pts[1][1].dtype
+    # Contiguous operands: BLAS results then do not depend on the inputs' row strides (bit for bit).
+    cols = [(t.to(cd).contiguous(), r, lab) for t, r, lab in pts]
+    col_lab = torch.cat([lab.to(torch.int64) for _, _, lab in pts])
+    col_r = torch.cat([r for _, r, _ in pts])
+    n = col_lab.shape[0]
+    gcol = torch.arange(n, device=col_lab.device)
+    offset = 0
     step = tile_size(n)
-    for r0 in range(0, n, step):
-        d, _ = _distances(x[r0 : r0 + step], x)
-        same = labels[r0 : r0 + step, None] == labels[None, :]
-        psi = pf_energy(d, same, alpha, delta)
-        psi = psi.masked_fill(cols[r0 : r0 + step, None] == cols[None, :], 0.0)
-        rowsum[r0 : r0 + step] = psi.sum(dim=1)
-    return rowsum
+    for i, (t, r, lab) in enumerate(pts):
+        if needed[i]:
+            for r0 in range(0, t.shape[0], step):
+                r1 = min(t.shape[0], r0 + step)
+                rows = t[r0:r1].to(cd).contiguous()
+                dots = torch.cat([rows @ c.T for c, _, _ in cols], dim=1)
+                d2 = 2.0 - 2.0 * dots * (r[r0:r1, None] * col_r[None, :])
+                d = d2.clamp(min=MIN_DISTANCE**2).sqrt()
+                same = lab[r0:r1, None].to(torch.int64) == col_lab[None, :]
+                keep = gcol[None, :] != (offset + torch.arange(r0, r1, device=gcol.device))[:, None]
+                yield i, r0, r1, d, d2, same, keep, cols
+        offset += t.shape[0]
 
 
-def _torch_backward(x, labels, coef, alpha, delta):
-    """dL/dx for L = coef / 2 * sum(rowsum), in row chunks."""
-    n = x.shape[0]
-    grad = torch.empty_like(x)
-    cols = torch.arange(n, device=x.device)
-    step = tile_size(n)
-    for r0 in range(0, n, step):
-        d, d2 = _distances(x[r0 : r0 + step], x)
-        same = labels[r0 : r0 + step, None] == labels[None, :]
-        w = -coef * pf_slope(d, d2, same, alpha, delta)
-        w = w.masked_fill(cols[r0 : r0 + step, None] == cols[None, :], 0.0)
-        grad[r0 : r0 + step] = w @ x
-    return grad
+def _torch_forward(pts, alpha, delta):
+    total = torch.zeros((), dtype=pts[1][1].dtype, device=pts[1][1].device)
+    for _, _, _, d, _, same, keep, _ in _fallback_tiles(pts):
+        total = total + torch.where(keep, pf_energy(d, same, alpha, delta), 0.0).sum()
+    return total
 
 
+def _torch_backward(pts, coef, alpha, delta, needed):
+    us = [torch.empty(t.shape, dtype=r.dtype, device=t.device) if need else None
+          for (t, r, _), need in zip(pts, needed)]
+    for i, r0, r1, d, d2, same, keep, cols in _fallback_tiles(pts, needed):
+        wt = torch.where(keep, -coef * pf_slope(d, d2, same, alpha, delta), 0.0)
+        rr = pts[i][1][r0:r1]
+        c0, acc = 0, 0
+        for c, rc, _ in cols:
+            c1 = c0 + c.shape[0]
+            acc = acc + (wt[:, c0:c1] * (rr[:, None] * rc[None, :])) @ c
+            c0 = c1
+        us[i][r0:r1] = acc
+    return us
+
+
+# --------------------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------------------
 class _PotentialField(torch.autograd.Function):
-    """Unit rows x [n, D] (compute dtype), dense int labels [n] -> scalar loss."""
+    """Raw embeddings x [N >= 0, D] and proxies w [P >= 1, D], int labels -> scalar loss (x's dtype)."""
 
     @staticmethod
-    def forward(ctx, x, labels, alpha, delta, impl):
-        if impl == "triton":
-            from ._proxy_losses_triton import pf_forward
-
-            rowsum = pf_forward(x, labels, alpha, delta, MIN_DISTANCE)
-        else:
-            rowsum = _torch_forward(x, labels, alpha, delta)
-        ctx.save_for_backward(x, labels)
+    def forward(ctx, x, w, labels, proxy_labels, alpha, delta, impl):
+        acc = compute_dtype(torch.promote_types(x.dtype, w.dtype))  # fp32 (fp64 only on the torch path)
+        pts = ((x, inverse_norms(x).to(acc), labels), (w, inverse_norms(w).to(acc), proxy_labels))
+        n = x.shape[0] + w.shape[0]
+        ctx.save_for_backward(x, w, pts[0][1], pts[1][1], labels, proxy_labels)
         ctx.alpha, ctx.delta, ctx.impl = alpha, delta, impl
-        n = x.shape[0]
-        return (rowsum.sum() / (n * (n - 1))).to(x.dtype)
+        if n <= 1:  # no pair
+            return torch.zeros((), dtype=x.dtype, device=x.device)
+        total = _triton_forward(pts, alpha, delta) if impl == "triton" else _torch_forward(pts, alpha, delta)
+        return (total / (n * (n - 1))).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, labels = ctx.saved_tensors
-        n = x.shape[0]
-        coef = grad_out * (2.0 / (n * (n - 1)))
-        if ctx.impl == "triton":
-            from ._proxy_losses_triton import pf_backward
+        x, w, rx, rw, labels, proxy_labels = ctx.saved_tensors
+        needed = tuple(ctx.needs_input_grad[:2])
+        n = x.shape[0] + w.shape[0]
+        grads = [None, None]
+        if n <= 1 or not any(needed):
+            grads = [torch.zeros_like(t) if need else None for t, need in zip((x, w), needed)]
+            return grads[0], grads[1], None, None, None, None, None
+        pts = ((x, rx, labels), (w, rw, proxy_labels))
+        coef = (grad_out.to(rx.dtype) * (2.0 / (n * (n - 1)))).reshape(1)
+        run = _triton_backward if ctx.impl == "triton" else _torch_backward
+        us = run(pts, coef, ctx.alpha, ctx.delta, needed)
+        for i, (t, r, _) in enumerate(pts):
+            if needed[i]:
+                grads[i] = normalize_backward(t, r, us[i]).to(t.dtype) if t.shape[0] > 0 else torch.zeros_like(t)
+        return grads[0], grads[1], None, None, None, None, None
 
-            grad = pf_backward(x, labels, coef.to(torch.float32).reshape(1), ctx.alpha, ctx.delta, MIN_DISTANCE)
-            grad = grad.to(x.dtype)
-        else:
-            grad = _torch_backward(x, labels, coef, ctx.alpha, ctx.delta)
-        return grad, None, None, None, None
+
+def _check_labels_have_proxies(labels: torch.Tensor, proxy_labels: torch.Tensor) -> None:
+    """Every label is the class of at least one proxy (mode-aware: no host sync on CUDA by default)."""
+    if labels.numel() == 0:
+        return
+    mode = check_mode(labels)
+    if mode == "off":
+        return
+    # sort + searchsorted rather than torch.isin, whose sorting path calls unique (a host sync on CUDA)
+    classes = proxy_labels.to(torch.int64).sort().values
+    lab = labels.to(torch.int64)
+    ok = classes[torch.searchsorted(classes, lab).clamp_(max=classes.numel() - 1)] == lab
+    message = "labels holds classes that no proxy has (see proxy_labels)"
+    if mode == "async":
+        torch._assert_async(ok.all(), message)
+    elif not bool(ok.all()):
+        shown = sorted(set(labels[~ok].tolist()))[:10]
+        raise ValueError(f"{message}: {shown}")
+
+
+def _kernel_operand(t: torch.Tensor, impl: str) -> torch.Tensor:
+    """Rows as the kernels read them: unit stride along D (any row stride); fp64 runs in fp32 on Triton."""
+    if impl == "triton" and t.dtype == torch.float64:
+        t = t.float()
+    return t if t.stride(1) == 1 or t.shape[0] == 0 else t.contiguous()
+
+
+def _kernel_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Labels as loaded by the kernels: int32/int64 as they are (unit stride), other int dtypes widened."""
+    if labels.dtype not in (torch.int32, torch.int64):
+        labels = labels.to(torch.int64)
+    return labels if labels.stride(0) == 1 else labels.contiguous()
 
 
 def potential_field_loss(
@@ -136,12 +560,18 @@ def potential_field_loss(
 
     Every label must be the class of at least one proxy. Gradients flow to ``embeddings`` and ``proxies``.
     Computation runs in float32 (float64 for float64 inputs on the torch path); the loss comes back in
-    ``embeddings.dtype``. ``impl``: "triton", "torch" or None (auto).
+    ``embeddings.dtype``. N = 0 gives the energy of the proxies alone. ``impl``: "triton", "torch" or None
+    (auto).
     """
-    check_embeddings_labels(embeddings, labels)
+    check_tensor("embeddings", embeddings, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("labels", labels, ndim=1, dtypes=INT_DTYPES)
+    if embeddings.shape[0] > 0:
+        check_embeddings_labels(embeddings, labels)
+    elif labels.shape[0] != 0:
+        raise ValueError(f"labels has {labels.shape[0]} entries but embeddings has 0 rows; they must match")
     check_tensor("proxies", proxies, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("proxy_labels", proxy_labels, ndim=1, dtypes=INT_DTYPES)
-    if proxies.shape[0] == 0 or proxies.shape[1] != embeddings.shape[1]:
+    if proxies.shape[0] == 0 or proxies.shape[1] != embeddings.shape[1] or proxies.shape[1] == 0:
         raise ValueError(
             f"proxies must have shape [P >= 1, {embeddings.shape[1]}] (embeddings are {list(embeddings.shape)}), "
             f"got {list(proxies.shape)}"
@@ -152,16 +582,10 @@ def potential_field_loss(
         )
     check_same_device(embeddings=embeddings, labels=labels, proxies=proxies, proxy_labels=proxy_labels)
     check_finite("proxies", proxies)
-    missing = labels[~torch.isin(labels, proxy_labels)]
-    if missing.numel():
-        shown = sorted(set(missing.tolist()))[:10]
-        raise ValueError(f"labels holds classes that no proxy has (see proxy_labels): {shown}")
+    _check_labels_have_proxies(labels, proxy_labels)
     alpha = check_positive("alpha", alpha)
     delta = check_positive("delta", delta)
     which = resolve_impl(impl, embeddings, labels, proxies, proxy_labels)
-    dtype = torch.float32 if which == "triton" else compute_dtype(embeddings.dtype)
-    x = torch.cat([l2_normalize(embeddings.to(dtype)), l2_normalize(proxies.to(dtype))]).contiguous()
-    (lab_e, lab_p), _ = remap_labels(labels, proxy_labels)
-    lab = torch.cat([lab_e, lab_p])
-    loss = _PotentialField.apply(x, lab, alpha, delta, which)
+    x, w = _kernel_operand(embeddings, which), _kernel_operand(proxies, which)
+    loss = _PotentialField.apply(x, w, _kernel_labels(labels), _kernel_labels(proxy_labels), alpha, delta, which)
     return loss.to(embeddings.dtype)

@@ -1,11 +1,23 @@
-"""proxy_anchor_loss against pytorch-metric-learning 2.9 ProxyAnchorLoss and the float64 reference."""
+"""proxy_anchor_loss against pytorch-metric-learning 2.9 ProxyAnchorLoss and the float64 reference.
+
+Values and gradients follow the tolerance rule of tests/utils.py: ``err(ours) <= err(pml in the same dtype)
++ rel_slack * max|gold|``, gold = the float64 reference (which is pml's definition, checked in float64).
+"""
+import concurrent.futures
+
 import pytest
 import torch
+from aot import Spec, assert_specs, skip_on_gpu
 from pytorch_metric_learning.losses import ProxyAnchorLoss as PmlProxyAnchor
+from utils import JUNK, assert_rule
 
 import saga_kernels.proxy_anchor as pa_module
 from saga_kernels import proxy_anchor_loss
+from saga_kernels._checks import input_checks
+from saga_kernels._tl_utils import dot_config
 from saga_kernels.reference import proxy_anchor_loss_reference
+
+NAMES = ("loss", "grad embeddings", "grad proxies")
 
 
 def loss_and_grads(fn, embeddings, labels, proxies, **kw):
@@ -19,7 +31,7 @@ def loss_and_grads(fn, embeddings, labels, proxies, **kw):
 def pml_loss_and_grads(embeddings, labels, proxies, *, margin=0.1, alpha=32.0):
     """pml's module with our proxies copied in (its loss is computed in the embeddings' dtype)."""
     num_classes, dim = proxies.shape
-    module = PmlProxyAnchor(num_classes, dim, margin=margin, alpha=alpha).to(proxies.dtype)
+    module = PmlProxyAnchor(num_classes, dim, margin=margin, alpha=alpha).to(proxies.device, proxies.dtype)
     with torch.no_grad():
         module.proxies.copy_(proxies)
     e = embeddings.detach().clone().requires_grad_(True)
@@ -28,12 +40,10 @@ def pml_loss_and_grads(embeddings, labels, proxies, *, margin=0.1, alpha=32.0):
     return loss.detach(), e.grad, module.proxies.grad
 
 
-def assert_gold_rule(ours, gold, peer, slack=1e-5):
-    """|ours - gold| <= |peer - gold| + slack * max|gold| (max over entries), gold in float64."""
-    for name, o, g, q in zip(("loss", "grad embeddings", "grad proxies"), ours, gold, peer):
-        err = (o.double() - g).abs().max().item()
-        bound = (q.double() - g).abs().max().item() + slack * g.abs().max().item()
-        assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e}"
+def assert_gold_rule(ours, gold, peer, rel_slack=1e-5):
+    """The rule for (loss, grad embeddings, grad proxies), max-norm."""
+    for name, o, g, q in zip(NAMES, ours, gold, peer):
+        assert_rule(o, g, q, rel_slack=rel_slack, what=name)
 
 
 def make_batch(n, d, num_classes, present, seed, singleton=None, device="cpu"):
@@ -77,6 +87,9 @@ def test_hyperparameters_and_int32_labels(impl, device):
     gold = loss_and_grads(proxy_anchor_loss_reference, e.double(), y, p.double(), **kw)
     ours = loss_and_grads(proxy_anchor_loss, e, y.to(torch.int32), p, impl=impl, **kw)
     assert_gold_rule(ours, gold, pml_loss_and_grads(e, y, p, **kw))
+    ours8 = loss_and_grads(proxy_anchor_loss, e, y.to(torch.uint8), p, impl=impl, **kw)
+    for a, b in zip(ours8, ours):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_float64_torch_path_is_exact(device):
@@ -97,13 +110,25 @@ def test_fallback_accumulates_over_row_chunks(monkeypatch, device):
         torch.testing.assert_close(o, g, rtol=1e-10, atol=1e-12)
 
 
-def test_bfloat16_inputs(impl, device):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs(impl, device, dtype):
     e, y, p = make_batch(21, 32, 7, [0, 1, 2, 5], seed=11, singleton=2, device=device)
-    eb, pb = e.bfloat16(), p.bfloat16()
-    gold = loss_and_grads(proxy_anchor_loss_reference, eb.double(), y, pb.double())
-    ours = loss_and_grads(proxy_anchor_loss, eb, y, pb, impl=impl)
-    assert ours[0].dtype == torch.bfloat16 and ours[1].dtype == torch.bfloat16 and ours[2].dtype == torch.bfloat16
-    assert_gold_rule(ours, gold, pml_loss_and_grads(eb, y, pb), slack=1e-2)
+    eh, ph = e.to(dtype), p.to(dtype)
+    gold = loss_and_grads(proxy_anchor_loss_reference, eh.double(), y, ph.double())
+    ours = loss_and_grads(proxy_anchor_loss, eh, y, ph, impl=impl)
+    assert ours[0].dtype == dtype and ours[1].dtype == dtype and ours[2].dtype == dtype
+    assert_gold_rule(ours, gold, pml_loss_and_grads(eh, y, ph), rel_slack=1e-2)
+
+
+def test_half_embeddings_fp32_proxies(impl, device):
+    """A bf16 model with the module's fp32 proxies: each gradient in its input's dtype, at least as accurate
+    as pml with the proxies rounded to bf16."""
+    e, y, p = make_batch(26, 24, 6, [0, 1, 3, 5], seed=21, singleton=3, device=device)
+    eh = e.bfloat16()
+    gold = loss_and_grads(proxy_anchor_loss_reference, eh.double(), y, p.double())
+    ours = loss_and_grads(proxy_anchor_loss, eh, y, p, impl=impl)
+    assert (ours[0].dtype, ours[1].dtype, ours[2].dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    assert_gold_rule(ours, gold, pml_loss_and_grads(eh, y, p.bfloat16()), rel_slack=1e-2)
 
 
 def test_impls_agree_on_unnormalized_scales(device):
@@ -117,10 +142,30 @@ def test_impls_agree_on_unnormalized_scales(device):
         torch.testing.assert_close(x, z, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unfused_backward(monkeypatch, device, dtype):
+    """D beyond the fused limit (lowered here so the interpreter runs it): the gradient tile is written in
+    row chunks and torch.mm does the products; values and gradients as the reference (the rule) and as the
+    fused kernels."""
+    e, y, p = make_batch(45, 19, 9, [0, 1, 2, 4, 6, 8], seed=14, singleton=6, device=device)
+    e, p = e.to(dtype), p.to(dtype)
+    fused = loss_and_grads(proxy_anchor_loss, e, y, p, impl="triton")
+    monkeypatch.setattr(pa_module, "_MAX_FUSED_D", 8)
+    monkeypatch.setattr(pa_module, "_GRAD_CHUNK_BYTES", 128 * 9 * 4)  # 128-row chunks: several of them
+    assert not pa_module.fused_backward(19, dtype)
+    ours = loss_and_grads(proxy_anchor_loss, e, y, p, impl="triton")
+    gold = loss_and_grads(proxy_anchor_loss_reference, e.double(), y, p.double())
+    assert_gold_rule(ours, gold, pml_loss_and_grads(e, y, p), rel_slack=1e-5 if dtype == torch.float32 else 1e-2)
+    for a, b in zip(ours, fused):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_bad_input(device):
     e, y, p = make_batch(8, 6, 4, [0, 1, 2, 3], seed=1, device=device)
     with pytest.raises(ValueError, match="labels has 7 entries"):
         proxy_anchor_loss(e, y[:7], p)
+    with pytest.raises(ValueError, match="labels has 3 entries but embeddings has 0 rows"):
+        proxy_anchor_loss(e[:0], y[:3], p)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
         proxy_anchor_loss(e, torch.where(y == 0, 4, y), p)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
@@ -133,8 +178,12 @@ def test_bad_input(device):
     bad[1, 1] = float("inf")
     with pytest.raises(ValueError, match="proxies contains 1 non-finite"):
         proxy_anchor_loss(e, y, bad)
+    with pytest.raises(ValueError, match="proxies contains 1 non-finite"):
+        proxy_anchor_loss(e[:0], y[:0], bad)  # checked even for an empty batch
     with pytest.raises(ValueError, match="proxies must have shape"):
         proxy_anchor_loss(e, y, p[:, :5])
+    with pytest.raises(ValueError, match="proxies must have shape"):
+        proxy_anchor_loss(e, y, p[:0])
     with pytest.raises(TypeError, match="labels must have dtype"):
         proxy_anchor_loss(e, y.float(), p)
     with pytest.raises(ValueError, match="alpha must be"):
@@ -143,30 +192,69 @@ def test_bad_input(device):
         proxy_anchor_loss(e, y, p, margin=float("nan"))
     with pytest.raises(ValueError, match="impl="):
         proxy_anchor_loss(e, y, p, impl="cuda")
+    with input_checks("off"):  # value checks off: no error (and no host sync) for a NaN embedding
+        proxy_anchor_loss(torch.where(e == e[0, 0], float("nan"), e), y, p, impl="torch")
 
 
-def padded(t, fill):
-    """``t`` as the head of a larger contiguous buffer whose tail holds ``fill`` (an out-of-bounds canary)."""
-    buf = torch.full((t.numel() + 4096,), fill, dtype=t.dtype, device=t.device)
-    buf[: t.numel()] = t.reshape(-1)
-    return buf[: t.numel()].view(t.shape)
+def test_empty_batch(impl, device, monkeypatch):
+    """N = 0: loss 0 in the embeddings' dtype, zero gradients of the right shape for BOTH inputs (an empty DDP
+    rank still reduces a proxy gradient), and no kernel or fallback runs."""
+    def fail(*args, **kwargs):
+        raise AssertionError("no computation may run for an empty batch")
+
+    for name in ("_triton_forward", "_torch_forward"):
+        monkeypatch.setattr(pa_module, name, fail)
+    p = torch.randn(5, 12, device=device)
+    for dtype in (torch.float32, torch.bfloat16):
+        e = torch.empty(0, 12, device=device, dtype=dtype, requires_grad=True)
+        w = p.to(dtype).detach().requires_grad_(True)
+        loss = proxy_anchor_loss(e, torch.empty(0, dtype=torch.int64, device=device), w, impl=impl)
+        assert loss.dtype == dtype and loss.item() == 0.0
+        loss.backward()
+        assert e.grad.shape == (0, 12) and e.grad.dtype == dtype
+        assert w.grad is not None and w.grad.dtype == dtype and torch.equal(w.grad, torch.zeros_like(w))
+    frozen = torch.empty(0, 12, device=device)
+    w = p.clone().requires_grad_(True)
+    proxy_anchor_loss(frozen, torch.empty(0, dtype=torch.int32, device=device), w, impl=impl).backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
 
 
-def test_triton_kernels_read_in_bounds(device):
-    """NaN after the rows and class-0 labels after the labels: any unmasked read would change the result."""
-    from saga_kernels._proxy_losses_triton import pa_backward, pa_forward
+def canary_view(t, fill, extra_rows=3, extra_cols=5):
+    """``t`` as a strided view into a larger buffer whose extra rows and columns hold ``fill``."""
+    if t.dim() == 1:
+        buf = torch.full((t.shape[0] + extra_rows,), fill, dtype=t.dtype, device=t.device)
+        buf[: t.shape[0]] = t
+        return buf, buf[: t.shape[0]]
+    buf = torch.full((t.shape[0] + extra_rows, t.shape[1] + extra_cols), fill, dtype=t.dtype, device=t.device)
+    buf[: t.shape[0], : t.shape[1]] = t
+    return buf, buf[: t.shape[0], : t.shape[1]]
 
-    e, y, p = make_batch(70, 19, 67, list(range(1, 67, 3)), seed=9, singleton=4, device=device)
-    e = torch.nn.functional.normalize(e, dim=1)
-    p = torch.nn.functional.normalize(p, dim=1)
-    coefs = torch.tensor([-0.7, 0.3], device=device)
-    want = pa_module._torch_forward(e, p, y, 32.0, 0.1)
-    want_grads = pa_module._torch_backward(e, p, y, *want, coefs[0], coefs[1], 32.0, 0.1)
-    ep, pp, yp = padded(e, float("nan")), padded(p, float("nan")), padded(y.to(torch.int32), 0)
-    got = pa_forward(ep, pp, yp, 32.0, 0.1)
-    got_grads = pa_backward(ep, pp, yp, *got, coefs, 32.0, 0.1)
-    for a, b in zip(got + got_grads, want + want_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_canary(impl, device, dtype, monkeypatch):
+    """Embeddings, proxies and labels are views into buffers whose padding holds +inf, -inf, NaN (labels: out of
+    range): loss and gradients equal the clean run, and the padding's gradient is exactly zero. Both backward
+    kinds run (fused, and the chunked large-D one on the Triton path)."""
+    e, y, p = make_batch(70, 21, 9, [0, 1, 2, 4, 5, 7], seed=31, singleton=4, device=device)
+    e, p = e.to(dtype), p.to(dtype)
+    for unfused in (False, True) if impl == "triton" else (False,):
+        if unfused:
+            monkeypatch.setattr(pa_module, "_MAX_FUSED_D", 8)
+        clean = loss_and_grads(proxy_anchor_loss, e, y, p, impl=impl)
+        for fill in JUNK:
+            ebuf, _ = canary_view(e, fill)
+            pbuf, _ = canary_view(p, fill)
+            _, yv = canary_view(y, 10**9)
+            ebuf.requires_grad_(True)
+            pbuf.requires_grad_(True)
+            loss = proxy_anchor_loss(ebuf[:70, :21], yv, pbuf[:9, :21], impl=impl)
+            loss.backward()
+            torch.testing.assert_close(loss.detach(), clean[0], rtol=0, atol=0)
+            for buf, want in ((ebuf, clean[1]), (pbuf, clean[2])):
+                torch.testing.assert_close(buf.grad[: want.shape[0], : want.shape[1]], want, rtol=0, atol=0)
+                pad = buf.grad.clone()
+                pad[: want.shape[0], : want.shape[1]] = 0
+                assert torch.equal(pad, torch.zeros_like(pad)), f"gradient leaked into the padding (fill {fill})"
 
 
 def test_frozen_proxies_or_embeddings(impl, device):
@@ -183,8 +271,55 @@ def test_frozen_proxies_or_embeddings(impl, device):
 
 @pytest.mark.gpu
 def test_gpu_real_width_matches_reference():
-    """Compiled kernels (not the interpreter) at D = 512 with many tiles and column splits."""
+    """Compiled kernels (not the interpreter) at D = 512 with many tiles and column splits, fp32 and bf16."""
     e, y, p = make_batch(1000, 512, 300, list(range(0, 300, 2)), seed=13, singleton=8, device="cuda")
     gold = loss_and_grads(proxy_anchor_loss_reference, e.double(), y, p.double())
     ours = loss_and_grads(proxy_anchor_loss, e, y, p, impl="triton")
     assert_gold_rule(ours, gold, pml_loss_and_grads(e, y, p))
+    eh, ph = e.bfloat16(), p.bfloat16()
+    gold = loss_and_grads(proxy_anchor_loss_reference, eh.double(), y, ph.double())
+    ours = loss_and_grads(proxy_anchor_loss, eh, y, ph, impl="triton")
+    assert_gold_rule(ours, gold, pml_loss_and_grads(eh, y, ph), rel_slack=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sm_90 compile of every kernel with the configuration its launcher uses (tests/aot.py)
+# ----------------------------------------------------------------------------------------------------------
+def _spec(kernel, cfg, dtype, label, types, divisible):
+    consts = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
+    dot_dtype, precision = dot_config(dtype, torch.device("cuda"))
+    ptr = "*bf16" if dtype == torch.bfloat16 else "*fp32"
+    types = {k: (ptr if v == "*in" else v) for k, v in types.items()}
+    return Spec("saga_kernels.proxy_anchor", kernel, types, {**consts, "DOT_DTYPE": dot_dtype, "PRECISION": precision},
+                label=f"{str(dtype)[6:]} {label}", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                divisible=divisible, expect_wgmma=True)
+
+
+_SCALARS = {"alpha": "fp32", "margin": "fp32"}
+_FP32_PTRS = dict.fromkeys(["rx_ptr", "rw_ptr", "lse_pos_ptr", "lse_neg_ptr", "coef_ptr"], "*fp32")
+_IN = {"x_ptr": "*in", "w_ptr": "*in", "lab_ptr": "*i64"}
+# Real sizes: N = 4096 (multiple of 16), C = 100 or 10,000 (not), D, row strides and column splits (multiples of
+# the blocks) divisible by 16. D is a runtime argument of the forward and grad-tile kernels: one spec per dtype.
+AOT_SPECS = []
+for _dt in (torch.bfloat16, torch.float32):
+    AOT_SPECS.append(_spec("_pa_fwd_kernel", pa_module.fwd_config(512, _dt), _dt, "any D",
+                           {**_SCALARS, **_IN, "rx_ptr": "*fp32", "rw_ptr": "*fp32", "stats_ptr": "*fp32"},
+                           ("N", "D", "stride_w", "stride_x", "cols_per_split")))
+    for _d in ((512, 128) if _dt == torch.bfloat16 else (256, 128)):  # the largest fused D, and 128
+        assert pa_module.fused_backward(_d, _dt)
+        for _k, _out in (("_pa_bwd_emb_kernel", "u_ptr"), ("_pa_bwd_proxy_kernel", "v_ptr")):
+            AOT_SPECS.append(_spec(_k, pa_module.bwd_config(_d, _dt), _dt, f"D={_d}",
+                                   {**_SCALARS, **_FP32_PTRS, **_IN, _out: "*fp32"},
+                                   ("N", "D", "stride_x", "stride_w", "cols_per_split")))
+    AOT_SPECS.append(_spec("_pa_grad_tile_kernel", pa_module.grad_tile_config(4096, _dt), _dt, "any D",
+                           {**_SCALARS, **_FP32_PTRS, **_IN, "g_ptr": "*in"},
+                           ("N", "D", "stride_x", "stride_w", "stride_g")))
+
+
+@skip_on_gpu
+def test_kernels_compile_for_sm90():
+    """No spills, registers <= 255, shared memory < 228 KB, and wgmma (bf16, and fp32 as tf32x3) for every
+    kernel as launched; two compiler processes share the list."""
+    halves = [AOT_SPECS[0::2], AOT_SPECS[1::2]]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        list(pool.map(assert_specs, halves))
