@@ -1,15 +1,21 @@
 """Shared machinery of the streaming metric losses (SupCon, Multi-Similarity, Proxy Anchor, Potential Field).
 
-* :func:`check_embeddings_labels` validates an ``[N, D]`` float embedding matrix and its ``[N]`` integer
-  labels (lengths, dtypes, device, finiteness) with errors that name the argument;
-* :func:`l2_normalize` is ``x / max(||x||_2, eps)`` row-wise (pytorch-metric-learning's cosine
-  convention), differentiable through autograd, so the kernels only ever see unit rows;
-* :func:`remap_labels` turns arbitrary integer labels (negative, sparse, huge) into dense ``int32``
-  class ids ``0..K-1`` shared across several label tensors, which is all the kernels compare;
+* :func:`check_embeddings_labels` validates an ``[N, D]`` float embedding matrix (N >= 0, D >= 1) and its
+  ``[N]`` integer labels (lengths, dtypes, device, finiteness) with errors that name the argument;
+* :func:`inverse_norms` / :func:`normalize_backward` let the kernels take RAW rows plus fp32 inverse row
+  norms ``r`` (cosine tile = ``(x_i . x_j) r_i r_j``) and turn ``u_i = r_i dL/dxhat_i`` into ``dL/dx``;
+  :func:`l2_normalize` is ``x / max(||x||_2, eps)`` row-wise (pytorch-metric-learning's cosine
+  convention) through autograd;
+* :func:`remap_labels` turns arbitrary integer labels into dense ``int32`` ids (a host sync);
+  :func:`label_ids` gives equality-preserving ``int32`` ids and :func:`pair_counts` the per-row positive /
+  negative pair counts without one (sort + binary search), for the pair losses (SupCon, MS);
 * :func:`check_real` / :func:`check_positive` validate scalar hyper-parameters;
 * :func:`compute_dtype` / :func:`tile_size` fix the precision and tile size of the PyTorch fallbacks;
-  :func:`pair_tiles` and :func:`tiled_pair_backward` are the fallbacks' streaming loops over row
-  blocks of the similarity matrix (one ``[rows, M]`` tile alive at a time, never ``[N, M]``).
+  :func:`pair_tiles`, :func:`tiled_pair_backward` and :func:`tiled_pair_products` are the fallbacks'
+  streaming loops over row blocks of the similarity matrix (one ``[rows, M]`` tile alive at a time);
+* device helpers of the pair-loss kernels (:func:`cosine_tile`, :func:`pair_tile_masks`) and the host
+  driver of their large-D backward (:func:`chunked_grad_products`: a kernel writes the scaled gradient
+  tile ``W`` for a bounded chunk once, cuBLAS does the products).
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import FLOAT_DTYPES, check_finite, check_index_range, check_same_device, check_tensor
+from ._tl_utils import tile_dot
+from ._triton import tl, triton
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -35,12 +43,13 @@ def check_embeddings_labels(
     labels_name: str = "labels",
 ) -> None:
     """Raise a TypeError/ValueError naming the argument unless ``embeddings`` is a finite float ``[N, D]``
-    tensor (N, D >= 1) and ``labels`` an integer ``[N]`` tensor on the same device."""
+    tensor (N >= 0, D >= 1) and ``labels`` an integer ``[N]`` tensor on the same device. Finiteness is a
+    value check (:func:`saga_kernels._checks.check_finite`: sync on the CPU, asynchronous on CUDA)."""
     check_tensor(embeddings_name, embeddings, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor(labels_name, labels, ndim=1, dtypes=INT_DTYPES)
     n, d = embeddings.shape
-    if n == 0 or d == 0:
-        raise ValueError(f"{embeddings_name} must have at least one row and one column, got shape {list(embeddings.shape)}")
+    if d == 0:
+        raise ValueError(f"{embeddings_name} must have at least one column, got shape {list(embeddings.shape)}")
     if labels.shape[0] != n:
         raise ValueError(
             f"{labels_name} has {labels.shape[0]} entries but {embeddings_name} has {n} rows; they must match"
@@ -143,7 +152,8 @@ def pair_masks(lq: torch.Tensor, lk: torch.Tensor, row_offset: int, exclude_diag
     return pos, neg, diag
 
 
-def pair_tiles(q: torch.Tensor, k: torch.Tensor, lq: torch.Tensor, lk: torch.Tensor, exclude_diagonal: bool) -> Iterator:
+def pair_tiles(q: torch.Tensor, k: torch.Tensor, lq: torch.Tensor, lk: torch.Tensor,
+               exclude_diagonal: bool) -> Iterator:
     """Yield ``(r0, r1, s, pos, neg, diag)`` per block of query rows (see :func:`pair_masks`),
     ``s = q[r0:r1] @ k^T`` a fresh tensor in the compute dtype (callers may overwrite it). The tiling
     depends only on the shapes, so a backward that calls this again sees bit-identical similarities
@@ -181,3 +191,135 @@ def tiled_pair_backward(
         if need_dk:
             dk += g.T @ q[r0:r1].to(cd)
     return dq, dk
+
+
+def tiled_pair_products(
+    q: torch.Tensor,
+    k: torch.Tensor | None,
+    lq: torch.Tensor,
+    lk: torch.Tensor,
+    grad_tile: Callable,
+    *,
+    exclude_diagonal: bool,
+    need_dq: bool,
+    need_dk: bool,
+):
+    """The fallbacks' backward products for ``G = dLoss/dS`` built tile by tile by
+    ``grad_tile(r0, r1, s, pos, neg, diag)`` (same arguments as :func:`pair_tiles` yields).
+
+    ``k`` None (the batch against itself): ``grad_tile`` returns the symmetrized tile ``G_ij + G_ji`` and
+    ``dq = sum_j (G + G^T)_ij q_j`` costs two matmuls per tile (similarity and product); dk is None.
+    Otherwise ``dq = G k`` and ``dk = G^T q`` (each only if needed). Returns (dq, dk) in the compute dtype.
+    """
+    cd = compute_dtype(q.dtype)
+    keys, lkeys = (q, lq) if k is None else (k, lk)
+    kc = keys.to(cd)
+    dq = torch.zeros(q.shape, dtype=cd, device=q.device) if (need_dq or k is None) else None
+    dk = torch.zeros(keys.shape, dtype=cd, device=q.device) if (need_dk and k is not None) else None
+    for r0, r1, s, pos, neg, diag in pair_tiles(q, keys, lq, lkeys, exclude_diagonal):
+        g = grad_tile(r0, r1, s, pos, neg, diag)
+        if dq is not None:
+            dq[r0:r1] = g @ kc
+        if dk is not None:
+            dk += g.T @ q[r0:r1].to(cd)
+    return dq, dk
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pair-loss kernels: device helpers and the large-D backward driver
+# ----------------------------------------------------------------------------------------------------
+@triton.jit
+def cosine_tile(a_ptr, b_ptr, ra, rb, rows, cols, row_ok, col_ok, K, stride_a, stride_b,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 cosine tile ``(a_i . b_j) ra_i rb_j`` of raw rows (``ra`` / ``rb`` their fp32 inverse norms,
+    0 on masked rows). ``ra_i rb_j`` is formed first, so the tile is bitwise symmetric in (a, b) as far
+    as the dot itself is."""
+    dots = tile_dot(a_ptr, b_ptr, rows, cols, row_ok, col_ok, K, stride_a, stride_b,
+                    BLOCK_R, BLOCK_C, BLOCK_K, DOT_DTYPE, PRECISION)
+    return dots * (ra[:, None] * rb[None, :])
+
+
+@triton.jit
+def pair_tile_masks(rows, cols, row_ok, col_ok, la, lb, EXCLUDE_DIAGONAL: tl.constexpr):
+    """(positive, negative) pair masks of a tile: in range, equal / different label ids, and with
+    EXCLUDE_DIAGONAL the pairs ``rows == cols`` dropped."""
+    valid = row_ok[:, None] & col_ok[None, :]
+    if EXCLUDE_DIAGONAL:
+        valid = valid & (rows[:, None] != cols[None, :])
+    same = la[:, None] == lb[None, :]
+    return valid & same, valid & (la[:, None] != lb[None, :])
+
+
+def label_ids(*labels: torch.Tensor) -> list[torch.Tensor]:
+    """Contiguous ``int32`` ids for the values of all ``labels`` tensors jointly: equal ids iff equal labels.
+
+    No host sync (unlike :func:`remap_labels`): a value's id is the position of its first occurrence in the
+    sorted concatenation (ids lie in ``[0, total length)``, not dense). The kernels compare 32-bit ids,
+    whatever the labels' dtype and range: half the label traffic and fewer registers than int64 labels.
+    """
+    flat = torch.cat([lab.reshape(-1).to(torch.int64) for lab in labels])
+    ordered = torch.sort(flat).values
+    return [torch.searchsorted(ordered, lab.to(torch.int64).contiguous()).to(torch.int32) for lab in labels]
+
+
+def pair_counts(lq: torch.Tensor, lk: torch.Tensor, exclude_diagonal: bool):
+    """(positive, negative) pair counts per query (int64 [N]) against the keys' labels ``lk``: keys with the
+    same / a different label, the pair (i, i) not counted when ``exclude_diagonal``. No host sync (sort and
+    binary search), so the kernels need not count."""
+    ordered = torch.sort(lk.to(torch.int64)).values
+    q = lq.to(torch.int64).contiguous()
+    same = torch.searchsorted(ordered, q, right=True) - torch.searchsorted(ordered, q)
+    return same - int(exclude_diagonal), lk.numel() - same
+
+
+GRAD_CHUNK_BYTES = 64 * 2**20  # the large-D backward's gradient tile: at most this many bytes per chunk
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with an fp32 result. fp32 operands as they are; half operands on CUDA accumulate in fp32
+    inside cuBLAS (``out_dtype``) with no upcast copy; elsewhere (the CPU) they are upcast."""
+    if a.dtype == b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and a.dtype == b.dtype:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            return (a @ b).float()
+    return a.float() @ b.float()
+
+
+def chunked_grad_products(write_chunk: Callable, a: torch.Tensor, b: torch.Tensor | None, *,
+                          need_da: bool, need_db: bool, buf_dtype: torch.dtype, block_rows: int, block_cols: int):
+    """The large-D backward: ``u_a = W b`` and ``u_b = W^T a`` (fp32) for the scaled gradient matrix
+    ``W`` (``[Na, Nb]``), which is never whole in memory.
+
+    For each chunk of rows ``[r0, r1)`` and columns ``[c0, c1)`` (at most :data:`GRAD_CHUNK_BYTES`,
+    multiples of the kernel's blocks) ``write_chunk(w, r0, r1, c0, c1)`` fills ``w = W[r0:r1, c0:c1]``
+    (one similarity recompute), then cuBLAS does the products. ``b`` None: the batch against itself, W
+    is the symmetrized gradient and ``u_a = W a`` is the only product (2 similarity-sized matmuls in
+    all); otherwise 3 (recompute, ``W b``, ``W^T a``). Returns (u_a, u_b), None where not needed.
+    """
+    symmetric = b is None
+    keys = a if symmetric else b
+    na, nb, d = a.shape[0], keys.shape[0], a.shape[1]
+    u_a = torch.zeros(na, d, dtype=torch.float32, device=a.device) if (need_da or symmetric) else None
+    u_b = torch.zeros(nb, d, dtype=torch.float32, device=a.device) if (need_db and not symmetric) else None
+    if na == 0 or nb == 0 or (u_a is None and u_b is None):
+        return u_a, u_b
+    elt = torch.finfo(buf_dtype).bits // 8
+    budget = max(1, GRAD_CHUNK_BYTES // elt)
+    cols = min(nb, max(block_cols, budget // block_rows // block_cols * block_cols))
+    rows = min(na, max(block_rows, budget // cols // block_rows * block_rows))
+    buf = torch.empty(rows, cols, dtype=buf_dtype, device=a.device)
+    for r0 in range(0, na, rows):
+        r1 = min(na, r0 + rows)
+        for c0 in range(0, nb, cols):
+            c1 = min(nb, c0 + cols)
+            w = buf[: r1 - r0, : c1 - c0]
+            write_chunk(w, r0, r1, c0, c1)
+            if u_a is not None:
+                u_a[r0:r1] += mm_fp32(w, keys[c0:c1])
+            if u_b is not None:
+                u_b[c0:c1] += mm_fp32(w.T, a[r0:r1])
+    return u_a, u_b
