@@ -5,7 +5,8 @@ Providers per loss:
   pml    pytorch-metric-learning 2.9: SupConLoss, MultiSimilarityLoss + MultiSimilarityMiner(0.1),
          ProxyAnchorLoss (its own proxies, overwritten with ours)
   torch  Potential Field has no pml peer: an eager, materializing Gram-matrix implementation here
-Sizes ("real" on a GPU): SupCon / MS at N = 65,536 and 16,384, D = 512; Proxy Anchor with C = 100 and 10,000
+Sizes ("real" on a GPU): SupCon / MS at N = 65,536 and 16,384, D = 512 (the backward's gradient-tile +
+cuBLAS path), and N = 16,384, D = 128 (D accumulated in one program: the fused path); Proxy Anchor with C = 100 and 10,000
 classes (one proxy each) and Potential Field with C x M = 100 x 15 and 10,000 x 2 proxies at
 N = 4,096, D = 512. A provider that runs out of memory is recorded (extra_info["oom"]), not skipped.
 extra_info: peak extra memory of one step (CUDA: max_memory_allocated delta; CPU: VmHWM delta).
@@ -29,7 +30,7 @@ import saga_kernels
 from saga_kernels._dispatch import resolve_impl
 
 # (N, D) for SupCon and MS; on a GPU also N = 16,384, where pml still fits, for a time ratio
-PAIR_SHAPES = {"real": [(65536, 512), (16384, 512)], "small": [(2048, 64)]}
+PAIR_SHAPES = {"real": [(65536, 512), (16384, 512), (16384, 128)], "small": [(2048, 64)]}
 PROXY_SHAPES = {  # (N, D, [(classes, proxies per class), ...]) for Proxy Anchor and Potential Field
     "real": (4096, 512, [(100, 15), (10000, 2)]),
     "small": (512, 64, [(20, 3), (500, 2)]),
