@@ -6,15 +6,24 @@ from .config import ConfigError, parse_args
 from .data import DatasetError
 from .experiments.plot import plot_run
 from .model import ModelLoadError
-from .supervisor import SupervisorCacheError
 from .train import format_metrics, train
+
+
+def user_errors() -> tuple:
+    """The errors reported as ``error: ...`` (exit code 2) instead of a traceback. The synthetic supervisor's
+    cache error counts only when that module was loaded: the real-model path never imports it."""
+    errors = (ConfigError, ModelLoadError, DatasetError, FileNotFoundError)
+    supervisor = sys.modules.get(f"{__package__}.supervisor")
+    return errors + ((supervisor.SupervisorCacheError,) if supervisor is not None else ())
 
 
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
         result = train(cfg)
-    except (ConfigError, ModelLoadError, DatasetError, SupervisorCacheError, FileNotFoundError) as e:
+    except Exception as e:  # noqa: BLE001 -- re-raised unless it is a user error
+        if not isinstance(e, user_errors()):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result["rank"] != 0:  # torchrun: rank 0 reports
@@ -25,8 +34,9 @@ def main(argv=None) -> int:
     if "reward_rate" in result:
         r = result["rollouts"]
         print(f"reward rate {result['reward_rate']:.3f} over {int(r['completions'])} completions "
-              f"({int(r['unparseable'])} unparseable); {int(r['groups_kept'])} of {int(r['pairs_drawn'])} pairs had "
-              f"reward variance; shortfall against K: {int(r['shortfall'])}")
+              f"({int(r['unparseable'])} unparseable); {int(r['groups_contributing'])} of {int(r['pairs_drawn'])} "
+              f"pairs had reward variance, {int(r['groups_kept'])} replayed; "
+              f"shortfall against K: {int(r['shortfall'])}")
         shares = ", ".join(f"{k} {v:.0%}" for k, v in result["phase_share"].items())
         print(f"{result['seconds_per_step']:.2f} s/step ({shares}); wall {result['wall_seconds']:.0f} s")
     if "RANDOM INIT" in result["model"]:

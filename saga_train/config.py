@@ -63,6 +63,7 @@ class Config:
     top_p: float = 0.95
     max_new_tokens: int = 192  # room for the synthetic supervisor's JSON answer, ~125-150 tokens (paper: 1024)
     kl_layer: int = -1  # LLM layer of the attention teacher; -1 = round(26/36 * layers) (26 for 8B)
+    replay_tokens: int = 0  # phase C: completion tokens per forward (rows x longest); 0 = a whole group at once
     prompt: str = "dataset"  # dataset | generic
     # run
     seed: int = 0
@@ -73,6 +74,7 @@ class Config:
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end of each epoch)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 1  # CPU intra-op threads (0 = torch's default); tiny models on a shared CPU run best on 1
+    workers: int = -1  # DataLoader workers decoding images; -1 = auto (0 in-memory, on-disk up to 8 CUDA / 2 CPU)
     bf16: bool = True  # autocast on CUDA only
     grad_checkpointing: bool = True  # on the LLM, CUDA only
     liger: bool = True  # Liger-Kernel Qwen3-VL patches, CUDA only and when installed
@@ -90,9 +92,11 @@ class Config:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lambda_dml", "lambda_lm", "lambda_kl", "lr_encoder", "lr_pooler", "lr_proxies",
                      "weight_decay", "grad_clip", "steps_per_epoch", "max_steps", "stop_after", "checkpoint_every",
-                     "threads", "max_eval_images"):
+                     "threads", "max_eval_images", "replay_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.workers < -1:
+            raise ConfigError(f"workers must be >= 0 (or -1 = auto), got {self.workers}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ConfigError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not 0.0 < self.top_p <= 1.0 or self.temperature <= 0:

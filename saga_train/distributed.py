@@ -4,7 +4,8 @@ Every rank holds the whole (frozen) MLLM. Trainable parameters start identical (
 rank 0); each rank embeds its share of the batch's classes, samples and replays its own pairs,
 and the trainable gradients are averaged with one all-reduce per tensor before clipping and the
 optimizer step, so parameters stay identical across ranks. Single process: every call is a no-op.
-L_GRPO's token normalization and L_KL's rollout mean are per rank; the all-reduce then averages ranks.
+L_GRPO's token count and L_KL's rollout count are summed over ranks; each rank divides its terms by
+count / world_size, so the gradient average divides the summed terms by the global count once.
 """
 import os
 from dataclasses import dataclass
@@ -39,6 +40,13 @@ def init_distributed(device_type: str) -> DistInfo:
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
     return info
+
+
+def world_size() -> int:
+    """Processes of the default torch.distributed group (1 when it is not initialized)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
 
 
 def broadcast_parameters(params, info: DistInfo) -> None:

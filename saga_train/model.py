@@ -28,7 +28,7 @@ def load_qwen3vl(path: str, *, dtype=None, attn_implementation: str | None = Non
     """``(model, processor)`` from a local Qwen3-VL directory (no hub access)."""
     from transformers import AutoConfig, Qwen3VLForConditionalGeneration
 
-    from .tiny import load_processor
+    from .processor import load_processor
 
     if not os.path.isdir(path):
         raise ModelLoadError(f"--model {path!r} is not a directory (expected a local Qwen3-VL checkpoint)")

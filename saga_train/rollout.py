@@ -1,10 +1,20 @@
-"""Phase B: sample G completions per image pair, reward the verdicts, keep pairs with signal.
+"""Phase B mechanics: sample G completions for every pair of a draw in ONE ``generate`` call, reward them.
+
+``sample_groups(model, tokenizer, pair_inputs, sames, options)`` takes the processor outputs of P pairs
+(``pair_inputs``: one batch-1 dict per pair, built by ``pair_inputs``), left-pads them into one batch when
+their lengths differ, and generates ``P x G`` sequences at once (on a GPU decoding is latency-bound: one
+call of P x G sequences costs little more than one call of G). Each pair's two images go through the vision
+tower once, whatever the transformers version does with ``num_return_sequences`` (``encode_images_once``).
 
 Reward ``r_g = 1`` iff the parsed verdict equals ``1[y_a == y_b]`` (unparseable -> 0, counted).
 Advantage ``A_g = (r_g - mean(r)) / (std(r) + eps)`` within the group. Groups whose rewards are all
-equal carry no signal and are skipped (DAPO dynamic sampling); pairs keep being drawn until K
-groups contribute or the per-step cap of drawn pairs is reached (the shortfall is reported).
+equal carry no signal (``Group.contributes`` is False); the trainer's ``phase_b`` keeps drawing until
+K groups contribute or its cap of drawn pairs is reached (DAPO dynamic sampling), counting in
+``RolloutStats``.
 """
+import contextlib
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -15,13 +25,25 @@ from .prompts import ITEM_KEYS
 ADVANTAGE_EPS = 1e-4
 
 
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How phase B samples: G, the sampling distribution, the answer length and what to parse."""
+
+    group_size: int  # G completions per pair
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    verdict_key: str  # the JSON key holding "yes" / "no"
+    item_masks: bool = False  # find the tokens describing item 1 / item 2 (for L_KL) in r = 1 rollouts
+
+
 @dataclass
 class Group:
     """One pair's G rollouts and everything phase C needs to replay them."""
 
     same: bool
-    inputs: dict  # processor outputs for the prompt with both images (batch of 1)
-    completion_ids: torch.Tensor  # [G, T] (pad after the end of each completion)
+    inputs: dict  # the pair's own processor outputs (batch of 1, no padding): the shared prefix
+    completion_ids: torch.Tensor  # [G, T] (pad after the end of each completion; T = the longest completion)
     completion_mask: torch.Tensor  # [G, T] bool: generated tokens up to and including EOS
     texts: list
     verdicts: list  # True / False / None (unparseable)
@@ -36,15 +58,34 @@ class Group:
 
 @dataclass
 class RolloutStats:
-    pairs_drawn: int = 0
-    groups_kept: int = 0
+    """Phase B's counts for one step (summed over ranks and steps by the trainer's bookkeeping)."""
+
+    pairs_drawn: int = 0  # pairs sampled (a draw is sampled whole)
+    groups_contributing: int = 0  # sampled groups with reward variance
+    groups_kept: int = 0  # contributing groups handed to phase C (at most K)
     completions: int = 0
     rewarded: int = 0
     unparseable: int = 0
-    shortfall: int = 0  # K minus the groups found when the cap was hit
+    shortfall: int = 0  # K minus the groups kept when the cap was hit
+    generate_calls: int = 0
+
+    @classmethod
+    def counts(cls) -> tuple:
+        """The field names: every count the trainer logs and sums."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def add(self, groups) -> None:
+        """Count one draw's sampled groups."""
+        self.generate_calls += 1
+        for group in groups:
+            self.pairs_drawn += 1
+            self.groups_contributing += int(group.contributes)
+            self.completions += len(group.verdicts)
+            self.rewarded += int(group.rewards.sum())
+            self.unparseable += sum(v is None for v in group.verdicts)
 
     def as_dict(self) -> dict:
-        d = dict(self.__dict__)
+        d = dataclasses.asdict(self)
         d["reward_rate"] = self.rewarded / max(self.completions, 1)
         d["unparseable_rate"] = self.unparseable / max(self.completions, 1)
         return d
@@ -83,13 +124,42 @@ def completion_mask(completion_ids: torch.Tensor, stop_ids) -> torch.Tensor:
 
 
 def token_char_ranges(tokenizer, ids) -> list:
-    """``(start, end)`` of each token in ``decode(ids)``, by decoding growing prefixes."""
+    """``(start, end)`` of each token in ``decode(ids, skip_special_tokens=True)``.
+
+    Streamed in O(T) with tokenizers' ``DecodeStream`` (a token that ends inside a multi-byte character gets
+    an empty range, the one completing it the whole character) when the streamed pieces add up to the full
+    decode; otherwise by decoding growing prefixes, O(T^2) decode calls (~1,000 per 1,000-token answer).
+    """
+    streamed = _streamed_ranges(tokenizer, ids)
+    if streamed is not None:
+        return streamed
     ranges, prev = [], 0
     for t in range(len(ids)):
         cur = len(tokenizer.decode(ids[: t + 1], skip_special_tokens=True))
         ranges.append((prev, cur))
         prev = cur
     return ranges
+
+
+def _streamed_ranges(tokenizer, ids):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    try:
+        from tokenizers.decoders import DecodeStream
+    except ImportError:  # tokenizers < 0.21
+        return None
+    if backend is None:
+        return None
+    stream = DecodeStream(skip_special_tokens=True)
+    ranges, pieces, pos = [], [], 0
+    for token in ids:
+        try:
+            piece = stream.step(backend, int(token)) or ""
+        except Exception:  # noqa: BLE001 -- e.g. an id the vocabulary lacks: decode the slow way
+            return None
+        pieces.append(piece)
+        ranges.append((pos, pos + len(piece)))
+        pos += len(piece)
+    return ranges if "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True) else None
 
 
 def item_token_masks(tokenizer, ids, text: str) -> dict:
@@ -107,61 +177,121 @@ def item_token_masks(tokenizer, ids, text: str) -> dict:
     return masks
 
 
+# ------------------------------------------------------------------------------------------ inputs
+def mm_token_types(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Qwen3-VL's ``mm_token_type_ids`` (0 text, 1 image, 2 video) from the placeholder tokens."""
+    cfg = model.config
+    return ((input_ids == cfg.image_token_id).int() + 2 * (input_ids == cfg.video_token_id).int())
+
+
+def pair_inputs(model, processor, prompt: str, image_a, image_b) -> dict:
+    """The processor's tensors for one pair (batch 1, on the model's device), with ``mm_token_type_ids``."""
+    out = processor(text=[prompt], images=[image_a, image_b], return_tensors="pt")
+    inputs = {k: v.to(model.device) for k, v in out.items() if isinstance(v, torch.Tensor)}
+    if "mm_token_type_ids" not in inputs:  # processors that do not return it: derive it (get_rope_index needs it)
+        inputs["mm_token_type_ids"] = mm_token_types(model, inputs["input_ids"])
+    return inputs
+
+
+def left_pad(inputs_list, pad_id: int) -> dict:
+    """Batch per-pair inputs: token tensors padded on the LEFT to the longest prompt, images concatenated."""
+    length = max(x["input_ids"].shape[1] for x in inputs_list)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "mm_token_type_ids": 0}
+    batch = {}
+    for key, value in fill.items():
+        rows = []
+        for x in inputs_list:
+            t = x[key]
+            pad = t.new_full((1, length - t.shape[1]), value)
+            rows.append(torch.cat([pad, t], dim=1))
+        batch[key] = torch.cat(rows)
+    batch["pixel_values"] = torch.cat([x["pixel_values"] for x in inputs_list])
+    batch["image_grid_thw"] = torch.cat([x["image_grid_thw"] for x in inputs_list])
+    return batch
+
+
+def _repeat_per_sample(items, per_sample: int, copies: int) -> list:
+    """``[s0 images, s1 images, ...]`` -> each sample's images repeated ``copies`` times, samples in order."""
+    out = []
+    for start in range(0, len(items), per_sample):
+        out.extend(list(items[start:start + per_sample]) * copies)
+    return out
+
+
+@contextlib.contextmanager
+def encode_images_once(vlm, pixels: torch.Tensor, grid: torch.Tensor, samples: int, copies: int):
+    """Inside the block, ``generate(..., num_return_sequences=copies)`` runs the tower once per image.
+
+    ``pixels`` / ``grid``: the batch's ``pixel_values`` / ``image_grid_thw`` (``samples`` prompts).
+    transformers >= 5.24 encodes the images before it expands the batch (``mm_encoder_outputs``):
+    nothing to do. Older versions (5.17) repeat ``pixel_values`` ``copies`` times per sample and encode
+    every copy; the wrapper then encodes the original images once and repeats the features per sample
+    (pooled tokens and deepstack features, in the version's own layout).
+    """
+    original = vlm.get_image_features
+    per_sample = grid.shape[0] // samples
+
+    @functools.wraps(original)  # generate reads the signature to find the encoder's inputs
+    def get_image_features(pixel_values, image_grid_thw=None, **kwargs):
+        if copies == 1 or pixel_values.shape[0] != pixels.shape[0] * copies:
+            return original(pixel_values, image_grid_thw, **kwargs)
+        out = original(pixels, grid, **kwargs)
+        out.pooler_output = tuple(_repeat_per_sample(out.pooler_output, per_sample, copies))
+        sizes = (grid.prod(-1) // vlm.visual.spatial_merge_size**2).tolist()
+        levels = []
+        for level in out.deepstack_features:
+            if torch.is_tensor(level):  # 5.17: one tensor per level over all images
+                levels.append(torch.cat(_repeat_per_sample(torch.split(level, sizes), per_sample, copies)))
+            else:  # one tuple of per-image tensors per level
+                levels.append(tuple(_repeat_per_sample(level, per_sample, copies)))
+        out.deepstack_features = levels
+        return out
+
+    vlm.get_image_features = get_image_features
+    try:
+        yield
+    finally:
+        del vlm.get_image_features
+
+
+# ------------------------------------------------------------------------------------------ sampling
 @torch.no_grad()
-def sample_group(model, processor, prompt: str, image_a, image_b, same: bool, *, verdict_key: str,
-                 group_size: int, temperature: float, top_p: float, max_new_tokens: int,
-                 need_item_masks: bool) -> Group:
-    """Generate G completions for one pair (each image encoded once, reused by all G samples)."""
-    tokenizer = processor.tokenizer
-    device = model.device
-    inputs = processor(text=[prompt], images=[image_a, image_b], return_tensors="pt")
-    inputs = {k: v.to(device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+def sample_groups(model, tokenizer, pair_inputs_list, sames, options: SamplingOptions) -> list:
+    """One ``generate`` call for all pairs: ``len(pairs) x G`` sequences -> one Group per pair (in order)."""
+    if len(pair_inputs_list) != len(sames):
+        raise ValueError(f"pair_inputs_list has {len(pair_inputs_list)} pairs but sames has {len(sames)}")
+    if not pair_inputs_list:
+        return []
     stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    out = model.generate(
-        **inputs, do_sample=True, temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-        num_return_sequences=group_size, suppress_tokens=suppressed_token_ids(model), eos_token_id=stops,
-        pad_token_id=pad,
-    )
-    completion_ids = out[:, inputs["input_ids"].shape[1]:]
-    mask = completion_mask(completion_ids, stops)
+    batch = left_pad(pair_inputs_list, pad)
+    G = options.group_size
+    with encode_images_once(model.model, batch["pixel_values"], batch["image_grid_thw"], len(sames), G):
+        out = model.generate(
+            **batch, do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=0,
+            max_new_tokens=options.max_new_tokens, num_return_sequences=G,
+            suppress_tokens=suppressed_token_ids(model), eos_token_id=stops, pad_token_id=pad)
+    completions = out[:, batch["input_ids"].shape[1]:]
+    masks = completion_mask(completions, stops)
+    return [_make_group(tokenizer, inputs, same, completions[p * G:(p + 1) * G], masks[p * G:(p + 1) * G], options)
+            for p, (inputs, same) in enumerate(zip(pair_inputs_list, sames))]
+
+
+def _make_group(tokenizer, inputs: dict, same: bool, completion_ids, mask, options: SamplingOptions) -> Group:
+    """Decode, parse and reward one pair's G completions (trimmed to the group's longest completion)."""
+    length = max(int(mask.sum(-1).max()), 1)
+    completion_ids, mask = completion_ids[:, :length], mask[:, :length]
     rows = [ids[m].tolist() for ids, m in zip(completion_ids, mask)]
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
-    verdicts = [verdict_lib.parse_verdict(t, verdict_key) for t in texts]
+    verdicts = [verdict_lib.parse_verdict(t, options.verdict_key) for t in texts]
     rewards = torch.tensor([float(v is not None and v == same) for v in verdicts])
     group = Group(same=same, inputs=inputs, completion_ids=completion_ids, completion_mask=mask, texts=texts,
                   verdicts=verdicts, rewards=rewards, advantages=group_advantages(rewards))
-    if need_item_masks:
-        masks = {item: torch.zeros_like(mask, device="cpu") for item in ITEM_KEYS}
+    if options.item_masks:
+        item_masks = {item: torch.zeros_like(mask, device="cpu") for item in ITEM_KEYS}
         for g, (r, text) in enumerate(zip(rows, texts)):
             if rewards[g] == 1:
                 for item, m in item_token_masks(tokenizer, r, text).items():
-                    masks[item][g, : len(r)] = m
-        group.item_token_masks = {item: m.to(mask.device) for item, m in masks.items()}
+                    item_masks[item][g, : len(r)] = m
+        group.item_token_masks = {item: m.to(mask.device) for item, m in item_masks.items()}
     return group
-
-
-def collect_groups(model, processor, prompt: str, pair_batches, *, verdict_key: str, want: int, max_draws: int,
-                   group_size: int, temperature: float, top_p: float, max_new_tokens: int,
-                   need_item_masks: bool):
-    """Draw pairs from ``pair_batches`` (an iterator of lists of ``(image_a, image_b, same)``) until
-    ``want`` groups have reward variance or ``max_draws`` pairs were drawn. Returns (groups, stats)."""
-    stats, groups = RolloutStats(), []
-    for pairs in pair_batches:
-        for image_a, image_b, same in pairs:
-            if len(groups) >= want or stats.pairs_drawn >= max_draws:
-                break
-            group = sample_group(model, processor, prompt, image_a, image_b, same, verdict_key=verdict_key,
-                                 group_size=group_size, temperature=temperature, top_p=top_p,
-                                 max_new_tokens=max_new_tokens, need_item_masks=need_item_masks)
-            stats.pairs_drawn += 1
-            stats.completions += group_size
-            stats.rewarded += int(group.rewards.sum())
-            stats.unparseable += sum(v is None for v in group.verdicts)
-            if group.contributes:
-                groups.append(group)
-        if len(groups) >= want or stats.pairs_drawn >= max_draws:
-            break
-    stats.groups_kept = len(groups)
-    stats.shortfall = want - len(groups)
-    return groups, stats

@@ -19,15 +19,14 @@ Everything a real Qwen3-VL checkpoint directory provides, small enough to train 
 ``model.save_pretrained(d)`` + ``processor.save_pretrained(d)`` give a directory that loads with
 ``Qwen3VLForConditionalGeneration.from_pretrained(d)`` and ``load_processor(d)``.
 """
-import math
 import re
 
 import torch
-from PIL import Image
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import (PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
-                          Qwen3VLProcessor)
+from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from .processor import Qwen3VLImageOnlyProcessor, load_processor, square_side  # noqa: F401 (re-exported)
 
 UNK_TOKEN = "<unk>"
 PAD_TOKEN = "<|endoftext|>"
@@ -102,41 +101,6 @@ def build_tokenizer(vocab_words) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-class Qwen3VLImageOnlyProcessor(Qwen3VLProcessor):
-    """``Qwen3VLProcessor`` for images and text only (no video processor, so no torchvision).
-
-    Loads the tokenizer and image processor of any Qwen3-VL directory, tiny or real.
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
-
-    def __call__(self, images=None, text=None, videos=None, **kwargs):
-        """As ``Qwen3VLProcessor``; PIL images are first resized to a square when the image processor
-        pins the pixel count (``shortest_edge == longest_edge == side^2``, as ``build_processor`` does)."""
-        side = square_side(self.image_processor)
-        if images is not None and side:
-            images = _resize_pil(images, side)
-        return super().__call__(images=images, text=text, videos=videos, **kwargs)
-
-
-def square_side(image_processor):
-    """``side`` when the image processor pins ``shortest_edge == longest_edge == side^2``, else None."""
-    size = image_processor.size
-    low, high = size.get("shortest_edge"), size.get("longest_edge")
-    side = math.isqrt(high) if high else 0
-    return side if low == high and side * side == high else None
-
-
-def _resize_pil(images, side: int):
-    """PIL images (possibly in nested lists) resized to ``side`` x ``side``; other inputs unchanged."""
-    if isinstance(images, (list, tuple)):
-        return [_resize_pil(image, side) for image in images]
-    if isinstance(images, Image.Image) and images.size != (side, side):
-        return images.convert("RGB").resize((side, side), Image.BICUBIC)
-    return images
-
-
 def build_processor(tokenizer, image_size: int = 64, *, patch_size: int = 8,
                     merge_size: int = 2) -> Qwen3VLImageOnlyProcessor:
     """Processor resizing every image to ``image_size`` x ``image_size`` (PIL backend).
@@ -154,11 +118,6 @@ def build_processor(tokenizer, image_size: int = 64, *, patch_size: int = 8,
     )
     return Qwen3VLImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                      chat_template=tokenizer.chat_template or CHAT_TEMPLATE)
-
-
-def load_processor(path) -> Qwen3VLImageOnlyProcessor:
-    """The processor saved in ``path`` (offline; works without torchvision)."""
-    return Qwen3VLImageOnlyProcessor.from_pretrained(str(path), local_files_only=True)
 
 
 def mrope_sections(head_dim: int) -> list:

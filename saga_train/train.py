@@ -5,11 +5,17 @@ run directory gets ``config.json``, ``metrics.jsonl``, ``checkpoint.safetensors`
 proxies, optimizer, scheduler, RNG states, step; written atomically) and ``embedder/`` (what the
 retrieval tool loads with ``saga_train.model.load_embedder``).
 
+A step (``train_step``) is ``phase_a`` (embed the batch, lambda_dml L_DML), ``phase_b`` (draw pairs,
+sample all pairs of a draw in one ``generate`` call, keep groups with reward variance: rollout.py),
+``phase_c`` (replay the kept groups, each prefix once, with gradients: replay.py), clip, step.
+``RunLog`` does the bookkeeping (phase timings, totals, JSON lines, the tqdm postfix).
+
 Determinism: the step's RNG is reseeded from ``(seed, step, rank)`` at the start of every step and
 the batches of an epoch are a pure function of ``(seed, epoch)``, so a resumed run continues
-exactly where an uninterrupted one would be.
+exactly where an uninterrupted one would be. Images are decoded in DataLoader workers (``--workers``).
 """
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -25,17 +31,20 @@ import torch
 
 from . import distributed as dist_lib
 from .config import Config, ConfigError
-from .losses import build_metric_loss, replay_group
+from .data.base import FileImageDataset
+from .data.samplers import ClassBalancedBatchSampler, sample_pairs
+from .losses import build_metric_loss
 from .model import (Embedder, atomic_save_file, atomic_write_text, fix_image_resolution, freeze_language_model,
                     llm_num_layers, load_qwen3vl, resolve_kl_layer, square_rgb)
 from .pooler import build_pooler
 from .prompts import pair_prompt, prompt_spec, vocabulary
-from .rollout import collect_groups
+from .replay import ReplayOptions, StepCounts, local_counts, replay_group
+from .rollout import RolloutStats, SamplingOptions, pair_inputs, sample_groups
 
 CHECKPOINT = "checkpoint.safetensors"
 # settings a resumed run may change; any other difference from the checkpoint's config is an error
 RESUME_MAY_CHANGE = ("resume", "stop_after", "progress", "eval_before", "eval_every_epoch", "checkpoint_every",
-                     "threads", "device")
+                     "threads", "device", "workers", "replay_tokens")
 METRICS = "metrics.jsonl"
 RANDOM_INIT_NOTICE = ("NOTE: the MLLM is a randomly initialized tiny Qwen3-VL: its verdicts are noise, so the "
                       "GRPO / attention-distillation signal in this run means nothing; only the metric loss teaches.")
@@ -52,7 +61,7 @@ def resolve_device(cfg: Config) -> torch.device:
 
 def build_datasets(cfg: Config):
     """(train split, test split) of ``cfg.dataset`` (zero-shot: disjoint classes)."""
-    from .data import load_dataset
+    from .data.registry import load_dataset
 
     kw = {"image_size": cfg.image_size}
     if cfg.dataset == "synthetic":
@@ -212,15 +221,11 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
 def steps_per_epoch(cfg: Config, train_set) -> int:
     if cfg.steps_per_epoch:
         return cfg.steps_per_epoch
-    from .data import ClassBalancedBatchSampler
-
     return len(ClassBalancedBatchSampler(train_set.labels, cfg.classes_per_batch, cfg.images_per_class, cfg.seed))
 
 
 def epoch_batches(cfg: Config, train_set, epoch: int, count: int) -> list:
     """The epoch's ``count`` class-balanced batches (index lists), a pure function of (seed, epoch)."""
-    from .data import ClassBalancedBatchSampler
-
     sampler = ClassBalancedBatchSampler(train_set.labels, cfg.classes_per_batch, cfg.images_per_class, cfg.seed)
     sampler.set_epoch(epoch)
     batches = []
@@ -240,6 +245,57 @@ def autocast(device: torch.device, cfg: Config):
     return contextlib.nullcontext()
 
 
+# ------------------------------------------------------------------------------------------ data
+def data_workers(cfg: Config, dataset, device: torch.device) -> int:
+    """DataLoader workers decoding images: ``cfg.workers``, or (-1) 0 for in-memory datasets (the synthetic
+    world) and, for images on disk, up to 8 on CUDA / 2 on a CPU, leaving one core to the trainer."""
+    if cfg.workers >= 0:
+        return cfg.workers
+    if not isinstance(dataset, FileImageDataset):
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8 if device.type == "cuda" else 2, cpus - 1))
+
+
+@dataclass
+class Batch:
+    """A step's class-balanced micro-batch, decoded: PIL images and their labels."""
+
+    images: list
+    labels: list
+
+
+def collate_batch(items) -> Batch:
+    return Batch([image for image, _ in items], [label for _, label in items])
+
+
+class StepBatches:
+    """The batch sampler of steps ``start..stop-1``: each epoch's batches from ``epoch_batches`` (so resuming
+    mid-epoch gives the same batches as an uninterrupted run), computed one epoch at a time."""
+
+    def __init__(self, cfg: Config, train_set, start: int, stop: int, per_epoch: int):
+        self.cfg, self.train_set, self.start, self.stop, self.per_epoch = cfg, train_set, start, stop, per_epoch
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self):
+        batches, epoch = None, None
+        for step in range(self.start, self.stop):
+            if epoch != step // self.per_epoch:
+                epoch = step // self.per_epoch
+                batches = epoch_batches(self.cfg, self.train_set, epoch, self.per_epoch)
+            yield batches[step % self.per_epoch]
+
+
+def data_loader(dataset, workers: int, **batching):
+    """A DataLoader yielding ``Batch`` objects, images decoded in ``workers`` processes (0: in this one);
+    ``batching``: ``batch_sampler=`` or ``batch_size=``."""
+    return torch.utils.data.DataLoader(
+        dataset, num_workers=workers, collate_fn=collate_batch, prefetch_factor=2 if workers else None,
+        generator=torch.Generator(), **batching)  # its own generator: the global RNG stays untouched
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 def evaluate_embedder(comps: Components) -> dict:
     """Zero-shot retrieval metrics (R@K, NMI, MAP@R) of the current embedder on the test classes."""
@@ -247,12 +303,12 @@ def evaluate_embedder(comps: Components) -> dict:
 
     ds = comps.test_set
     n = len(ds) if not comps.cfg.max_eval_images else min(len(ds), comps.cfg.max_eval_images)
+    subset = torch.utils.data.Subset(ds, range(n))
     chunks, labels = [], []
     with autocast(comps.device, comps.cfg):
-        for start in range(0, n, 64):
-            items = [ds[i] for i in range(start, min(n, start + 64))]
-            chunks.append(comps.embedder.embed_images([im for im, _ in items]))
-            labels.extend(lab for _, lab in items)
+        for batch in data_loader(subset, data_workers(comps.cfg, ds, comps.device), batch_size=64):
+            chunks.append(comps.embedder.embed_images(batch.images))
+            labels.extend(batch.labels)
     return evaluate(torch.cat(chunks).float(), torch.tensor(labels))
 
 
@@ -320,84 +376,200 @@ def load_checkpoint(comps: Components, optimizer, scheduler, path: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------ one step
-def pair_batches(comps: Components, batch: list, generator: torch.Generator):
-    """Pairs for phase B: first from the step's batch, then from further draws over the train split."""
-    from .data import sample_pairs
+@dataclass(frozen=True)
+class StepPlan:
+    """What phases B and C need at every step, fixed for a run."""
 
-    cfg, ds = comps.cfg, comps.train_set
-
-    def images(pairs, index):
-        return [(square_rgb(ds[index[i]][0], cfg.image_size), square_rgb(ds[index[j]][0], cfg.image_size), same)
-                for i, j, same in pairs]
-
-    labels = [ds.labels[i] for i in batch]
-    yield images(sample_pairs(labels, cfg.pairs_per_step, generator), batch)
-    everything = list(range(len(ds)))
-    while True:
-        yield images(sample_pairs(ds.labels, cfg.pairs_per_step, generator), everything)
+    prompt: str
+    sampling: SamplingOptions
+    replay: ReplayOptions
+    want: int  # K: contributing groups this rank buffers per step
+    max_draws: int  # cap on the pairs this rank samples per step
 
 
-def phase_a(comps: Components, batch: list) -> float:
+def step_plan(comps: Components) -> StepPlan | None:
+    """The run's phase B / C settings; None when neither L_GRPO nor L_KL is on (no rollouts)."""
+    cfg, world = comps.cfg, comps.dist.world_size
+    kl = cfg.lambda_kl > 0 and cfg.pooler == "attention"
+    if not (cfg.lambda_lm > 0 or kl):
+        return None
+    spec = prompt_spec(cfg.dataset, comps.train_set)
+    kl_layer = resolve_kl_layer(cfg.kl_layer, llm_num_layers(comps.model))
+    return StepPlan(
+        prompt=pair_prompt(comps.processor, spec, cfg.prompt),
+        sampling=SamplingOptions(group_size=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 max_new_tokens=cfg.max_new_tokens, verdict_key=spec.verdict_key, item_masks=kl),
+        replay=ReplayOptions(temperature=cfg.temperature, lambda_lm=cfg.lambda_lm,
+                             lambda_kl=cfg.lambda_kl if kl else 0.0, kl_layer=kl_layer,
+                             replay_tokens=cfg.replay_tokens),
+        want=math.ceil(cfg.contributing_pairs / world), max_draws=math.ceil(cfg.max_pair_draws / world))
+
+
+def phase_a(comps: Components, batch: Batch) -> float:
     """Embed this rank's share of the batch (whole classes) and back-propagate lambda_dml * L_DML."""
     cfg = comps.cfg
-    labels_all = [comps.train_set.labels[i] for i in batch]
-    mine = set(dist_lib.shard(sorted(set(labels_all)), comps.dist))
-    index = [i for i, lab in zip(batch, labels_all) if lab in mine]
-    items = [comps.train_set[i] for i in index]
+    if cfg.lambda_dml <= 0:
+        return 0.0
+    mine = set(dist_lib.shard(sorted(set(batch.labels)), comps.dist))
+    keep = [k for k, label in enumerate(batch.labels) if label in mine]
     with autocast(comps.device, cfg):
-        inputs = comps.embedder.pixel_inputs([im for im, _ in items])
+        inputs = comps.embedder.pixel_inputs([batch.images[k] for k in keep])
         z, _, _ = comps.embedder(**inputs)
-    labels = torch.tensor([lab for _, lab in items], device=comps.device)
+    labels = torch.tensor([batch.labels[k] for k in keep], device=comps.device)
     loss = comps.metric_loss(z.float(), labels)
     (cfg.lambda_dml * loss).backward()
     return float(loss.detach())
 
 
-def phases_b_c(comps: Components, batch: list, step: int, prompt: str, verdict_key: str, kl_layer: int) -> dict:
-    """Sample rollouts (B), then replay the contributing groups with gradients (C)."""
-    cfg, model = comps.cfg, comps.model
-    share = math.ceil(cfg.contributing_pairs / comps.dist.world_size)
+def phase_b(comps: Components, plan: StepPlan, batch: Batch, step: int):
+    """Draw pairs (first from the step's batch, then from the whole train split), sample every draw in one
+    ``generate`` call, until ``plan.want`` groups have reward variance or ``plan.max_draws`` pairs were
+    sampled. Returns (the first ``want`` contributing groups, RolloutStats)."""
+    cfg, ds, model = comps.cfg, comps.train_set, comps.model
     generator = torch.Generator().manual_seed(step_seed(cfg.seed, step, comps.dist.rank))
-    need_kl = cfg.lambda_kl > 0 and cfg.pooler == "attention"
-    t0 = time.perf_counter()
+    stats, kept = RolloutStats(), []
+
+    def image(i: int):  # the first draw indexes the (decoded) batch, later draws the train split
+        return square_rgb(batch.images[i] if stats.generate_calls == 0 else ds[i][0], cfg.image_size)
+
     model.eval()
-    with autocast(comps.device, cfg):
-        groups, stats = collect_groups(
-            model, comps.processor, prompt, pair_batches(comps, batch, generator), verdict_key=verdict_key,
-            want=share, max_draws=math.ceil(cfg.max_pair_draws / comps.dist.world_size),
-            group_size=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens, need_item_masks=need_kl)
-    t1 = time.perf_counter()
-    total_tokens = sum(int(g.completion_mask.sum()) for g in groups)
-    kl_rollouts = sum(int(((g.rewards == 1).to(g.completion_mask.device)
-                           & torch.stack([m.any(-1) for m in g.item_token_masks.values()]).any(0)).sum())
-                      for g in groups if g.item_token_masks)
-    grpo_sum, kl_sum, kl_n = 0.0, 0.0, 0
-    model.train()
-    for group in groups:
+    while len(kept) < plan.want and stats.pairs_drawn < plan.max_draws:
+        labels = batch.labels if stats.generate_calls == 0 else ds.labels
+        pairs = sample_pairs(labels, min(cfg.pairs_per_step, plan.max_draws - stats.pairs_drawn), generator)
+        inputs = [pair_inputs(model, comps.processor, plan.prompt, image(i), image(j)) for i, j, _ in pairs]
         with autocast(comps.device, cfg):
-            result = replay_group(
-                model, group, temperature=cfg.temperature, kl_layer=kl_layer, lambda_lm=cfg.lambda_lm,
-                lambda_kl=cfg.lambda_kl if need_kl else 0.0, pooler=comps.embedder.pooler,
-                token_weight=int(group.completion_mask.sum()) / max(total_tokens, 1),
-                kl_weight=1.0 / kl_rollouts if kl_rollouts else 0.0)
-        result.loss.backward()
-        grpo_sum += result.grpo * int(group.completion_mask.sum()) / max(total_tokens, 1)
-        kl_sum += result.kl * result.kl_rollouts
-        kl_n += result.kl_rollouts
-    t2 = time.perf_counter()
-    out = stats.as_dict()
-    out.update(loss_grpo=grpo_sum, loss_kl=kl_sum / kl_n if kl_n else 0.0, kl_rollouts=kl_n,
-               time_b=t1 - t0, time_c=t2 - t1)
-    return out
+            groups = sample_groups(model, comps.processor.tokenizer, inputs, [same for _, _, same in pairs],
+                                   plan.sampling)
+        stats.add(groups)
+        kept.extend(g for g in groups if g.contributes)
+    kept = kept[:plan.want]
+    stats.groups_kept, stats.shortfall = len(kept), plan.want - len(kept)
+    return kept, stats
 
 
-# ------------------------------------------------------------------------------------------ the loop
+def phase_c(comps: Components, plan: StepPlan, groups: list) -> dict:
+    """Replay the contributing groups with gradients (each prefix once): lambda_lm L_GRPO + lambda_kl L_KL."""
+    counts = dist_lib.all_sum(dataclasses.asdict(local_counts(groups)), comps.dist)  # over every rank's groups
+    counts = StepCounts(**{k: int(v) for k, v in counts.items()})
+    comps.model.train()
+    grpo = kl = 0.0
+    tokens = micro = 0
+    for group in groups:
+        with autocast(comps.device, comps.cfg):
+            result = replay_group(comps.model, group, plan.replay, counts, comps.embedder.pooler)
+        grpo, kl = grpo + result.grpo, kl + result.kl
+        tokens, micro = tokens + result.tokens, micro + result.micro_batches
+    return {"loss_grpo": grpo, "loss_kl": kl, "kl_rollouts": counts.kl_rollouts, "tokens_replayed": tokens,
+            "replay_micro_batches": micro}
+
+
+def clip_gradients(comps: Components) -> float:
+    """Average the trainable gradients over ranks and clip their global norm; returns the norm before clipping."""
+    params = comps.trainable_parameters()
+    dist_lib.average_gradients(params, comps.dist)
+    return float(torch.nn.utils.clip_grad_norm_(params, comps.cfg.grad_clip))
+
+
+def train_step(comps: Components, plan: StepPlan | None, optimizer, scheduler, batch: Batch, step: int,
+               log: "RunLog") -> None:
+    """One SAGA step (METHOD.md): A, B, C, clip, optimizer and schedule step; values go to ``log``."""
+    optimizer.zero_grad(set_to_none=True)
+    comps.embedder.train()
+    with log.phase("a"):
+        log.add(loss_dml=phase_a(comps, batch))
+    if plan is not None:
+        with log.phase("b"):
+            groups, stats = phase_b(comps, plan, batch, step)
+        with log.phase("c"):
+            log.add(**stats.as_dict(), **phase_c(comps, plan, groups))
+    with log.phase("opt"):
+        log.add(grad_norm=clip_gradients(comps))
+        optimizer.step()
+        scheduler.step()
+    log.add(lr_encoder=optimizer.param_groups[0]["lr"])
+
+
+# ------------------------------------------------------------------------------------------ bookkeeping
+class RunLog:
+    """Bookkeeping of a run: per-step records (phase times, losses, counts) as JSON lines, totals over
+    steps (counts summed and losses averaged over ranks), the tqdm postfix, evaluation records."""
+
+    PHASES = ("a", "b", "c", "opt")
+    SUMMED = RolloutStats.counts() + ("tokens_replayed",)  # per-rank counts, summed over ranks
+    AVERAGED = ("loss_dml", "loss_grpo", "loss_kl")  # per-rank shares of the step's losses
+
+    def __init__(self, path: str, dist: dist_lib.DistInfo, *, start: int, stop: int, progress: bool, log=print):
+        self.path, self.dist, self.main = path, dist, dist.is_main
+        self.totals = dict.fromkeys([f"time_{p}" for p in self.PHASES] + list(self.SUMMED), 0)
+        self.record = {}
+        self.bar = None
+        self._log = log
+        if progress and self.main:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=stop, initial=start, desc="saga", dynamic_ncols=True)
+
+    def begin(self, step: int, epoch: int) -> None:
+        self.record = {"step": step + 1, "epoch": epoch}
+
+    def add(self, **values) -> None:
+        self.record.update(values)
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record[f"time_{name}"] = time.perf_counter() - start
+
+    def end(self) -> dict:
+        """Combine ranks, add to the totals, write the JSON line and the progress bar; returns the record."""
+        record = self.record
+        present = [k for k in self.SUMMED + self.AVERAGED if k in record]
+        combined = dist_lib.all_sum({k: record[k] for k in present}, self.dist)
+        for key in present:
+            record[key] = combined[key] / self.dist.world_size if key in self.AVERAGED else combined[key]
+        for key in self.totals:
+            self.totals[key] += record.get(key, 0)
+        if self.main:
+            _log(self.path, record)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(dml=f"{record['loss_dml']:.3f}", grpo=f"{record.get('loss_grpo', 0):.3f}",
+                                 kl=f"{record.get('loss_kl', 0):.3f}",
+                                 reward=f"{self.totals['rewarded'] / max(self.totals['completions'], 1):.2f}")
+        return record
+
+    def evaluation(self, name: str, step: int, metrics: dict) -> None:
+        if self.main:
+            _log(self.path, {"eval": name, "step": step, **metrics})
+
+    def write(self, message: str) -> None:
+        (self.bar.write if self.bar is not None else self._log)(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def summary(self, steps: int, rollouts: bool) -> dict:
+        """Phase shares, seconds per step and (with rollouts) the reward rate and rollout totals."""
+        t = self.totals
+        step_time = sum(t[f"time_{p}"] for p in self.PHASES)
+        out = {"phase_share": {p: t[f"time_{p}"] / step_time for p in self.PHASES} if step_time else {},
+               "seconds_per_step": step_time / max(steps, 1)}
+        if rollouts:
+            out["reward_rate"] = t["rewarded"] / max(t["completions"], 1)
+            out["rollouts"] = {k: t[k] for k in self.SUMMED}
+        return out
+
+
 def _log(path: str, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
+# ------------------------------------------------------------------------------------------ the loop
 def train(cfg: Config, log=print) -> dict:
     """Train (or resume) per ``cfg``; returns ``{"before": metrics, "after": metrics, ...}``."""
     t_start = time.perf_counter()
@@ -412,10 +584,7 @@ def train(cfg: Config, log=print) -> dict:
     spe = steps_per_epoch(cfg, comps.train_set)
     total = cfg.max_steps or cfg.epochs * spe
     optimizer, scheduler = build_optimizer(comps, total)
-    spec = prompt_spec(cfg.dataset, comps.train_set)
-    prompt = pair_prompt(comps.processor, spec, cfg.prompt)
-    kl_layer = resolve_kl_layer(cfg.kl_layer, llm_num_layers(comps.model))
-    rollouts_on = cfg.lambda_lm > 0 or (cfg.lambda_kl > 0 and cfg.pooler == "attention")
+    plan = step_plan(comps)
     os.makedirs(cfg.run_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.run_dir, METRICS)
     main = dist.is_main
@@ -433,80 +602,42 @@ def train(cfg: Config, log=print) -> dict:
         if cfg.model == "tiny-random":
             log(RANDOM_INIT_NOTICE)
 
+    stop = min(total, cfg.stop_after) if cfg.stop_after else total
+    run_log = RunLog(metrics_path, dist, start=start, stop=stop, progress=cfg.progress, log=log)
     result = {"run_dir": cfg.run_dir, "steps": total, "model": comps.model_description, "rank": dist.rank}
     if start == 0 and cfg.eval_before and main:
         result["before"] = evaluate_embedder(comps)
-        _log(metrics_path, {"eval": "before", "step": 0, **result["before"]})
+        run_log.evaluation("before", 0, result["before"])
         log("before training: " + format_metrics(result["before"]))
     dist_lib.barrier(dist)
 
-    params = comps.trainable_parameters()
-    stop = min(total, cfg.stop_after) if cfg.stop_after else total
-    progress = None
-    if cfg.progress and main:
-        from tqdm import tqdm
-        progress = tqdm(total=stop, initial=start, desc="saga", dynamic_ncols=True)
-    totals = {"time_a": 0.0, "time_b": 0.0, "time_c": 0.0, "time_opt": 0.0, "completions": 0, "rewarded": 0,
-              "unparseable": 0, "pairs_drawn": 0, "groups_kept": 0, "shortfall": 0}
-    batches, batches_epoch = None, None
-    for step in range(start, stop):
+    loader = data_loader(comps.train_set, data_workers(cfg, comps.train_set, comps.device),
+                         batch_sampler=StepBatches(cfg, comps.train_set, start, stop, spe))
+    for step, batch in zip(range(start, stop), loader):
         epoch = step // spe
-        if batches_epoch != epoch:
-            batches, batches_epoch = epoch_batches(cfg, comps.train_set, epoch, spe), epoch
-        batch = batches[step % spe]
         torch.manual_seed(step_seed(cfg.seed, step, dist.rank))
-        comps.embedder.train()
-        optimizer.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "epoch": epoch}
-        t0 = time.perf_counter()
-        record["loss_dml"] = phase_a(comps, batch) if cfg.lambda_dml > 0 else 0.0
-        record["time_a"] = time.perf_counter() - t0
-        if rollouts_on:
-            record.update(phases_b_c(comps, batch, step, prompt, spec.verdict_key, kl_layer))
-        t1 = time.perf_counter()
-        dist_lib.average_gradients(params, dist)
-        record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        optimizer.step()
-        scheduler.step()
-        record["time_opt"] = time.perf_counter() - t1
-        record["lr_encoder"] = optimizer.param_groups[0]["lr"]
-        counts = dist_lib.all_sum({k: record.get(k, 0) for k in ("completions", "rewarded", "unparseable",
-                                                                   "pairs_drawn", "groups_kept", "shortfall")}, dist)
-        for k in totals:
-            totals[k] += counts[k] if k in counts else record.get(k, 0.0)
-        if main:
-            _log(metrics_path, record)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(dml=f"{record['loss_dml']:.3f}", grpo=f"{record.get('loss_grpo', 0):.3f}",
-                                 kl=f"{record.get('loss_kl', 0):.3f}",
-                                 reward=f"{totals['rewarded'] / max(totals['completions'], 1):.2f}")
+        run_log.begin(step, epoch)
+        train_step(comps, plan, optimizer, scheduler, batch, step, run_log)
+        run_log.end()
         end_of_epoch = (step + 1) % spe == 0 or step + 1 == total
         if end_of_epoch and cfg.eval_every_epoch and main:
             metrics = evaluate_embedder(comps)
             result[f"epoch_{epoch}"] = metrics
-            _log(metrics_path, {"eval": f"epoch {epoch}", "step": step + 1, **metrics})
-            (progress.write if progress is not None else log)(f"epoch {epoch}: " + format_metrics(metrics))
+            run_log.evaluation(f"epoch {epoch}", step + 1, metrics)
+            run_log.write(f"epoch {epoch}: " + format_metrics(metrics))
         periodic = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
         if main and (end_of_epoch or periodic or step + 1 == stop):
             save_checkpoint(comps, optimizer, scheduler, step + 1, ckpt_path)
         dist_lib.barrier(dist)
-    if progress is not None:
-        progress.close()
+    run_log.close()
 
     done = stop - start
     if main and done:
         if stop == total:
             result["after"] = result.get(f"epoch_{(stop - 1) // spe}")
             comps.embedder.save(os.path.join(cfg.run_dir, "embedder"))
-        step_time = sum(totals[k] for k in ("time_a", "time_b", "time_c", "time_opt"))
-        result["phase_share"] = {k[5:]: totals[k] / step_time for k in ("time_a", "time_b", "time_c", "time_opt")} \
-            if step_time else {}
-        result["seconds_per_step"] = step_time / done
-        result["reward_rate"] = totals["rewarded"] / max(totals["completions"], 1)
-        result["rollouts"] = {k: totals[k] for k in ("completions", "rewarded", "unparseable", "pairs_drawn",
-                                                     "groups_kept", "shortfall")}
-    result["parameter_digest"] = parameter_digest(params)
+        result.update(run_log.summary(done, rollouts=plan is not None))
+    result["parameter_digest"] = parameter_digest(comps.trainable_parameters())
     result["wall_seconds"] = time.perf_counter() - t_start
     result["final_step"] = stop
     return result

@@ -15,9 +15,9 @@ import saga_kernels
 from saga_train import rollout, train as train_lib
 from saga_train.__main__ import main
 from saga_train.config import ConfigError, make_config
-from saga_train.losses import replay_forward, replay_group
 from saga_train.model import load_embedder
 from saga_train.prompts import pair_prompt, prompt_spec
+from saga_train.replay import ReplayOptions, completion_states, forward_prefix, local_counts, replay_group
 
 SMALL = dict(image_size=32, synthetic_images_per_class=2, classes_per_batch=4, images_per_class=2, pairs_per_step=2,
              group_size=3, contributing_pairs=1, max_pair_draws=3, max_new_tokens=10, embedding_size=16,
@@ -60,11 +60,18 @@ def llm_state(model):
 def first_group(comps, same=False, need_item_masks=False):
     cfg, ds = comps.cfg, comps.train_set
     spec = prompt_spec(cfg.dataset, ds)
-    a, b = ds[0][0], ds[2 if same else 5][0]
+    inputs = rollout.pair_inputs(comps.model, comps.processor, pair_prompt(comps.processor, spec), ds[0][0],
+                                 ds[2 if same else 5][0])
+    options = rollout.SamplingOptions(group_size=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                                      max_new_tokens=cfg.max_new_tokens, verdict_key=spec.verdict_key,
+                                      item_masks=need_item_masks)
     torch.manual_seed(0)
-    return rollout.sample_group(comps.model, comps.processor, pair_prompt(comps.processor, spec), a, b, same,
-                                verdict_key=spec.verdict_key, group_size=cfg.group_size, temperature=cfg.temperature,
-                                top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, need_item_masks=need_item_masks)
+    return rollout.sample_groups(comps.model, comps.processor.tokenizer, [inputs], [same], options)[0]
+
+
+def first_batch(comps):
+    index = train_lib.epoch_batches(comps.cfg, comps.train_set, 0, 1)[0]
+    return train_lib.collate_batch([comps.train_set[i] for i in index])
 
 
 def test_grpo_gradient_reaches_tower_and_llm_never_changes(tmp_path, signal):
@@ -75,10 +82,10 @@ def test_grpo_gradient_reaches_tower_and_llm_never_changes(tmp_path, signal):
     before_llm = llm_state(model)
     before_tower = [p.detach().clone() for p in model.model.visual.parameters()]
     optimizer, scheduler = train_lib.build_optimizer(comps, total_steps=4)
-    batch = train_lib.epoch_batches(comps.cfg, comps.train_set, 0, 1)[0]
-    spec = prompt_spec("synthetic", comps.train_set)
-    stats = train_lib.phases_b_c(comps, batch, 0, pair_prompt(comps.processor, spec), spec.verdict_key, 1)
-    assert stats["groups_kept"] >= 1 and stats["loss_grpo"] != 0.0
+    plan = train_lib.step_plan(comps)
+    groups, stats = train_lib.phase_b(comps, plan, first_batch(comps), 0)
+    losses = train_lib.phase_c(comps, plan, groups)
+    assert stats.groups_kept >= 1 and losses["loss_grpo"] != 0.0
     tower_grads = [p.grad for p in model.model.visual.parameters()]
     assert all(g is not None for g in tower_grads)
     assert sum(float(g.abs().sum()) for g in tower_grads) > 0
@@ -94,9 +101,7 @@ def test_replayed_logprobs_equal_generate(tmp_path):
     comps = train_lib.build_components(small(tmp_path, temperature=0.7, group_size=4, max_new_tokens=12))
     cfg, ds, model = comps.cfg, comps.train_set, comps.model
     spec = prompt_spec("synthetic", ds)
-    inputs = comps.processor(text=[pair_prompt(comps.processor, spec)], images=[ds[0][0], ds[7][0]],
-                             return_tensors="pt")
-    inputs = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    inputs = rollout.pair_inputs(model, comps.processor, pair_prompt(comps.processor, spec), ds[0][0], ds[7][0])
     stops = rollout.stop_token_ids(model, comps.processor.tokenizer)
     model.eval()
     torch.manual_seed(3)
@@ -108,10 +113,8 @@ def test_replayed_logprobs_equal_generate(tmp_path):
     mask = rollout.completion_mask(completion, stops)
     raw = torch.stack(out.logits, dim=1).float()  # generate's raw logits, same processing as the replay below
     generated = torch.log_softmax(raw / 0.7, dim=-1).gather(-1, completion[..., None])[..., 0]
-    group = rollout.Group(same=False, inputs=inputs, completion_ids=completion, completion_mask=mask, texts=[],
-                          verdicts=[], rewards=torch.zeros(4), advantages=torch.zeros(4))
-    with torch.no_grad():
-        hidden, _, _ = replay_forward(model, group)
+    with torch.no_grad():  # the shared-prefix replay of phase C
+        hidden, _ = completion_states(model, forward_prefix(model, inputs), completion, mask)
         replayed = saga_kernels.linear_logprobs(hidden, model.lm_head.weight, completion, temperature=0.7)
     assert mask.sum() > 4
     torch.testing.assert_close(replayed[mask], generated[mask], rtol=0, atol=2e-5)
@@ -126,10 +129,11 @@ def test_kl_gradient_reaches_only_the_pooler(tmp_path, signal):
     # make the pooler's query non-zero so that every pooler weight gets a KL gradient
     with torch.no_grad():
         comps.embedder.pooler.query.normal_()
-    result = replay_group(comps.model, group, temperature=1.0, kl_layer=1, lambda_lm=0.0, lambda_kl=1.0,
-                          pooler=comps.embedder.pooler, token_weight=1.0, kl_weight=1.0)
-    assert result.kl > 0 and result.kl_rollouts >= 1
-    result.loss.backward()
+    counts = local_counts([group])
+    assert counts.kl_rollouts >= 1
+    options = ReplayOptions(temperature=1.0, lambda_lm=0.0, lambda_kl=1.0, kl_layer=1)
+    result = replay_group(comps.model, group, options, counts, comps.embedder.pooler)  # back-propagates
+    assert result.kl > 0 and result.grpo == 0.0
     assert comps.embedder.pooler.query.grad.abs().sum() > 0
     assert comps.embedder.pooler.key.weight.grad.abs().sum() > 0
     assert comps.embedder.pooler.proj.weight.grad is None  # z is not part of L_KL
@@ -345,3 +349,62 @@ def test_item_token_masks_select_the_item_values():
     assert tokenizer.decode([i for i, m in zip(ids, masks["item 2"]) if m]).strip() == '"short bill, blue crown"'
     none = rollout.item_token_masks(tokenizer, ids[:5], tokenizer.decode(ids[:5]))
     assert not none["item 1"].any() and not none["item 2"].any()
+
+
+def _image_folder(root, classes=4, per_class=6):
+    from PIL import Image
+
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (20, 20), (60 * c, 40 * i, 90)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_workers_decode_the_same_batches(tmp_path):
+    """Images on disk are decoded in DataLoader workers; the trajectory is the one of in-process decoding."""
+    data = _image_folder(tmp_path / "data")
+    common = dict(dataset="folder", data_root=str(data), lambda_lm=0.0, lambda_kl=0.0, classes_per_batch=2,
+                  max_steps=2, eval_every_epoch=True, dml="supcon")
+    in_process = small(tmp_path / "w0", **common, workers=0)
+    in_workers = small(tmp_path / "w1", **common, workers=1)
+    results = [train_lib.train(cfg, log=lambda *_: None) for cfg in (in_process, in_workers)]
+    assert results[0]["after"] == results[1]["after"]
+    a, b = (load_file(os.path.join(c.run_dir, "checkpoint.safetensors")) for c in (in_process, in_workers))
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
+    # the default (-1): workers for images on disk, none for the in-memory synthetic world
+    comps_device = torch.device("cpu")
+    train_set = train_lib.build_datasets(in_process)[0]
+    cpus = len(os.sched_getaffinity(0))
+    assert train_lib.data_workers(make_config(in_process, workers=-1), train_set, comps_device) == min(2, cpus - 1)
+    assert train_lib.data_workers(small(tmp_path), train_lib.build_datasets(small(tmp_path))[0], comps_device) == 0
+
+
+def test_real_model_path_never_imports_the_synthetic_world(tmp_path):
+    """--model DIR on a dataset on disk: the synthetic world's modules (tiny, supervisor, data.synthetic) are
+    never imported, rollouts and replay included."""
+    import subprocess
+    import sys
+
+    from saga_train.prompts import vocabulary
+    from saga_train.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
+
+    data = _image_folder(tmp_path / "data")
+    spec = prompt_spec("folder")
+    tokenizer = build_tokenizer(vocabulary(spec))
+    build_tiny_qwen3vl(tokenizer, image_size=32, seed=1).save_pretrained(tmp_path / "ckpt")
+    build_processor(tokenizer, 32).save_pretrained(tmp_path / "ckpt")
+    args = ["--model", str(tmp_path / "ckpt"), "--dataset", "folder", "--data-root", str(data), "--image-size", "32",
+            "--run-dir", str(tmp_path / "run"), "--classes-per-batch", "2", "--images-per-class", "2",
+            "--embedding-size", "8", "--no-progress", "--max-steps", "1", "--group-size", "2", "--max-new-tokens", "4",
+            "--pairs-per-step", "2", "--no-eval-before", "--no-eval-every-epoch", "--workers", "0"]
+    code = ("import sys\nfrom saga_train.__main__ import main\nrc = main(sys.argv[1:])\n"
+            "bad = sorted(m for m in sys.modules if m in ('saga_train.tiny', 'saga_train.supervisor', "
+            "'saga_train.data.synthetic'))\nprint('IMPORTED', bad)\nsys.exit(rc or bool(bad))\n")
+    env = {**os.environ, "SAGA_IMPL": "torch", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "IMPORTED []" in run.stdout
+    record = _read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert record["generate_calls"] >= 1 and record["completions"] >= 2

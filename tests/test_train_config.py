@@ -79,3 +79,15 @@ def test_non_qwen3vl_model_dir_is_refused(tmp_path, capsys):
     assert "bert" in err and "Qwen3-VL" in err
     assert main(["--model", str(tmp_path / "missing"), "--run-dir", str(tmp_path / "run")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_supervisor_cache_error_is_reported_plainly(monkeypatch, capsys):
+    import saga_train.__main__ as entry
+    from saga_train.supervisor import SupervisorCacheError
+
+    def refuse(cfg):
+        raise SupervisorCacheError("refusing to overwrite /somewhere")
+
+    monkeypatch.setattr(entry, "train", refuse)
+    assert entry.main([]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err

@@ -1,4 +1,8 @@
-"""Datasets, splits and samplers for SAGA training and zero-shot retrieval evaluation."""
+"""Datasets, splits and samplers for SAGA training and zero-shot retrieval evaluation.
+
+The synthetic world (``SyntheticBirds``, ``ATTRIBUTES``) is imported on first use, so the on-disk
+readers and the samplers never load it.
+"""
 
 from .aircraft import load_aircraft
 from .base import DatasetError, FileImageDataset, ImageLoadError
@@ -8,8 +12,15 @@ from .folder import load_folder
 from .inat import load_inat_aves
 from .registry import DATASETS, load_dataset
 from .samplers import ClassBalancedBatchSampler, sample_pairs
-from .synthetic import ATTRIBUTES, SyntheticBirds
 
 __all__ = ["ATTRIBUTES", "DATASETS", "ClassBalancedBatchSampler", "DatasetError", "FileImageDataset",
            "ImageLoadError", "SyntheticBirds", "load_aircraft", "load_cars", "load_cub", "load_dataset", "load_folder",
            "load_inat_aves", "sample_pairs"]
+
+
+def __getattr__(name):
+    if name in ("ATTRIBUTES", "SyntheticBirds"):
+        from . import synthetic
+
+        return getattr(synthetic, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
