@@ -14,7 +14,8 @@
 #   saga_recompute, torch, cce), bench_attention 30, bench_metric 50, bench_step 150 (the 8B model built once
 #   on the GPU; phase A, phase C saga / full / plain, phase B batched / per pair), bench_logprob_liger 45
 #   (mostly liger's torch.compile warm-up), bench_eval 10 (a CPU benchmark: on the GPU machine at its small
-#   size, as a smoke run of faiss/pml; its real size is a CPU-machine target).
+#   size, as a smoke run of faiss/pml; its real size is a CPU-machine target). On a machine with 2+ GPUs also
+#   torchrun_smoke 90 (2 steps of the random tiny Qwen3-VL on 2 ranks, data parallel and --shard-llm).
 # Override a cap with CAP_<stage>=seconds (e.g. CAP_tests=300); on a CPU every cap is 900 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +51,7 @@ else
 fi
 
 declare -A GPU_CAP=([tests]=110 [gpu_tests]=45 [bench_logprob]=45 [bench_attention]=30 [bench_metric]=50
-                    [bench_step]=150 [bench_logprob_liger]=45 [bench_eval]=10)
+                    [bench_step]=150 [bench_logprob_liger]=45 [bench_eval]=10 [torchrun_smoke]=90)
 cap() {  # cap STAGE -> seconds
   local override="CAP_$1"
   if [[ -n "${!override:-}" ]]; then echo "${!override}"
@@ -88,6 +89,23 @@ if python3 -c "import xdist" 2>/dev/null; then
 fi
 stage tests "$OUT_DIR/tests.log" python3 -m pytest "${TEST_ARGS[@]}" "${WORKERS[@]}" -m "not gpu"
 stage gpu_tests "$OUT_DIR/gpu_tests.log" python3 -m pytest "${TEST_ARGS[@]}" -m gpu
+
+# Multi-GPU: 2 ranks (nccl), 2 steps of the random tiny Qwen3-VL with GRPO on, data parallel then with the LLM's
+# decoder layers sharded (FSDP2); each run prints the LLM memory of rank 0. On a CPU-only or 1-GPU machine it says
+# so (the gloo tests of tests/test_distributed.py cover the same code on CPU ranks).
+GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if (( GPUS >= 2 )); then
+  SMOKE=(--model tiny-random --device cuda --max-steps 2 --steps-per-epoch 2 --image-size 32 --classes-per-batch 4
+         --images-per-class 2 --max-new-tokens 16 --no-eval-before --no-eval-every-epoch --no-progress --workers 0)
+  stage torchrun_smoke "$OUT_DIR/torchrun_smoke.log" bash -c "
+    python3 -m torch.distributed.run --standalone --nproc_per_node 2 -m saga_train ${SMOKE[*]} \
+      --run-dir '$OUT_DIR/torchrun-dp' &&
+    python3 -m torch.distributed.run --standalone --nproc_per_node 2 -m saga_train ${SMOKE[*]} --shard-llm \
+      --run-dir '$OUT_DIR/torchrun-shard'"
+else
+  echo "== torchrun_smoke: this machine has $GPUS GPU(s); the 2-rank smoke step needs 2 (skipped) =="
+  printf '%-16s %-40s %4ss\n' torchrun_smoke "skipped ($GPUS GPU)" 0 >> "$OUT_DIR/stages.txt"
+fi
 
 # Benchmarks: one pytest per stage (its own cap and JSON): STAGE:FILE[:-k EXPRESSION]. Liger's provider, whose
 # torch.compile warm-up takes longest, has a stage of its own after the others; new bench files run at the end.

@@ -78,6 +78,7 @@ class Config:
     bf16: bool = True  # autocast on CUDA only
     grad_checkpointing: bool = True  # on the LLM, CUDA only
     liger: bool = True  # Liger-Kernel Qwen3-VL patches, CUDA only and when installed
+    shard_llm: bool = False  # torchrun: shard the frozen LLM's decoder layers over the ranks (FSDP2)
     progress: bool = True  # tqdm progress bar
 
     def __post_init__(self):

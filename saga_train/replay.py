@@ -42,6 +42,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from .losses import grpo_loss, kl_loss
 from .prompts import ITEM_KEYS
+from .rollout import Group, pair_inputs
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class ReplayOptions:
     lambda_kl: float = 0.0  # weight of L_KL (0: no attention probe)
     kl_layer: int = 0  # LLM layer whose attention teaches the pooler
     replay_tokens: int = 0  # completion tokens per forward (rows x longest completion); 0 = a whole group
+    lockstep: bool = False  # sharded LLM: no group skipped, every micro-batch forwards >= 1 completion token
 
 
 @dataclass(frozen=True)
@@ -227,28 +229,52 @@ def _run_language_model(lm, cache_layers, **inputs):
 
 
 # ------------------------------------------------------------------------------------------ a group
-def micro_batches(lengths: torch.Tensor, budget: int) -> list:
+def micro_batches(lengths: torch.Tensor, budget: int, count: int = 0) -> list:
     """Row index lists of the completion micro-batches: longest first, each holding at most ``budget``
-    tokens counted as rows x its longest completion (at least one row); ``budget`` 0 = all rows."""
-    if budget <= 0:
+    tokens counted as rows x its longest completion (at least one row); ``budget`` 0 = all rows.
+    ``count``: at least that many micro-batches (the one with the most rows is halved until there are;
+    lockstep replay, where every rank runs as many as the rank that needs the most)."""
+    if count > len(lengths):
+        raise ValueError(f"count={count} micro-batches of {len(lengths)} rows")
+    if budget <= 0 and count <= 1:
         return [torch.arange(len(lengths))]
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
     batches, current = [], []
     for row in order:
         longest = int(lengths[current[0]]) if current else int(lengths[row])
-        if current and (len(current) + 1) * longest > budget:
-            batches.append(torch.tensor(current))
+        if current and budget > 0 and (len(current) + 1) * longest > budget:
+            batches.append(current)
             current = []
         current.append(row)
-    batches.append(torch.tensor(current))
-    return batches
+    batches.append(current)
+    while len(batches) < count:
+        k = max(range(len(batches)), key=lambda i: len(batches[i]))
+        half = (len(batches[k]) + 1) // 2
+        batches[k:k + 1] = [batches[k][:half], batches[k][half:]]
+    return [torch.tensor(b) for b in batches]
 
 
-def replay_group(model, group, options: ReplayOptions, counts: StepCounts, pooler=None) -> ReplayResult:
+def filler_group(model, processor, prompt: str, group_size: int, image_size: int) -> Group:
+    """A group that teaches nothing (zero advantages and rewards) but runs the passes of a real one: blank
+    images, the run's prompt, G two-token completions. Lockstep replay gives it to a rank short of groups."""
+    from PIL import Image
+
+    blank = Image.new("RGB", (image_size, image_size))
+    eos = processor.tokenizer.eos_token_id
+    zeros = torch.zeros(group_size)
+    return Group(same=False, inputs=pair_inputs(model, processor, prompt, blank, blank),
+                 completion_ids=torch.full((group_size, 2), eos, device=model.device),
+                 completion_mask=torch.ones(group_size, 2, dtype=torch.bool, device=model.device),
+                 texts=[""] * group_size, verdicts=[None] * group_size, rewards=zeros, advantages=zeros)
+
+
+def replay_group(model, group, options: ReplayOptions, counts: StepCounts, pooler=None,
+                 micro_count: int = 0) -> ReplayResult:
     """``lambda_lm L_GRPO + lambda_kl L_KL`` of one group, back-propagated (gradients accumulate).
 
     L_GRPO's token terms are divided by ``counts.completion_tokens`` and L_KL's rollout terms by
     ``counts.kl_rollouts`` (each over the whole step), so summing the groups gives the step's losses.
+    ``micro_count``: split the completions into at least that many micro-batches (lockstep replay).
     """
     ids, mask = group.completion_ids, group.completion_mask.bool()
     device = ids.device
@@ -258,12 +284,12 @@ def replay_group(model, group, options: ReplayOptions, counts: StepCounts, poole
     want_kl = (options.lambda_kl > 0 and pooler is not None and counts.kl_rollouts > 0 and bool(item_masks)
                and bool((rewarded & torch.stack([m.any(-1) for m in item_masks.values()]).any(0)).any()))
     want_lm = options.lambda_lm > 0 and counts.completion_tokens > 0
-    if not (want_lm or want_kl):
+    if not (want_lm or want_kl or options.lockstep):
         return ReplayResult(0.0, 0.0, 0, 0)
     with torch.set_grad_enabled(want_lm):
         prefix = forward_prefix(model, group.inputs)
     grpo_total, kl_total, tokens = 0.0, 0.0, prefix.length
-    batches = micro_batches(mask.sum(-1).cpu(), options.replay_tokens)
+    batches = micro_batches(mask.sum(-1).cpu(), options.replay_tokens, micro_count)
     for rows in batches:
         rows = rows.to(device)
         length = int(mask[rows].sum(-1).max())
@@ -271,8 +297,10 @@ def replay_group(model, group, options: ReplayOptions, counts: StepCounts, poole
         b_items = {name: m[rows, :length] for name, m in item_masks.items()}
         kl_rows = rewarded[rows] & torch.stack([m.any(-1) for m in b_items.values()]).any(0) if want_kl else None
         probe = want_kl and bool(kl_rows.any())
-        # the last token predicts nothing: forwarded only when its attention row teaches the pooler
-        last = probe and any(bool((m[:, -1] & kl_rows).any()) for m in b_items.values())
+        # the last token predicts nothing: forwarded only when its attention row teaches the pooler (or, in
+        # lockstep, when it is the only token: every rank then runs one completion pass per micro-batch)
+        last = (probe and any(bool((m[:, -1] & kl_rows).any()) for m in b_items.values())) or (
+            options.lockstep and length == 1)
         with torch.set_grad_enabled(want_lm):
             hidden, maps = completion_states(model, prefix, b_ids, b_mask, forward_last=last,
                                              kl_layer=options.kl_layer if probe else None)

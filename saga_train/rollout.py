@@ -6,6 +6,13 @@ their lengths differ, and generates ``P x G`` sequences at once (on a GPU decodi
 call of P x G sequences costs little more than one call of G). Each pair's two images go through the vision
 tower once, whatever the transformers version does with ``num_return_sequences`` (``encode_images_once``).
 
+Without ``seeds`` the completions sample from the global RNG (``generate(do_sample=True)``), so what a pair
+gets depends on the other pairs of the call. With ``seeds`` (one int per pair; the trainer's choice) every
+completion has its own ``torch.Generator`` (``SeededSampling``: temperature, top-p and the Gumbel-max
+trick pick the token, an exact sample of the same distribution): a pair's completions are a function of its
+seed and its own logits, whichever call, batch or rank samples it (the same up to the round-off of a
+different batch shape).
+
 Reward ``r_g = 1`` iff the parsed verdict equals ``1[y_a == y_b]`` (unparseable -> 0, counted).
 Advantage ``A_g = (r_g - mean(r)) / (std(r) + eps)`` within the group. Groups whose rewards are all
 equal carry no signal (``Group.contributes`` is False); the trainer's ``phase_b`` keeps drawing until
@@ -17,7 +24,10 @@ import dataclasses
 import functools
 from dataclasses import dataclass, field
 
+import hashlib
+
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import verdict as verdict_lib
 from .prompts import ITEM_KEYS
@@ -35,6 +45,7 @@ class SamplingOptions:
     max_new_tokens: int
     verdict_key: str  # the JSON key holding "yes" / "no"
     item_masks: bool = False  # find the tokens describing item 1 / item 2 (for L_KL) in r = 1 rollouts
+    synced_gpus: bool = False  # every rank decodes until all ranks are done (the LLM's layers are sharded)
 
 
 @dataclass
@@ -255,22 +266,68 @@ def encode_images_once(vlm, pixels: torch.Tensor, grid: torch.Tensor, samples: i
 
 
 # ------------------------------------------------------------------------------------------ sampling
+def mix_seed(*values) -> int:
+    """A 63-bit seed that is a hash of ``values`` (ints and strings; distinct tuples give unrelated streams)."""
+    digest = hashlib.blake2b("/".join(map(str, values)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SeededSampling(LogitsProcessor):
+    """Sampling with one generator per sequence, as the last logits processor of ``generate``.
+
+    Scores are divided by the temperature, the top-p nucleus is kept (transformers' ``TopPLogitsWarper``:
+    the smallest set of most likely tokens whose probability exceeds ``top_p``, at least one), and
+    Gumbel(0, 1) noise from the sequence's own generator is added; the argmax is a sample of
+    ``softmax(top_p(logits / temperature))`` (the Gumbel-max trick). The processor returns that choice
+    as the only finite score, so ``generate``'s own draw (``do_sample=True``: greedy decoding refuses
+    ``num_return_sequences``) has nothing left to choose. Runs after ``suppress_tokens``, whose -inf it keeps.
+    """
+
+    def __init__(self, seeds, temperature: float, top_p: float, device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids, scores):
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            ascending, order = torch.sort(scores, dim=-1)
+            drop = ascending.softmax(-1).cumsum(-1) <= 1 - self.top_p
+            drop[..., -1] = False
+            scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device)
+                               for g in self.generators])
+        choice = (scores - torch.log(-torch.log(uniform))).argmax(-1, keepdim=True)  # u = 0: -inf, never chosen
+        return torch.full_like(scores, float("-inf")).scatter_(-1, choice, 0.0)
+
+
 @torch.no_grad()
-def sample_groups(model, tokenizer, pair_inputs_list, sames, options: SamplingOptions) -> list:
-    """One ``generate`` call for all pairs: ``len(pairs) x G`` sequences -> one Group per pair (in order)."""
-    if len(pair_inputs_list) != len(sames):
-        raise ValueError(f"pair_inputs_list has {len(pair_inputs_list)} pairs but sames has {len(sames)}")
+def sample_groups(model, tokenizer, pair_inputs_list, sames, options: SamplingOptions, seeds=None) -> list:
+    """One ``generate`` call for all pairs: ``len(pairs) x G`` sequences -> one Group per pair (in order).
+
+    ``seeds``: one int per pair; completion g of pair p then samples from its own generator seeded with
+    ``mix_seed("completion", seeds[p], g)`` (see the module docstring). None: the global RNG.
+    """
+    if len(pair_inputs_list) != len(sames) or (seeds is not None and len(seeds) != len(sames)):
+        raise ValueError(f"pair_inputs_list has {len(pair_inputs_list)} pairs, sames {len(sames)}"
+                         + ("" if seeds is None else f", seeds {len(seeds)}"))
     if not pair_inputs_list:
         return []
     stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     batch = left_pad(pair_inputs_list, pad)
     G = options.group_size
+    if seeds is None:
+        sampling = dict(do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=0)
+    else:
+        rows = [mix_seed("completion", seed, g) for seed in seeds for g in range(G)]  # generate's order: pair-major
+        sampler = SeededSampling(rows, options.temperature, options.top_p, batch["input_ids"].device)
+        sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                        logits_processor=LogitsProcessorList([sampler]))
     with encode_images_once(model.model, batch["pixel_values"], batch["image_grid_thw"], len(sames), G):
         out = model.generate(
-            **batch, do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=0,
-            max_new_tokens=options.max_new_tokens, num_return_sequences=G,
-            suppress_tokens=suppressed_token_ids(model), eos_token_id=stops, pad_token_id=pad)
+            **batch, **sampling, max_new_tokens=options.max_new_tokens, num_return_sequences=G,
+            suppress_tokens=suppressed_token_ids(model), eos_token_id=stops, pad_token_id=pad,
+            synced_gpus=options.synced_gpus)
     completions = out[:, batch["input_ids"].shape[1]:]
     masks = completion_mask(completions, stops)
     return [_make_group(tokenizer, inputs, same, completions[p * G:(p + 1) * G], masks[p * G:(p + 1) * G], options)

@@ -10,9 +10,11 @@ sample all pairs of a draw in one ``generate`` call, keep groups with reward var
 ``phase_c`` (replay the kept groups, each prefix once, with gradients: replay.py), clip, step.
 ``RunLog`` does the bookkeeping (phase timings, totals, JSON lines, the tqdm postfix).
 
-Determinism: the step's RNG is reseeded from ``(seed, step, rank)`` at the start of every step and
-the batches of an epoch are a pure function of ``(seed, epoch)``, so a resumed run continues
-exactly where an uninterrupted one would be. Images are decoded in DataLoader workers (``--workers``).
+Determinism: the step's RNG is reseeded from ``(seed, step, rank)`` at the start of every step, the
+batches of an epoch are a pure function of ``(seed, epoch)`` and the step's pairs and completions of
+``(seed, step)``, so a resumed run continues exactly where an uninterrupted one would be, and a run on
+N ranks trains the weights one process would (up to round-off; distributed.py). Images are decoded in
+DataLoader workers (``--workers``).
 """
 import contextlib
 import dataclasses
@@ -38,13 +40,13 @@ from .model import (Embedder, atomic_save_file, atomic_write_text, fix_image_res
                     llm_num_layers, load_qwen3vl, resolve_kl_layer, square_rgb)
 from .pooler import build_pooler
 from .prompts import pair_prompt, prompt_spec, vocabulary
-from .replay import ReplayOptions, StepCounts, local_counts, replay_group
-from .rollout import RolloutStats, SamplingOptions, pair_inputs, sample_groups
+from .replay import ReplayOptions, StepCounts, filler_group, local_counts, micro_batches, replay_group
+from .rollout import RolloutStats, SamplingOptions, mix_seed, pair_inputs, sample_groups
 
 CHECKPOINT = "checkpoint.safetensors"
 # settings a resumed run may change; any other difference from the checkpoint's config is an error
 RESUME_MAY_CHANGE = ("resume", "stop_after", "progress", "eval_before", "eval_every_epoch", "checkpoint_every",
-                     "threads", "device", "workers", "replay_tokens")
+                     "threads", "device", "workers", "replay_tokens", "shard_llm")
 METRICS = "metrics.jsonl"
 RANDOM_INIT_NOTICE = ("NOTE: the MLLM is a randomly initialized tiny Qwen3-VL: its verdicts are noise, so the "
                       "GRPO / attention-distillation signal in this run means nothing; only the metric loss teaches.")
@@ -87,13 +89,14 @@ def synthetic_supervisor(cfg: Config):
     return ensure_supervisor(scfg, progress=cfg.progress)
 
 
-def resolve_model(cfg: Config, dataset, device: torch.device):
+def resolve_model(cfg: Config, dataset, device: torch.device, dist: dist_lib.DistInfo | None = None):
     """``(model, processor, description)`` for ``cfg.model``; the one place model sources are resolved.
 
     "tiny-random": a tiny Qwen3-VL with random weights and a word-level tokenizer built from the
     prompt vocabulary (saga_train.tiny). "synthetic-supervisor": the tiny Qwen3-VL fine-tuned on the
     synthetic world's training classes (saga_train.supervisor; trained on first use, then cached).
-    Anything else: a local Qwen3-VL checkpoint directory.
+    Anything else: a local Qwen3-VL checkpoint directory. With ``cfg.shard_llm`` the LLM's decoder layers
+    are sharded over the ranks (FSDP2) before the model moves to ``device``: only shards reach the device.
     """
     bf16 = device.type == "cuda" and cfg.bf16
     if cfg.model == "synthetic-supervisor":
@@ -119,10 +122,14 @@ def resolve_model(cfg: Config, dataset, device: torch.device):
         fix_image_resolution(processor, cfg.image_size)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    freeze_language_model(model)
+    if cfg.shard_llm:
+        if not (dist and dist.enabled):
+            raise ConfigError("--shard-llm shards the LLM over torchrun's ranks: run it under torchrun, >= 2 processes")
+        dist_lib.shard_language_model(model, device)
     model.to(device)
     if bf16:
         model.model.visual.float()  # trainable weights stay fp32; compute runs under bf16 autocast
-    freeze_language_model(model)
     if device.type == "cuda":
         apply_cuda_speedups(model, cfg)
     return model, processor, description
@@ -167,6 +174,7 @@ class Components:
     metric_loss: torch.nn.Module
     model_description: str
     dist: dist_lib.DistInfo = field(default_factory=dist_lib.DistInfo)
+    sync: dist_lib.GradientSync = None  # the gradient average over ranks (built with the components)
 
     def param_groups(self) -> dict:
         return {
@@ -185,7 +193,7 @@ def build_components(cfg: Config, dist: dist_lib.DistInfo | None = None) -> Comp
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
     train_set, test_set = build_datasets(cfg)
-    model, processor, description = resolve_model(cfg, train_set, device)
+    model, processor, description = resolve_model(cfg, train_set, device, dist)
     hidden = model.config.text_config.hidden_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
@@ -195,6 +203,7 @@ def build_components(cfg: Config, dist: dist_lib.DistInfo | None = None) -> Comp
     embedder = Embedder(model.model.visual, pooler, processor.image_processor, cfg.image_size, cfg.pooler)
     comps = Components(cfg, device, train_set, test_set, model, processor, embedder, metric_loss, description, dist)
     dist_lib.broadcast_parameters(comps.trainable_parameters(), dist)
+    comps.sync = dist_lib.GradientSync(comps.trainable_parameters(), dist)
     return comps
 
 
@@ -237,6 +246,11 @@ def epoch_batches(cfg: Config, train_set, epoch: int, count: int) -> list:
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+def pair_seed(seed: int, step: int, index: int) -> int:
+    """The sampling seed of the step's ``index``-th drawn pair (the same on every rank and world size)."""
+    return mix_seed("pair", seed, step, index)
 
 
 def autocast(device: torch.device, cfg: Config):
@@ -383,13 +397,15 @@ class StepPlan:
     prompt: str
     sampling: SamplingOptions
     replay: ReplayOptions
-    want: int  # K: contributing groups this rank buffers per step
-    max_draws: int  # cap on the pairs this rank samples per step
+    want: int  # K: contributing groups the step buffers (over all ranks)
+    max_draws: int  # cap on the pairs the step samples (over all ranks)
+    lockstep: bool = False  # the LLM's layers are sharded: every rank runs the same LLM passes
 
 
 def step_plan(comps: Components) -> StepPlan | None:
     """The run's phase B / C settings; None when neither L_GRPO nor L_KL is on (no rollouts)."""
-    cfg, world = comps.cfg, comps.dist.world_size
+    cfg = comps.cfg
+    lockstep = cfg.shard_llm and comps.dist.enabled
     kl = cfg.lambda_kl > 0 and cfg.pooler == "attention"
     if not (cfg.lambda_lm > 0 or kl):
         return None
@@ -398,76 +414,117 @@ def step_plan(comps: Components) -> StepPlan | None:
     return StepPlan(
         prompt=pair_prompt(comps.processor, spec, cfg.prompt),
         sampling=SamplingOptions(group_size=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 max_new_tokens=cfg.max_new_tokens, verdict_key=spec.verdict_key, item_masks=kl),
+                                 max_new_tokens=cfg.max_new_tokens, verdict_key=spec.verdict_key, item_masks=kl,
+                                 synced_gpus=lockstep),
         replay=ReplayOptions(temperature=cfg.temperature, lambda_lm=cfg.lambda_lm,
                              lambda_kl=cfg.lambda_kl if kl else 0.0, kl_layer=kl_layer,
-                             replay_tokens=cfg.replay_tokens),
-        want=math.ceil(cfg.contributing_pairs / world), max_draws=math.ceil(cfg.max_pair_draws / world))
+                             replay_tokens=cfg.replay_tokens, lockstep=lockstep),
+        want=cfg.contributing_pairs, max_draws=cfg.max_pair_draws, lockstep=lockstep)
 
 
 def phase_a(comps: Components, batch: Batch) -> float:
-    """Embed this rank's share of the batch (whole classes) and back-propagate lambda_dml * L_DML."""
+    """Embed this rank's slice of the batch, all-gather the embeddings (this rank's rows keep their graph),
+    and back-propagate lambda_dml * L_DML of the WHOLE batch (distributed.py: the scaling)."""
     cfg = comps.cfg
     if cfg.lambda_dml <= 0:
         return 0.0
-    mine = set(dist_lib.shard(sorted(set(batch.labels)), comps.dist))
-    keep = [k for k, label in enumerate(batch.labels) if label in mine]
-    with autocast(comps.device, cfg):
-        inputs = comps.embedder.pixel_inputs([batch.images[k] for k in keep])
-        z, _, _ = comps.embedder(**inputs)
-    labels = torch.tensor([batch.labels[k] for k in keep], device=comps.device)
-    loss = comps.metric_loss(z.float(), labels)
-    (cfg.lambda_dml * loss).backward()
+    mine = dist_lib.batch_slice(len(batch.labels), comps.dist)
+    if mine.stop > mine.start:
+        with autocast(comps.device, cfg):
+            z, _, _ = comps.embedder(**comps.embedder.pixel_inputs(batch.images[mine]))
+        z = z.float()
+    else:  # more ranks than images: this rank embeds nothing, but still takes part (and feeds the proxies)
+        z = torch.zeros(0, cfg.embedding_size, device=comps.device)
+    z, labels = dist_lib.gather_rows(z, torch.tensor(batch.labels[mine], device=comps.device), comps.dist)
+    loss = comps.metric_loss(z, labels)
+    if loss.requires_grad:  # not on a rank with no rows and a loss without proxies
+        (cfg.lambda_dml * loss).backward()
     return float(loss.detach())
 
 
 def phase_b(comps: Components, plan: StepPlan, batch: Batch, step: int):
-    """Draw pairs (first from the step's batch, then from the whole train split), sample every draw in one
-    ``generate`` call, until ``plan.want`` groups have reward variance or ``plan.max_draws`` pairs were
-    sampled. Returns (the first ``want`` contributing groups, RolloutStats)."""
-    cfg, ds, model = comps.cfg, comps.train_set, comps.model
-    generator = torch.Generator().manual_seed(step_seed(cfg.seed, step, comps.dist.rank))
+    """Draw pairs (first from the step's batch, then from the whole train split) and sample them until
+    ``plan.want`` groups have reward variance or ``plan.max_draws`` pairs were sampled. Returns (this rank's
+    groups among the step's first ``want`` contributing ones, RolloutStats of this rank's pairs).
+
+    Every rank draws the same pairs (a generator seeded by (seed, step)); pair p of a draw is sampled by
+    rank p % world, a rank's pairs of a draw in one ``generate`` call, each pair from its own seed
+    (``pair_seed``). The ranks then share which pairs contribute, so every rank knows the step's first K
+    contributing pairs in draw order: what is kept, and when drawing stops, do not depend on the world size.
+    """
+    cfg, ds, model, info = comps.cfg, comps.train_set, comps.model, comps.dist
+    generator = torch.Generator().manual_seed(step_seed(cfg.seed, step))
     stats, kept = RolloutStats(), []
+    drawn = draws = kept_total = 0
 
     def image(i: int):  # the first draw indexes the (decoded) batch, later draws the train split
-        return square_rgb(batch.images[i] if stats.generate_calls == 0 else ds[i][0], cfg.image_size)
+        return square_rgb(batch.images[i] if draws == 0 else ds[i][0], cfg.image_size)
 
     model.eval()
-    while len(kept) < plan.want and stats.pairs_drawn < plan.max_draws:
-        labels = batch.labels if stats.generate_calls == 0 else ds.labels
-        pairs = sample_pairs(labels, min(cfg.pairs_per_step, plan.max_draws - stats.pairs_drawn), generator)
-        inputs = [pair_inputs(model, comps.processor, plan.prompt, image(i), image(j)) for i, j, _ in pairs]
-        with autocast(comps.device, cfg):
-            groups = sample_groups(model, comps.processor.tokenizer, inputs, [same for _, _, same in pairs],
-                                   plan.sampling)
-        stats.add(groups)
-        kept.extend(g for g in groups if g.contributes)
-    kept = kept[:plan.want]
-    stats.groups_kept, stats.shortfall = len(kept), plan.want - len(kept)
+    while kept_total < plan.want and drawn < plan.max_draws:
+        labels = batch.labels if draws == 0 else ds.labels
+        pairs = sample_pairs(labels, min(cfg.pairs_per_step, plan.max_draws - drawn), generator)
+        mine = list(range(info.rank, len(pairs), info.world_size))
+        # lockstep: a rank without a pair in this draw samples the draw's first one anyway (not counted, dropped)
+        todo = mine or ([0] if plan.lockstep else [])
+        groups = []
+        if todo:
+            inputs = [pair_inputs(model, comps.processor, plan.prompt, image(pairs[p][0]), image(pairs[p][1]))
+                      for p in todo]
+            with autocast(comps.device, cfg):
+                groups = sample_groups(model, comps.processor.tokenizer, inputs, [pairs[p][2] for p in todo],
+                                       plan.sampling, seeds=[pair_seed(cfg.seed, step, drawn + p) for p in todo])
+        if mine:
+            stats.add(groups)
+        contributes = [0] * len(pairs)
+        for p, group in zip(mine, groups):
+            contributes[p] = int(group.contributes)
+        for p, flag in enumerate(dist_lib.all_max(contributes, info)):  # every rank's flags
+            if flag and kept_total < plan.want:
+                kept_total += 1
+                if p in mine:
+                    kept.append(groups[mine.index(p)])
+        drawn, draws = drawn + len(pairs), draws + 1
+    stats.groups_kept = len(kept)
+    stats.shortfall = plan.want - kept_total if info.is_main else 0  # counted once: the log sums over ranks
     return kept, stats
 
 
 def phase_c(comps: Components, plan: StepPlan, groups: list) -> dict:
-    """Replay the contributing groups with gradients (each prefix once): lambda_lm L_GRPO + lambda_kl L_KL."""
+    """Replay this rank's contributing groups with gradients (each prefix once): lambda_lm L_GRPO + lambda_kl L_KL.
+
+    Lockstep (``--shard-llm``: every pass through a sharded layer is a collective): every rank replays as many
+    groups as the rank with the most, the k-th split into as many micro-batches as the most any rank needs
+    for its k-th; a rank short of groups replays fillers (zero advantages: the same passes, no gradient).
+    """
     counts = dist_lib.all_sum(dataclasses.asdict(local_counts(groups)), comps.dist)  # over every rank's groups
     counts = StepCounts(**{k: int(v) for k, v in counts.items()})
     comps.model.train()
+    work = [(group, 0) for group in groups]
+    if plan.lockstep:
+        natural = [len(micro_batches(g.completion_mask.sum(-1).cpu(), plan.replay.replay_tokens)) for g in groups]
+        slots = [n for n in dist_lib.all_max(natural + [0] * (plan.want - len(groups)), comps.dist) if n]
+        filler = (filler_group(comps.model, comps.processor, plan.prompt, comps.cfg.group_size, comps.cfg.image_size)
+                  if len(slots) > len(groups) else None)
+        work = [(groups[k] if k < len(groups) else filler, n) for k, n in enumerate(slots)]
     grpo = kl = 0.0
     tokens = micro = 0
-    for group in groups:
+    for k, (group, micro_count) in enumerate(work):
+        # a filler's 2-token completions fit any micro-batch: it is split into exactly micro_count of them
+        options = plan.replay if k < len(groups) else dataclasses.replace(plan.replay, replay_tokens=0)
         with autocast(comps.device, comps.cfg):
-            result = replay_group(comps.model, group, plan.replay, counts, comps.embedder.pooler)
-        grpo, kl = grpo + result.grpo, kl + result.kl
-        tokens, micro = tokens + result.tokens, micro + result.micro_batches
+            result = replay_group(comps.model, group, options, counts, comps.embedder.pooler, micro_count)
+        if k < len(groups):
+            grpo, kl = grpo + result.grpo, kl + result.kl
+            tokens, micro = tokens + result.tokens, micro + result.micro_batches
     return {"loss_grpo": grpo, "loss_kl": kl, "kl_rollouts": counts.kl_rollouts, "tokens_replayed": tokens,
             "replay_micro_batches": micro}
 
 
 def clip_gradients(comps: Components) -> float:
     """Average the trainable gradients over ranks and clip their global norm; returns the norm before clipping."""
-    params = comps.trainable_parameters()
-    dist_lib.average_gradients(params, comps.dist)
-    return float(torch.nn.utils.clip_grad_norm_(params, comps.cfg.grad_clip))
+    comps.sync()
+    return float(torch.nn.utils.clip_grad_norm_(comps.trainable_parameters(), comps.cfg.grad_clip))
 
 
 def train_step(comps: Components, plan: StepPlan | None, optimizer, scheduler, batch: Batch, step: int,
@@ -496,7 +553,7 @@ class RunLog:
 
     PHASES = ("a", "b", "c", "opt")
     SUMMED = RolloutStats.counts() + ("tokens_replayed",)  # per-rank counts, summed over ranks
-    AVERAGED = ("loss_dml", "loss_grpo", "loss_kl")  # per-rank shares of the step's losses
+    AVERAGED = ("loss_dml", "loss_grpo", "loss_kl")  # L_DML: the same on every rank; L_GRPO, L_KL: world x shares
 
     def __init__(self, path: str, dist: dist_lib.DistInfo, *, start: int, stop: int, progress: bool, log=print):
         self.path, self.dist, self.main = path, dist, dist.is_main
@@ -581,6 +638,7 @@ def train(cfg: Config, log=print) -> dict:
         torch.set_num_threads(cfg.threads)
     dist = dist_lib.init_distributed(probe_device.type)
     comps = build_components(cfg, dist)
+    llm_bytes = dist_lib.llm_parameter_bytes(comps.model)
     spe = steps_per_epoch(cfg, comps.train_set)
     total = cfg.max_steps or cfg.epochs * spe
     optimizer, scheduler = build_optimizer(comps, total)
@@ -599,12 +657,16 @@ def train(cfg: Config, log=print) -> dict:
         atomic_write_text(os.path.join(cfg.run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
     if main:
         log(f"model: {comps.model_description}; {comps.train_set!r} / {comps.test_set!r}")
+        log(f"LLM parameters on rank 0: decoder layers {llm_bytes['decoder_layers'] / 2**20:.1f} MiB of "
+            f"{llm_bytes['decoder_layers_total'] / 2**20:.1f} MiB ({'sharded' if cfg.shard_llm else 'replicated'} "
+            f"over {dist.world_size} rank(s)), embedding + norm + LM head {llm_bytes['replicated'] / 2**20:.1f} MiB")
         if cfg.model == "tiny-random":
             log(RANDOM_INIT_NOTICE)
 
     stop = min(total, cfg.stop_after) if cfg.stop_after else total
     run_log = RunLog(metrics_path, dist, start=start, stop=stop, progress=cfg.progress, log=log)
-    result = {"run_dir": cfg.run_dir, "steps": total, "model": comps.model_description, "rank": dist.rank}
+    result = {"run_dir": cfg.run_dir, "steps": total, "model": comps.model_description, "rank": dist.rank,
+              "llm_parameter_bytes": llm_bytes}
     if start == 0 and cfg.eval_before and main:
         result["before"] = evaluate_embedder(comps)
         run_log.evaluation("before", 0, result["before"])

@@ -91,3 +91,8 @@ def test_supervisor_cache_error_is_reported_plainly(monkeypatch, capsys):
     monkeypatch.setattr(entry, "train", refuse)
     assert entry.main([]) == 2
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_shard_llm_needs_torchrun(tmp_path, capsys):
+    assert main(["--model", "tiny-random", "--shard-llm", "--image-size", "32", "--run-dir", str(tmp_path)]) == 2
+    assert "--shard-llm" in capsys.readouterr().err
