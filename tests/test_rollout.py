@@ -1,5 +1,6 @@
 """Phase B (saga_train.rollout + train.phase_b): every pair of a draw in ONE generate call, each image
 through the vision tower once, dynamic sampling until K contributing groups or the cap."""
+import itertools
 import math
 
 import numpy as np
@@ -90,11 +91,14 @@ def first_batch(comps):
     return train_lib.collate_batch([comps.train_set[i] for i in index])
 
 
-@pytest.mark.parametrize("verdict, expect_kept", [("length", True), ("never", False)])
+@pytest.mark.parametrize("verdict, expect_kept", [("mixed", True), ("never", False)])
 def test_phase_b_draws_until_k_groups_or_the_cap(tmp_path, monkeypatch, verdict, expect_kept):
     """Draws of ``pairs_per_step`` pairs, one generate call each, until K groups have reward variance or
-    ``max_pair_draws`` pairs were sampled; at most K groups are kept and the counts add up."""
-    parse = {"length": lambda text, key: len(text) % 2 == 0, "never": lambda text, key: None}[verdict]
+    ``max_pair_draws`` pairs were sampled; at most K groups are kept and the counts add up. "mixed": the
+    G = 3 verdicts of every group are yes / no / unparseable, so every group has reward variance whatever
+    was sampled and the first draw of 2 pairs is enough; "never": no verdict parses, the cap stops it."""
+    cycle = itertools.cycle([True, False, None])
+    parse = {"mixed": lambda text, key: next(cycle), "never": lambda text, key: None}[verdict]
     monkeypatch.setattr(rollout.verdict_lib, "parse_verdict", parse)
     comps = train_lib.build_components(small(tmp_path, pairs_per_step=2, contributing_pairs=2, max_pair_draws=5))
     counter = Counter(comps.model)
@@ -107,12 +111,13 @@ def test_phase_b_draws_until_k_groups_or_the_cap(tmp_path, monkeypatch, verdict,
     assert stats.groups_kept == len(groups) == min(2, stats.groups_contributing) and all(g.contributes for g in groups)
     assert stats.shortfall == 2 - len(groups)
     if expect_kept:
-        assert len(groups) == 2 and stats.pairs_drawn <= 5
+        assert len(groups) == 2 and stats.pairs_drawn == 2 and counter.generate_sequences == [6]
     else:
         assert groups == [] and stats.pairs_drawn == 5 and stats.unparseable == stats.completions
         assert counter.generate_sequences == [6, 6, 3]  # 2 + 2 + 1 pairs: the cap cuts the last draw
     # the same step draws the same pairs and samples the same completions
     torch.manual_seed(0)
+    cycle = itertools.cycle([True, False, None])
     again, _ = train_lib.phase_b(comps, plan, first_batch(comps), step=0)
     assert [g.texts for g in again] == [g.texts for g in groups]
 
