@@ -2,11 +2,16 @@
 call them) and the host-side choices every launcher makes the same way.
 
 Device functions
+    block_range     int64 indices ``start + [0, BLOCK)`` of a row / column block and their mask ``< end``
+    split_range     (split, start, end) of the column split ``program_id(1)`` of a split sweep
+    load_rows       a [rows, BLOCK_D] tile of a row-major matrix (0 where masked); store_rows writes one
     tile_dot        fp32 ``A[rows, :K] @ B[cols, :K]^T`` streamed over K with explicit row strides
+    cosine_tile     ``tile_dot`` of raw rows scaled by their inverse norms: the cosine tile
     lse_update      one step of the online log-sum-exp (safe when a whole row is masked, -inf)
 Host helpers
     dot_config      the (operand dtype, input_precision) pair every ``tl.dot`` of a launch uses
     on_device       the context every launch runs in: the inputs' CUDA device, not torch's current one
+    mm_fp32         a @ b with an fp32 result (half operands accumulate in cuBLAS's fp32, no upcast copy)
     next_pow2, cdiv block-size arithmetic
     MASKED          the sentinel for masked scores (-inf), always placed with ``tl.where`` BEFORE any
                     arithmetic touches the masked value, so neither a value nor a 0 * inf gradient leaks
@@ -34,6 +39,36 @@ _TORCH_TO_TRITON = {"highest": "tf32x3", "high": "tf32", "medium": "tf32"}
 
 
 @triton.jit
+def block_range(start, end, BLOCK: tl.constexpr):
+    """int64 indices ``start + [0, BLOCK)`` and their mask ``< end`` (``start`` an int64 block offset, e.g.
+    ``tl.program_id(0).to(tl.int64) * BLOCK`` or a loop variable)."""
+    idx = start + tl.arange(0, BLOCK).to(tl.int64)
+    return idx, idx < end
+
+
+@triton.jit
+def split_range(per_split, n):
+    """(split, start, end): the split ``program_id(1)`` of a sweep over ``[0, n)`` cut into splits of
+    ``per_split`` (the last one may be short or empty)."""
+    split = tl.program_id(1).to(tl.int64)
+    start = split * per_split
+    return split, start, tl.minimum(start + per_split, n)
+
+
+@triton.jit
+def load_rows(ptr, rows, row_ok, stride, cols, col_ok):
+    """``M[rows, cols]`` of a row-major matrix M (row stride ``stride``, unit column stride) in its own
+    dtype, 0 where a row or column is masked."""
+    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def store_rows(ptr, rows, row_ok, stride, cols, col_ok, value):
+    """``M[rows, cols] = value`` for a row-major matrix M (row stride ``stride``), masked rows/columns left alone."""
+    tl.store(ptr + rows[:, None] * stride + cols[None, :], value, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def tile_dot(a_ptr, b_ptr, rows, cols, row_ok, col_ok, K, stride_a, stride_b,
              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
              DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
@@ -51,6 +86,18 @@ def tile_dot(a_ptr, b_ptr, rows, cols, row_ok, col_ok, K, stride_a, stride_b,
         b = tl.load(b_ptr + cols[None, :] * stride_b + kk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
     return acc
+
+
+@triton.jit
+def cosine_tile(a_ptr, b_ptr, ra, rb, rows, cols, row_ok, col_ok, K, stride_a, stride_b,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 cosine tile ``(a_i . b_j) ra_i rb_j`` of raw rows (``ra`` / ``rb`` their fp32 inverse norms,
+    0 on masked rows). ``ra_i rb_j`` is formed first, so the tile is bitwise symmetric in (a, b) as far
+    as the dot itself is."""
+    dots = tile_dot(a_ptr, b_ptr, rows, cols, row_ok, col_ok, K, stride_a, stride_b,
+                    BLOCK_R, BLOCK_C, BLOCK_K, DOT_DTYPE, PRECISION)
+    return dots * (ra[:, None] * rb[None, :])
 
 
 @triton.jit
@@ -109,3 +156,17 @@ def on_device(*tensors):
         if isinstance(t, torch.Tensor) and t.device.type == "cuda":
             return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with an fp32 result: the cuBLAS products that consume a gradient tile a kernel wrote. fp32
+    operands as they are; bf16/fp16 operands on CUDA accumulate in fp32 inside cuBLAS (``out_dtype``) with
+    no upcast copy; mixed or CPU operands are upcast (one bounded chunk at a time)."""
+    if a.dtype == b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm(out_dtype=)
+            return (a @ b).float()
+    return a.float() @ b.float()

@@ -55,7 +55,7 @@ import torch
 
 from ._checks import check_index_range, check_same_device, check_tensor
 from ._dispatch import resolve_impl
-from ._tl_utils import cdiv, dot_config, on_device, tile_dot
+from ._tl_utils import cdiv, dot_config, mm_fp32, on_device, tile_dot
 from ._triton import tl, triton
 
 _HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
@@ -418,17 +418,6 @@ def _finish_jacobian(jac, w, tgt, order_rows, n_active, r0, rest, expect_rest, i
     jac[order_rows] = torch.where(ok, j * inv_temp, 0.0).to(jac.dtype)
 
 
-def _mm_fp32(a, b):
-    """a @ b with an fp32 result: fp32 operands as they are; half operands accumulate in fp32 and
-    are rounded once (CUDA's mm with out_dtype when this torch has it, else a cast of the product)."""
-    if a.dtype == torch.float32:
-        return a @ b
-    try:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    except (TypeError, RuntimeError, NotImplementedError):
-        return (a @ b).float()
-
-
 def _triton_backward(h, w, b, tgt, lse, g, g_ent, ez, inv_temp, ignore_index, need_dw, need_db):
     """Path 3. Returns (d_hidden in hidden's dtype, fp32 d_weight or None, fp32 d_bias or None).
 
@@ -467,9 +456,9 @@ def _triton_backward(h, w, b, tgt, lse, g, g_ent, ez, inv_temp, ignore_index, ne
                     r1 - r0, v0, v1, hd, h.stride(0), w.stride(0), dz.stride(0), inv_temp, ignore_index,
                     HAS_BIAS=b is not None, WITH_ENT=with_ent, DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg,
                 )
-            acc += _mm_fp32(dz, w[v0:v1].to(mm_dtype))
+            acc += mm_fp32(dz, w[v0:v1].to(mm_dtype))
             if need_dw:
-                dw[v0:v1] += _mm_fp32(dz.t(), h_mm)
+                dw[v0:v1] += mm_fp32(dz.t(), h_mm)
             if need_db:
                 db[v0:v1] += dz.sum(dim=0, dtype=torch.float32)
         dh[r0:r1] = acc

@@ -49,21 +49,11 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import resolve_impl
-from ._tl_utils import cdiv, dot_config, lse_update, next_pow2, on_device
+from ._tl_utils import block_range, cdiv, dot_config, load_rows, lse_update, next_pow2, on_device, store_rows
 from ._triton import tl, triton
-from .metric_common import (
-    check_embeddings_labels,
-    check_positive,
-    check_real,
-    chunked_grad_products,
-    cosine_tile,
-    inverse_norms,
-    label_ids,
-    normalize_backward,
-    pair_tile_masks,
-    pair_tiles,
-    tiled_pair_products,
-)
+from .metric_common import (block_k, check_embeddings_labels, check_positive, check_real, inverse_norms, is_half,
+                            kernel_operand, label_ids, launch_grad_chunks, normalize_backward, norms_labels, pair_tiles,
+                            resident_pair_tile, streamed_pair_tile, tiled_pair_products)
 
 _MAX_FUSED_D = 256  # largest D (half precision) whose backward keeps the [BLOCK_M, D] accumulator in one program
 _MAX_FUSED_D_FP32 = 64  # the same for fp32 operands (tf32x3 splits them in two); see fused_max_d
@@ -87,6 +77,12 @@ def _ms_mined(s, pos, neg, min_pos, max_neg, eps, USE_MINER: tl.constexpr):
 
 
 @triton.jit
+def _ms_params(alpha, beta, base, eps):
+    """The hyper-parameters in fp32."""
+    return tl.cast(alpha, tl.float32), tl.cast(beta, tl.float32), tl.cast(base, tl.float32), tl.cast(eps, tl.float32)
+
+
+@triton.jit
 def _ms_fwd_kernel(x_ptr, r_ptr, l_ptr, lse_pos_ptr, lse_neg_ptr, min_pos_ptr, max_neg_ptr,
                    mined_pos_ptr, mined_neg_ptr,
                    N, D, stride_x, alpha, beta, base, eps,
@@ -94,25 +90,16 @@ def _ms_fwd_kernel(x_ptr, r_ptr, l_ptr, lse_pos_ptr, lse_neg_ptr, min_pos_ptr, m
                    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Per row i over j != i: (pass 1, USE_MINER) min positive / max negative cosine; (pass 2) lse_pos_i,
     lse_neg_i (online log-sum-exps started from the "1 +" term) and the kept pair counts."""
-    alpha = tl.cast(alpha, tl.float32)
-    beta = tl.cast(beta, tl.float32)
-    base = tl.cast(base, tl.float32)
-    eps = tl.cast(eps, tl.float32)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    ri = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
-    li = tl.load(l_ptr + rows, mask=row_ok, other=0)
+    alpha, beta, base, eps = _ms_params(alpha, beta, base, eps)
+    rows, row_ok = block_range(tl.program_id(0).to(tl.int64) * BLOCK_M, N, BLOCK_M)
+    ri, li = norms_labels(r_ptr, l_ptr, rows, row_ok)
     min_pos = tl.full((BLOCK_M,), float("inf"), tl.float32)
     max_neg = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     if USE_MINER:
         for n0 in range(0, N, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-            col_ok = cols < N
-            rj = tl.load(r_ptr + cols, mask=col_ok, other=0.0)
-            lj = tl.load(l_ptr + cols, mask=col_ok, other=0)
-            s = cosine_tile(x_ptr, x_ptr, ri, rj, rows, cols, row_ok, col_ok, D, stride_x, stride_x,
-                            BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
-            pos, neg = pair_tile_masks(rows, cols, row_ok, col_ok, li, lj, True)
+            _, _, _, s, pos, neg = streamed_pair_tile(x_ptr, x_ptr, ri, li, r_ptr, l_ptr, rows, row_ok, n0, N, D,
+                                                      stride_x, stride_x, True, BLOCK_M, BLOCK_N, BLOCK_K,
+                                                      DOT_DTYPE, PRECISION)
             min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, s, float("inf")), axis=1))
             max_neg = tl.maximum(max_neg, tl.max(tl.where(neg, s, float("-inf")), axis=1))
     m_p = tl.zeros((BLOCK_M,), dtype=tl.float32)  # log(1 + sum exp(x)): the "1" is exp(0), m starts at 0
@@ -122,13 +109,9 @@ def _ms_fwd_kernel(x_ptr, r_ptr, l_ptr, lse_pos_ptr, lse_neg_ptr, min_pos_ptr, m
     mined_pos = tl.zeros((BLOCK_M,), dtype=tl.int32)
     mined_neg = tl.zeros((BLOCK_M,), dtype=tl.int32)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < N
-        rj = tl.load(r_ptr + cols, mask=col_ok, other=0.0)
-        lj = tl.load(l_ptr + cols, mask=col_ok, other=0)
-        s = cosine_tile(x_ptr, x_ptr, ri, rj, rows, cols, row_ok, col_ok, D, stride_x, stride_x,
-                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
-        pos, neg = pair_tile_masks(rows, cols, row_ok, col_ok, li, lj, True)
+        _, _, _, s, pos, neg = streamed_pair_tile(x_ptr, x_ptr, ri, li, r_ptr, l_ptr, rows, row_ok, n0, N, D,
+                                                  stride_x, stride_x, True, BLOCK_M, BLOCK_N, BLOCK_K,
+                                                  DOT_DTYPE, PRECISION)
         mp, mn = _ms_mined(s, pos, neg, min_pos[:, None], max_neg[:, None], eps, USE_MINER)
         m_p, l_p = lse_update(m_p, l_p, tl.where(mp, -alpha * (s - base), float("-inf")))
         m_n, l_n = lse_update(m_n, l_n, tl.where(mn, beta * (s - base), float("-inf")))
@@ -143,6 +126,16 @@ def _ms_fwd_kernel(x_ptr, r_ptr, l_ptr, lse_pos_ptr, lse_neg_ptr, min_pos_ptr, m
 
 
 @triton.jit
+def _ms_stats(lse_pos_ptr, lse_neg_ptr, min_pos_ptr, max_neg_ptr, idx, ok, AXIS: tl.constexpr):
+    """(lse_pos, lse_neg, min_pos, max_neg) of the rows ``idx`` (0 where masked), broadcast along the tile
+    axis they belong to: AXIS = 1 gives [R, 1] (the tile's rows), AXIS = 0 gives [1, C] (its columns)."""
+    return (tl.expand_dims(tl.load(lse_pos_ptr + idx, mask=ok, other=0.0), AXIS),
+            tl.expand_dims(tl.load(lse_neg_ptr + idx, mask=ok, other=0.0), AXIS),
+            tl.expand_dims(tl.load(min_pos_ptr + idx, mask=ok, other=0.0), AXIS),
+            tl.expand_dims(tl.load(max_neg_ptr + idx, mask=ok, other=0.0), AXIS))
+
+
+@triton.jit
 def _ms_grad(s, pos, neg, lse_pos, lse_neg, min_pos, max_neg, alpha, beta, base, eps, USE_MINER: tl.constexpr):
     """G / coef on a tile from one side's row statistics (broadcast along that side's axis); 0 off the kept
     pairs."""
@@ -150,6 +143,14 @@ def _ms_grad(s, pos, neg, lse_pos, lse_neg, min_pos, max_neg, alpha, beta, base,
     gp = tl.exp(tl.where(mp, -alpha * (s - base) - lse_pos, float("-inf")))
     gn = tl.exp(tl.where(mn, beta * (s - base) - lse_neg, float("-inf")))
     return gn - gp
+
+
+@triton.jit
+def _ms_side_grad(s, pos, neg, lse_pos_ptr, lse_neg_ptr, min_pos_ptr, max_neg_ptr, idx, ok, AXIS: tl.constexpr,
+                  alpha, beta, base, eps, USE_MINER: tl.constexpr):
+    """``_ms_grad`` with the statistics of the tile's rows (AXIS = 1) or columns (AXIS = 0) ``idx``."""
+    lse_pos, lse_neg, min_pos, max_neg = _ms_stats(lse_pos_ptr, lse_neg_ptr, min_pos_ptr, max_neg_ptr, idx, ok, AXIS)
+    return _ms_grad(s, pos, neg, lse_pos, lse_neg, min_pos, max_neg, alpha, beta, base, eps, USE_MINER)
 
 
 @triton.jit
@@ -161,41 +162,25 @@ def _ms_bwd_kernel(x_ptr, r_ptr, l_ptr, lse_pos_ptr, lse_neg_ptr, min_pos_ptr, m
     (BLOCK_D >= D) accumulated in this program. The program's [BLOCK_M, BLOCK_D] rows stay resident; each
     [BLOCK_N, BLOCK_D] column tile is loaded once (pipelined) and feeds both products:
     2 * 2 * BLOCK_M * BLOCK_N * BLOCK_D flops per tile."""
-    alpha = tl.cast(alpha, tl.float32)
-    beta = tl.cast(beta, tl.float32)
-    base = tl.cast(base, tl.float32)
-    eps = tl.cast(eps, tl.float32)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    ri = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
-    li = tl.load(l_ptr + rows, mask=row_ok, other=0)
-    lse_pos_i = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    lse_neg_i = tl.load(lse_neg_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    min_pos_i = tl.load(min_pos_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    max_neg_i = tl.load(max_neg_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    alpha, beta, base, eps = _ms_params(alpha, beta, base, eps)
+    rows, row_ok = block_range(tl.program_id(0).to(tl.int64) * BLOCK_M, N, BLOCK_M)
+    ri, li = norms_labels(r_ptr, l_ptr, rows, row_ok)
+    lse_pos_i, lse_neg_i, min_pos_i, max_neg_i = _ms_stats(lse_pos_ptr, lse_neg_ptr, min_pos_ptr, max_neg_ptr,
+                                                           rows, row_ok, 1)
     coef = tl.load(coef_ptr)
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < D
-    xi = tl.load(x_ptr + rows[:, None] * stride_x + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    xi = xi.to(DOT_DTYPE)
+    xi = load_rows(x_ptr, rows, row_ok, stride_x, dd, d_ok).to(DOT_DTYPE)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < N
-        rj = tl.load(r_ptr + cols, mask=col_ok, other=0.0)
-        lj = tl.load(l_ptr + cols, mask=col_ok, other=0)
-        xj = tl.load(x_ptr + cols[:, None] * stride_x + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        xj = xj.to(DOT_DTYPE)
-        rr = ri[:, None] * rj[None, :]
-        s = tl.dot(xi, tl.trans(xj), input_precision=PRECISION) * rr
-        pos, neg = pair_tile_masks(rows, cols, row_ok, col_ok, li, lj, True)
+        cols, col_ok, xj, rr, s, pos, neg = resident_pair_tile(xi, ri, li, rows, row_ok, x_ptr, r_ptr, l_ptr, n0, N,
+                                                               stride_x, dd, d_ok, True, BLOCK_N, DOT_DTYPE,
+                                                               PRECISION)
         g = _ms_grad(s, pos, neg, lse_pos_i, lse_neg_i, min_pos_i, max_neg_i, alpha, beta, base, eps, USE_MINER)
-        g += _ms_grad(s, pos, neg, tl.load(lse_pos_ptr + cols, mask=col_ok, other=0.0)[None, :],
-                      tl.load(lse_neg_ptr + cols, mask=col_ok, other=0.0)[None, :],
-                      tl.load(min_pos_ptr + cols, mask=col_ok, other=0.0)[None, :],
-                      tl.load(max_neg_ptr + cols, mask=col_ok, other=0.0)[None, :], alpha, beta, base, eps, USE_MINER)
+        g += _ms_side_grad(s, pos, neg, lse_pos_ptr, lse_neg_ptr, min_pos_ptr, max_neg_ptr, cols, col_ok, 0,
+                           alpha, beta, base, eps, USE_MINER)
         acc = tl.dot((g * (rr * coef)).to(DOT_DTYPE), xj, acc, input_precision=PRECISION)
-    tl.store(u_ptr + rows[:, None] * stride_u + dd[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    store_rows(u_ptr, rows, row_ok, stride_u, dd, d_ok, acc)
 
 
 @triton.jit
@@ -205,58 +190,35 @@ def _ms_grad_tile_kernel(x_ptr, r_ptr, l_ptr, lse_pos_ptr, lse_neg_ptr, min_pos_
                          BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """w[i - row0, j - col0] = (G_ij + G_ji) r_i r_j for rows [row0, row1) x columns [col0, col1), one
     [BLOCK_M, BLOCK_N] tile per program."""
-    alpha = tl.cast(alpha, tl.float32)
-    beta = tl.cast(beta, tl.float32)
-    base = tl.cast(base, tl.float32)
-    eps = tl.cast(eps, tl.float32)
-    rows = row0 + tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < row1
-    cols = col0 + tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < col1
-    ri = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
-    li = tl.load(l_ptr + rows, mask=row_ok, other=0)
-    rj = tl.load(r_ptr + cols, mask=col_ok, other=0.0)
-    lj = tl.load(l_ptr + cols, mask=col_ok, other=0)
-    s = cosine_tile(x_ptr, x_ptr, ri, rj, rows, cols, row_ok, col_ok, D, stride_x, stride_x,
-                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
-    pos, neg = pair_tile_masks(rows, cols, row_ok, col_ok, li, lj, True)
-    g = _ms_grad(s, pos, neg, tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)[:, None],
-                 tl.load(lse_neg_ptr + rows, mask=row_ok, other=0.0)[:, None],
-                 tl.load(min_pos_ptr + rows, mask=row_ok, other=0.0)[:, None],
-                 tl.load(max_neg_ptr + rows, mask=row_ok, other=0.0)[:, None], alpha, beta, base, eps, USE_MINER)
-    g += _ms_grad(s, pos, neg, tl.load(lse_pos_ptr + cols, mask=col_ok, other=0.0)[None, :],
-                  tl.load(lse_neg_ptr + cols, mask=col_ok, other=0.0)[None, :],
-                  tl.load(min_pos_ptr + cols, mask=col_ok, other=0.0)[None, :],
-                  tl.load(max_neg_ptr + cols, mask=col_ok, other=0.0)[None, :], alpha, beta, base, eps, USE_MINER)
+    alpha, beta, base, eps = _ms_params(alpha, beta, base, eps)
+    rows, row_ok = block_range(row0 + tl.program_id(0).to(tl.int64) * BLOCK_M, row1, BLOCK_M)
+    ri, li = norms_labels(r_ptr, l_ptr, rows, row_ok)
+    cols, col_ok, rj, s, pos, neg = streamed_pair_tile(x_ptr, x_ptr, ri, li, r_ptr, l_ptr, rows, row_ok,
+                                                       col0 + tl.program_id(1).to(tl.int64) * BLOCK_N, col1, D,
+                                                       stride_x, stride_x, True, BLOCK_M, BLOCK_N, BLOCK_K,
+                                                       DOT_DTYPE, PRECISION)
+    g = _ms_side_grad(s, pos, neg, lse_pos_ptr, lse_neg_ptr, min_pos_ptr, max_neg_ptr, rows, row_ok, 1,
+                      alpha, beta, base, eps, USE_MINER)
+    g += _ms_side_grad(s, pos, neg, lse_pos_ptr, lse_neg_ptr, min_pos_ptr, max_neg_ptr, cols, col_ok, 0,
+                       alpha, beta, base, eps, USE_MINER)
     w = g * (ri[:, None] * rj[None, :] * tl.load(coef_ptr))
-    tl.store(w_ptr + (rows - row0)[:, None] * stride_w + (cols - col0)[None, :], w.to(w_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    store_rows(w_ptr, rows - row0, row_ok, stride_w, cols - col0, col_ok, w.to(w_ptr.dtype.element_ty))
 
 
 # --------------------------------------------------------------------------------------------------------
 # Launch configurations (one function per kernel: the launchers and the sm_90 compile test use the same)
 # --------------------------------------------------------------------------------------------------------
-def _half(dtype: torch.dtype) -> bool:
-    return dtype in (torch.bfloat16, torch.float16)
-
-
-def _block_k(dtype: torch.dtype) -> int:
-    """D chunk of the streamed similarity dots (forward and large-D gradient tile: the same, so a gradient
-    tile's cosine, and its mining decision, is the forward's bit for bit)."""
-    return 64 if _half(dtype) else 32
-
-
 def fused_max_d(dtype: torch.dtype) -> int:
     """Largest D whose backward runs fused (``_ms_bwd_kernel``); larger D takes the gradient-tile path.
     Half precision: ``_MAX_FUSED_D``; fp32 (tf32x3 splits the operands in two): ``_MAX_FUSED_D_FP32``."""
-    return _MAX_FUSED_D if _half(dtype) else min(_MAX_FUSED_D, _MAX_FUSED_D_FP32)
+    return _MAX_FUSED_D if is_half(dtype) else min(_MAX_FUSED_D, _MAX_FUSED_D_FP32)
 
 
 def fwd_launch_config(d: int, dtype: torch.dtype) -> dict:
     """``_ms_fwd_kernel``, grid (cdiv(N, 128),): 128 x 64 tiles, 8 warps (the [128, 64] fp32 tile is 32
     registers per thread; the two online log-sum-exps and the miner's row min/max are per-row vectors);
     3-stage operand pipeline of (128 + 64) x BLOCK_K."""
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=_block_k(dtype), num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k(dtype), num_warps=8, num_stages=3)
 
 
 def bwd_launch_config(d: int, dtype: torch.dtype) -> dict:
@@ -264,7 +226,7 @@ def bwd_launch_config(d: int, dtype: torch.dtype) -> dict:
     takes BLOCK_D / 4 registers per thread over 8 warps, the resident rows and two stages of [BLOCK_N,
     BLOCK_D] column tiles sit in shared memory. The miner's two-sided masks cost more registers than
     SupCon's: BLOCK_N = 32 (64 spills at D = 128 on sm_90), 16 for fp32 (tf32x3)."""
-    return dict(BLOCK_M=64, BLOCK_N=32 if _half(dtype) else 16, BLOCK_D=max(16, next_pow2(d)), num_warps=8,
+    return dict(BLOCK_M=64, BLOCK_N=32 if is_half(dtype) else 16, BLOCK_D=max(16, next_pow2(d)), num_warps=8,
                 num_stages=2)
 
 
@@ -272,7 +234,7 @@ def grad_tile_launch_config(d: int, dtype: torch.dtype) -> dict:
     """``_ms_grad_tile_kernel``, grid (cdiv(rows, 128), cdiv(cols, 32)) per chunk, D > fused_max_d: one
     128 x 32 tile per program, streamed like the forward (two-sided mining and the tile store: 128 x 64
     spills on sm_90, 128 x 32 takes 140 registers bf16, 165 fp32)."""
-    return dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=_block_k(dtype), num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=block_k(dtype), num_warps=8, num_stages=3)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -313,18 +275,14 @@ def _triton_backward(x, r, labels, stats, coef, alpha, beta, base, eps):
                 x, r, labels, *stats, coef, u, n, d, x.stride(0), u.stride(0), *params,
                 USE_MINER=eps is not None, DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg)
         return u
-    cfg = grad_tile_launch_config(d, x.dtype)
-    buf_dtype = x.dtype if (x.is_cuda and _half(x.dtype)) else torch.float32
+    cfg = dict(grad_tile_launch_config(d, x.dtype), USE_MINER=eps is not None, DOT_DTYPE=dot_dtype,
+               PRECISION=precision)
 
-    def write_chunk(w, r0, r1, c0, c1):
-        grid = (cdiv(r1 - r0, cfg["BLOCK_M"]), cdiv(c1 - c0, cfg["BLOCK_N"]))
-        with on_device(x):
-            _ms_grad_tile_kernel[grid](
-                x, r, labels, *stats, coef, w, r0, r1, c0, c1, d, x.stride(0), w.stride(0), *params,
-                USE_MINER=eps is not None, DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg)
+    def chunk_args(w, r0, r1, c0, c1):
+        return (x, r, labels, *stats, coef, w, r0, r1, c0, c1, d, x.stride(0), w.stride(0), *params)
 
-    u, _ = chunked_grad_products(write_chunk, x, None, need_da=True, need_db=False, buf_dtype=buf_dtype,
-                                 block_rows=cfg["BLOCK_M"], block_cols=cfg["BLOCK_N"])
+    u, _ = launch_grad_chunks(_ms_grad_tile_kernel, cfg, chunk_args, x, None, dtype=x.dtype, need_da=True,
+                              need_db=False)
     return u
 
 
@@ -400,8 +358,7 @@ class _MultiSimilarityFunction(torch.autograd.Function):
     def forward(ctx, x, labels, alpha: float, beta: float, base: float, eps: float | None, impl: str):
         if impl == "triton":
             labels = label_ids(labels)[0]  # int32 ids, no host sync
-            xs = x.float() if x.dtype == torch.float64 else x
-            xs = xs if xs.stride(1) == 1 else xs.contiguous()
+            xs = kernel_operand(x, impl)
             r = inverse_norms(xs)
             stats = _triton_forward(xs, r, labels, alpha, beta, base, eps)
         else:

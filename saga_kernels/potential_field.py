@@ -34,9 +34,10 @@ source (embeddings or proxies) as its rows and sweeps both sources as columns. S
 * ``_pf_bwd_kernel`` (D <= ``_MAX_FUSED_D`` = 512 for bf16/fp16, half that for fp32: :func:`fused_backward`):
   recomputes the cosine tile once and accumulates ``(W r r) @ s`` into a [BLOCK_M, next_pow2(D)] fp32
   accumulator held by one program. 2 matmuls.
-* ``_pf_grad_tile_kernel`` (larger D): writes ``W r r`` for a chunk of rows against all n columns (at most
-  ``_GRAD_CHUNK_BYTES``; bf16/fp16 for half inputs on a GPU, else fp32) once; cuBLAS does the product.
-  2 matmuls.
+* ``_pf_grad_tile_kernel`` (larger D): writes ``W r r`` for a chunk of rows against a chunk of the columns
+  of one source (at most ``GRAD_CHUNK_BYTES``; bf16/fp16 for half inputs on a GPU, else fp32) once; cuBLAS
+  does the product (:func:`~saga_kernels.metric_common.launch_grad_chunks`, once per row source and
+  column source). 2 matmuls.
 
 Accuracy near d = 0. ``2 - 2 c`` cancels: with c accumulated in fp32 (any Gram-matrix evaluation: this
 kernel, torch's ``x @ x.T``, cuBLAS) d2 carries an absolute error of a few 1e-7, i.e. a relative force error
@@ -49,20 +50,13 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_finite, check_mode, check_same_device, check_tensor
+from ._checks import check_mode
 from ._dispatch import resolve_impl
-from ._tl_utils import cdiv, dot_config, next_pow2, on_device, tile_dot
+from ._tl_utils import block_range, cdiv, cosine_tile, dot_config, load_rows, on_device, store_rows
 from ._triton import tl, triton
-from .metric_common import (
-    INT_DTYPES,
-    check_embeddings_labels,
-    check_positive,
-    compute_dtype,
-    inverse_norms,
-    normalize_backward,
-    tile_size,
-)
-from .proxy_anchor import column_splits
+from .metric_common import (block_k, check_positive, check_proxy_inputs, column_splits, compute_dtype,
+                            fits_fused_backward, fused_backward_config, inverse_norms, kernel_labels, kernel_operand,
+                            launch_dtype, launch_grad_chunks, normalize_backward, partial_sums_cap, tile_size)
 
 # Distances are clamped to at least this (gradient 0 below it), so coincident points of different
 # classes repel with the finite energy MIN_DISTANCE^-alpha. In float32 the Gram-matrix distance
@@ -71,8 +65,6 @@ from .proxy_anchor import column_splits
 MIN_DISTANCE = 1e-2
 
 _MAX_FUSED_D = 512  # largest D whose backward keeps the [BLOCK_M, next_pow2(D)] accumulator in one program
-_GRAD_CHUNK_BYTES = 64 * 2**20  # large-D backward: the gradient tile written per chunk, at most this big
-_PARTIAL_BYTES = 256 * 2**20  # fused backward: fp32 partial sums over column splits stay under this
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -83,9 +75,8 @@ def _pf_log_d2(a_ptr, b_ptr, ra, rb, rows, cols, row_ok, col_ok, D, stride_a, st
                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """(unclamped d2 = 2 - 2 c, log of the clamped d2) of a tile of raw rows; masked entries give c = 0."""
-    dots = tile_dot(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_a, stride_b,
-                    BLOCK_R, BLOCK_C, BLOCK_K, DOT_DTYPE, PRECISION)
-    d2 = 2.0 - 2.0 * (dots * (ra[:, None] * rb[None, :]))
+    d2 = 2.0 - 2.0 * cosine_tile(a_ptr, b_ptr, ra, rb, rows, cols, row_ok, col_ok, D, stride_a, stride_b,
+                                 BLOCK_R, BLOCK_C, BLOCK_K, DOT_DTYPE, PRECISION)
     return d2, tl.log(tl.maximum(d2, min_dist * min_dist))
 
 
@@ -108,6 +99,76 @@ def _pf_weight(d2, log_d2, same, keep, coef, alpha, delta, min_dist):
 
 
 @triton.jit
+def _pf_scalars(alpha, delta, min_dist):
+    """The hyper-parameters in fp32."""
+    return tl.cast(alpha, tl.float32), tl.cast(delta, tl.float32), tl.cast(min_dist, tl.float32)
+
+
+@triton.jit
+def _pf_points(r_ptr, l_ptr, idx, ok):
+    """(inverse norms, int64 labels) of the points ``idx`` of one source (0 and -1 where masked)."""
+    return tl.load(r_ptr + idx, mask=ok, other=0.0), tl.load(l_ptr + idx, mask=ok, other=-1).to(tl.int64)
+
+
+@triton.jit
+def _pf_row_block(n_rows, row_offset, N, P, cols_per_split, BLOCK_M: tl.constexpr):
+    """(rows, row_ok, global row index as int32 (n < 2^31, for s != a), split, start, end) of this program:
+    its block of rows and its split ``program_id(1)`` of the N + P columns (``_tl_utils.split_range``
+    inlined: computing N + P first costs the forward registers)."""
+    rows, row_ok = block_range(tl.program_id(0).to(tl.int64) * BLOCK_M, n_rows, BLOCK_M)
+    grow = (rows + row_offset).to(tl.int32)
+    split = tl.program_id(1).to(tl.int64)
+    start = split * cols_per_split
+    return rows, row_ok, grow, split, start, tl.minimum(start + cols_per_split, N + P)
+
+
+@triton.jit
+def _pf_column_tile(row_ptr, rr, rows, row_ok, grow, stride_row, col_ptr, rc_ptr, lc_ptr, c0, end, col_offset,
+                    stride_col, D, min_dist, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """The column block ``[c0, c0 + BLOCK_N)`` (< end) of one source (global index col_offset + s) against
+    the rows: (cols, col_ok, r, int64 labels, d2, log d2, keep = in range and s != a)."""
+    cols, col_ok = block_range(c0, end, BLOCK_N)
+    rc = tl.load(rc_ptr + cols, mask=col_ok, other=0.0)
+    d2, log_d2 = _pf_log_d2(row_ptr, col_ptr, rr, rc, rows, cols, row_ok, col_ok, D, stride_row, stride_col,
+                            min_dist, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
+    lc = tl.load(lc_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
+    keep = row_ok[:, None] & col_ok[None, :] & (grow[:, None] != (cols + col_offset).to(tl.int32)[None, :])
+    return cols, col_ok, rc, lc, d2, log_d2, keep
+
+
+@triton.jit
+def _pf_fwd_source(acc, row_ptr, rr, lr, rows, row_ok, grow, stride_row, col_ptr, rc_ptr, lc_ptr, start, end,
+                   col_offset, stride_col, D, alpha, log_delta2, min_dist, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """acc + the row sums of psi over the columns [start, end) of one source."""
+    for c0 in range(start, end, BLOCK_N):
+        _, _, _, lc, _, log_d2, keep = _pf_column_tile(row_ptr, rr, rows, row_ok, grow, stride_row, col_ptr, rc_ptr,
+                                                       lc_ptr, c0, end, col_offset, stride_col, D, min_dist,
+                                                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
+        acc += tl.sum(_pf_energy(log_d2, lr[:, None] == lc[None, :], keep, alpha, log_delta2), axis=1)
+    return acc
+
+
+@triton.jit
+def _pf_bwd_source(acc, row_ptr, rr, lr, rows, row_ok, grow, stride_row, col_ptr, rc_ptr, lc_ptr, start, end,
+                   col_offset, stride_col, D, dd, d_ok, coef, alpha, delta, min_dist, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """acc + sum over the columns s in [start, end) of one source of (W_as r_a r_s) s."""
+    for c0 in range(start, end, BLOCK_N):
+        cols, col_ok, rc, lc, d2, log_d2, keep = _pf_column_tile(
+            row_ptr, rr, rows, row_ok, grow, stride_row, col_ptr, rc_ptr, lc_ptr, c0, end, col_offset, stride_col,
+            D, min_dist, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
+        wt = _pf_weight(d2, log_d2, lr[:, None] == lc[None, :], keep, coef, alpha, delta, min_dist)
+        wt = wt * (rr[:, None] * rc[None, :])
+        s = load_rows(col_ptr, cols, col_ok, stride_col, dd, d_ok)
+        acc = tl.dot(wt.to(DOT_DTYPE), s.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _pf_fwd_kernel(row_ptr, rr_ptr, lr_ptr, n_rows, stride_row, row_offset,
                    x_ptr, rx_ptr, lx_ptr, N, stride_x,
                    w_ptr, rw_ptr, lw_ptr, P, stride_w,
@@ -117,40 +178,17 @@ def _pf_fwd_kernel(row_ptr, rr_ptr, lr_ptr, n_rows, stride_row, row_offset,
     """out[split, a] = sum over the split's columns s != a of psi(d(a, s)) for the rows a of one source
     (global index row_offset + a); columns run over the embeddings (global 0..N-1), then the proxies
     (N..N+P-1); the host sums the splits."""
-    alpha = tl.cast(alpha, tl.float32)
-    delta = tl.cast(delta, tl.float32)
-    min_dist = tl.cast(min_dist, tl.float32)
+    alpha, delta, min_dist = _pf_scalars(alpha, delta, min_dist)
     log_delta2 = tl.log(delta * delta)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    grow = (rows + row_offset).to(tl.int32)  # global row index (n < 2^31), for s != a
-    split = tl.program_id(1).to(tl.int64)
-    start = split * cols_per_split
-    end = tl.minimum(start + cols_per_split, N + P)
-    rr = tl.load(rr_ptr + rows, mask=row_ok, other=0.0)
-    lr = tl.load(lr_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    rows, row_ok, grow, split, start, end = _pf_row_block(n_rows, row_offset, N, P, cols_per_split, BLOCK_M)
+    rr, lr = _pf_points(rr_ptr, lr_ptr, rows, row_ok)
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    x_end = tl.minimum(end, N)
-    for c0 in range(start, x_end, BLOCK_N):  # embedding columns
-        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < x_end
-        rc = tl.load(rx_ptr + cols, mask=col_ok, other=0.0)
-        _, log_d2 = _pf_log_d2(row_ptr, x_ptr, rr, rc, rows, cols, row_ok, col_ok, D, stride_row, stride_x,
-                               min_dist, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
-        lc = tl.load(lx_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
-        keep = row_ok[:, None] & col_ok[None, :] & (grow[:, None] != cols.to(tl.int32)[None, :])
-        acc += tl.sum(_pf_energy(log_d2, lr[:, None] == lc[None, :], keep, alpha, log_delta2), axis=1)
-    w_start = tl.maximum(start, N) - N
-    w_end = tl.maximum(end, N) - N
-    for c0 in range(w_start, w_end, BLOCK_N):  # proxy columns
-        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < w_end
-        rc = tl.load(rw_ptr + cols, mask=col_ok, other=0.0)
-        _, log_d2 = _pf_log_d2(row_ptr, w_ptr, rr, rc, rows, cols, row_ok, col_ok, D, stride_row, stride_w,
-                               min_dist, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
-        lc = tl.load(lw_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
-        keep = row_ok[:, None] & col_ok[None, :] & (grow[:, None] != (cols + N).to(tl.int32)[None, :])
-        acc += tl.sum(_pf_energy(log_d2, lr[:, None] == lc[None, :], keep, alpha, log_delta2), axis=1)
+    acc = _pf_fwd_source(acc, row_ptr, rr, lr, rows, row_ok, grow, stride_row,  # embedding columns
+                         x_ptr, rx_ptr, lx_ptr, start, tl.minimum(end, N), 0, stride_x, D, alpha, log_delta2,
+                         min_dist, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
+    acc = _pf_fwd_source(acc, row_ptr, rr, lr, rows, row_ok, grow, stride_row,  # proxy columns
+                         w_ptr, rw_ptr, lw_ptr, tl.maximum(start, N) - N, tl.maximum(end, N) - N, N, stride_w, D,
+                         alpha, log_delta2, min_dist, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
     tl.store(out_ptr + split * n_rows + rows, acc, mask=row_ok)
 
 
@@ -163,50 +201,20 @@ def _pf_bwd_kernel(row_ptr, rr_ptr, lr_ptr, n_rows, stride_row, row_offset,
                    BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """u[split, a, :] = sum over the split's columns s != a of (W_as r_a r_s) s for the rows a of one
     source (fp32 [splits, n_rows, D]; the host sums the splits)."""
-    alpha = tl.cast(alpha, tl.float32)
-    delta = tl.cast(delta, tl.float32)
-    min_dist = tl.cast(min_dist, tl.float32)
+    alpha, delta, min_dist = _pf_scalars(alpha, delta, min_dist)
     coef = tl.load(coef_ptr)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < n_rows
-    grow = (rows + row_offset).to(tl.int32)  # global row index (n < 2^31), for s != a
-    split = tl.program_id(1).to(tl.int64)
-    start = split * cols_per_split
-    end = tl.minimum(start + cols_per_split, N + P)
-    rr = tl.load(rr_ptr + rows, mask=row_ok, other=0.0)
-    lr = tl.load(lr_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    rows, row_ok, grow, split, start, end = _pf_row_block(n_rows, row_offset, N, P, cols_per_split, BLOCK_M)
+    rr, lr = _pf_points(rr_ptr, lr_ptr, rows, row_ok)
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < D
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    x_end = tl.minimum(end, N)
-    for c0 in range(start, x_end, BLOCK_N):  # embedding columns
-        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < x_end
-        rc = tl.load(rx_ptr + cols, mask=col_ok, other=0.0)
-        d2, log_d2 = _pf_log_d2(row_ptr, x_ptr, rr, rc, rows, cols, row_ok, col_ok, D, stride_row, stride_x,
-                                min_dist, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
-        lc = tl.load(lx_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
-        keep = row_ok[:, None] & col_ok[None, :] & (grow[:, None] != cols.to(tl.int32)[None, :])
-        wt = _pf_weight(d2, log_d2, lr[:, None] == lc[None, :], keep, coef, alpha, delta, min_dist)
-        wt = wt * (rr[:, None] * rc[None, :])
-        s = tl.load(x_ptr + cols[:, None] * stride_x + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(wt.to(DOT_DTYPE), s.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    w_start = tl.maximum(start, N) - N
-    w_end = tl.maximum(end, N) - N
-    for c0 in range(w_start, w_end, BLOCK_N):  # proxy columns
-        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < w_end
-        rc = tl.load(rw_ptr + cols, mask=col_ok, other=0.0)
-        d2, log_d2 = _pf_log_d2(row_ptr, w_ptr, rr, rc, rows, cols, row_ok, col_ok, D, stride_row, stride_w,
-                                min_dist, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
-        lc = tl.load(lw_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
-        keep = row_ok[:, None] & col_ok[None, :] & (grow[:, None] != (cols + N).to(tl.int32)[None, :])
-        wt = _pf_weight(d2, log_d2, lr[:, None] == lc[None, :], keep, coef, alpha, delta, min_dist)
-        wt = wt * (rr[:, None] * rc[None, :])
-        s = tl.load(w_ptr + cols[:, None] * stride_w + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(wt.to(DOT_DTYPE), s.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    out = u_ptr + split * n_rows * D + rows[:, None] * D + dd[None, :]
-    tl.store(out, acc, mask=row_ok[:, None] & d_ok[None, :])
+    acc = _pf_bwd_source(acc, row_ptr, rr, lr, rows, row_ok, grow, stride_row,  # embedding columns
+                         x_ptr, rx_ptr, lx_ptr, start, tl.minimum(end, N), 0, stride_x, D, dd, d_ok, coef, alpha,
+                         delta, min_dist, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
+    acc = _pf_bwd_source(acc, row_ptr, rr, lr, rows, row_ok, grow, stride_row,  # proxy columns
+                         w_ptr, rw_ptr, lw_ptr, tl.maximum(start, N) - N, tl.maximum(end, N) - N, N, stride_w, D,
+                         dd, d_ok, coef, alpha, delta, min_dist, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
+    store_rows(u_ptr + split * n_rows * D, rows, row_ok, D, dd, d_ok, acc)
 
 
 @triton.jit
@@ -217,14 +225,10 @@ def _pf_grad_tile_kernel(row_ptr, rr_ptr, lr_ptr, n_rows, stride_row, row_offset
                          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """g[a, s] = W_as r_a r_s (in g's dtype) for the given rows and columns (global indices row_offset + a,
     col_offset + s), one tile per program."""
-    alpha = tl.cast(alpha, tl.float32)
-    delta = tl.cast(delta, tl.float32)
-    min_dist = tl.cast(min_dist, tl.float32)
+    alpha, delta, min_dist = _pf_scalars(alpha, delta, min_dist)
     coef = tl.load(coef_ptr)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    col_ok = cols < n_cols
+    rows, row_ok = block_range(tl.program_id(0).to(tl.int64) * BLOCK_M, n_rows, BLOCK_M)
+    cols, col_ok = block_range(tl.program_id(1).to(tl.int64) * BLOCK_N, n_cols, BLOCK_N)
     rr = tl.load(rr_ptr + rows, mask=row_ok, other=0.0)
     rc = tl.load(rc_ptr + cols, mask=col_ok, other=0.0)
     d2, log_d2 = _pf_log_d2(row_ptr, col_ptr, rr, rc, rows, cols, row_ok, col_ok, D, stride_row, stride_col,
@@ -242,50 +246,26 @@ def _pf_grad_tile_kernel(row_ptr, rr_ptr, lr_ptr, n_rows, stride_row, row_offset
 # Launch configurations: one function per kernel, used by the launchers and by the sm_90 compile test
 # (tests/test_potential_field.py::AOT_SPECS), so the compiled artifact is what runs.
 # --------------------------------------------------------------------------------------------------------
-def _half(dtype: torch.dtype) -> bool:
-    return dtype in (torch.bfloat16, torch.float16)
-
-
-def _block_k(dtype: torch.dtype) -> int:
-    """D chunk of every similarity dot (the same in all kernels: the backward recomputes the forward's
-    distances with the same summation order): 64 half elements or 32 fp32 ones, 128 bytes per row."""
-    return 64 if _half(dtype) else 32
-
-
 def fwd_config(d: int, dtype: torch.dtype) -> dict:
     """``_pf_fwd_kernel``: 64 x 64 tiles, 8 warps: the energy keeps about 8 registers per tile entry alive
     (cosine, log d2, exp, masks), i.e. 130 (bf16) / 190 (fp32, tf32x3 splits) registers per thread;
     128 x 64 tiles need 245-255, 4 warps 200-245."""
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=_block_k(dtype), num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k(dtype), num_warps=8, num_stages=3)
 
 
 def fused_backward(d: int, dtype: torch.dtype) -> bool:
-    """Whether the backward accumulates D in one program: D <= _MAX_FUSED_D for half inputs, D <=
-    _MAX_FUSED_D / 2 for fp32 (tf32x3 splits the [BLOCK_N, BLOCK_D] product operand into three register
-    copies: at D = 512 that and the 128-register accumulator spill 4-8 KB per thread at any BLOCK_N)."""
-    return d <= (_MAX_FUSED_D if _half(dtype) else _MAX_FUSED_D // 2)
+    """Whether the backward runs fused (``_pf_bwd_kernel``): D <= _MAX_FUSED_D for half inputs, half that
+    for fp32 (:func:`~saga_kernels.metric_common.fits_fused_backward`)."""
+    return fits_fused_backward(d, dtype, _MAX_FUSED_D)
 
 
-def bwd_config(d: int, dtype: torch.dtype) -> dict:
-    """``_pf_bwd_kernel`` (fused): the [BLOCK_M, BLOCK_D] fp32 accumulator lives in registers (64 x 512
-    over 8 warps: 128 per thread), the [BLOCK_N, BLOCK_D] product operand in shared memory next to the
-    similarity's two pipelined stages. BLOCK_N = 32 (16 for fp32 beyond D = 128) keeps registers at
-    <= 252 with no spills (sm_90 compile, tests); 64 spills at D = 512."""
-    block_d = max(16, next_pow2(d))
-    block_m = 128 if block_d <= 128 else 64
-    block_n = 32 if (_half(dtype) or block_d <= 128) else 16
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_k(dtype), BLOCK_D=block_d, num_warps=8,
-                num_stages=2)
+# ``_pf_bwd_kernel`` (fused): the [BLOCK_M, BLOCK_D] fp32 accumulator in registers, see fused_backward_config
+bwd_config = fused_backward_config
 
 
 def grad_tile_config(d: int, dtype: torch.dtype) -> dict:
     """``_pf_grad_tile_kernel`` (unfused backward): one 128 x 64 tile per program, 8 warps."""
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=_block_k(dtype), num_warps=8, num_stages=3)
-
-
-def _launch_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
-    """The dtype both operands of a dot are cast to inside the kernels (a no-op when they match)."""
-    return x.dtype if x.dtype == w.dtype else torch.promote_types(x.dtype, w.dtype)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k(dtype), num_warps=8, num_stages=3)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -309,13 +289,18 @@ def _row_launches(pts, needed=(True, True)):
         offset += t.shape[0]
 
 
+def _launch_setup(pts, config):
+    """(n, D, launch dtype, dot operand dtype, dot precision, ``config(D, dtype)``) of a launch over ``pts``."""
+    (x, _, _), (w, _, _) = pts
+    d, dtype = w.shape[1], launch_dtype(x, w)
+    dot_dtype, precision = dot_config(dtype, w.device, min_fp32_precision="tf32x3")
+    return x.shape[0] + w.shape[0], d, dtype, dot_dtype, precision, config(d, dtype)
+
+
 def _triton_forward(pts, alpha: float, delta: float) -> torch.Tensor:
     """sum_a sum_{s != a} psi(d(a, s)) over all points, fp32 scalar."""
-    (x, _, _), (w, _, _) = pts
-    n, d = x.shape[0] + w.shape[0], w.shape[1]
-    dtype = _launch_dtype(x, w)
-    dot_dtype, precision = dot_config(dtype, w.device, min_fp32_precision="tf32x3")
-    cfg = fwd_config(d, dtype)
+    n, d, _, dot_dtype, precision, cfg = _launch_setup(pts, fwd_config)
+    w = pts[1][0]
     total = torch.zeros((), device=w.device, dtype=torch.float32)
     row_programs = sum(cdiv(t.shape[0], cfg["BLOCK_M"]) for t, _, _ in pts)
     splits, per_split = column_splits(row_programs, n, cfg["BLOCK_N"])
@@ -331,15 +316,11 @@ def _triton_forward(pts, alpha: float, delta: float) -> torch.Tensor:
 
 
 def _fused_backward(pts, coef, alpha, delta, needed):
-    (x, _, _), (w, _, _) = pts
-    n, d = x.shape[0] + w.shape[0], w.shape[1]
-    dtype = _launch_dtype(x, w)
-    dot_dtype, precision = dot_config(dtype, w.device, min_fp32_precision="tf32x3")
-    cfg = bwd_config(d, dtype)
+    n, d, _, dot_dtype, precision, cfg = _launch_setup(pts, bwd_config)
+    w = pts[1][0]
     us = [None, None]
     row_programs = sum(cdiv(t.shape[0], cfg["BLOCK_M"]) for (t, _, _), need in zip(pts, needed) if need)
-    cap = max(1, _PARTIAL_BYTES // (4 * max(1, n) * d))
-    splits, per_split = column_splits(row_programs, n, cfg["BLOCK_N"], cap=cap)
+    splits, per_split = column_splits(row_programs, n, cfg["BLOCK_N"], cap=partial_sums_cap(n, d))
     for i, rows, r, lab, offset in _row_launches(pts, needed):
         out = torch.empty((splits, rows.shape[0], d), device=w.device, dtype=torch.float32)
         with on_device(w):
@@ -352,60 +333,30 @@ def _fused_backward(pts, coef, alpha, delta, needed):
     return us
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with an fp32 result: half operands on CUDA accumulate in fp32 inside cuBLAS with no upcast
-    copy (``out_dtype``); mixed or CPU operands are upcast (one bounded chunk at a time)."""
-    if a.dtype == b.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda and a.dtype == b.dtype and _half(a.dtype):
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm(out_dtype=)
-            return (a @ b).float()
-    return a.float() @ b.float()
-
-
 def _unfused_backward(pts, coef, alpha, delta, needed):
-    """Large D: u per needed source from bounded chunks of ``W r r`` (rows x all n columns)
-    written once; cuBLAS forms the product. 2 matmuls."""
-    (x, _, _), (w, _, _) = pts
-    n, d = x.shape[0] + w.shape[0], w.shape[1]
-    dtype = _launch_dtype(x, w)
-    dot_dtype, precision = dot_config(dtype, w.device, min_fp32_precision="tf32x3")
-    cfg = grad_tile_config(d, dtype)
-    buf_dtype = dtype if (w.is_cuda and _half(dtype)) else torch.float32
-    elt = torch.finfo(buf_dtype).bits // 8
-    chunk = max(cfg["BLOCK_M"], _GRAD_CHUNK_BYTES // (elt * n) // cfg["BLOCK_M"] * cfg["BLOCK_M"])
-    buf = torch.empty((min(chunk, n), n), device=w.device, dtype=buf_dtype)
+    """Large D: u per needed row source, from bounded chunks of ``W r r`` against each column source
+    written once (:func:`~saga_kernels.metric_common.launch_grad_chunks`); cuBLAS forms the product.
+    2 matmuls."""
+    _, d, dtype, dot_dtype, precision, cfg = _launch_setup(pts, grad_tile_config)
+    cfg = dict(cfg, DOT_DTYPE=dot_dtype, PRECISION=precision)
     us = [None, None]
     for i, rows, r, lab, offset in _row_launches(pts, needed):
-        u = torch.empty((rows.shape[0], d), device=w.device, dtype=torch.float32)
-        for r0 in range(0, rows.shape[0], chunk):
-            r1 = min(rows.shape[0], r0 + chunk)
-            g = buf[: r1 - r0]
-            col0 = 0
-            for cols, rc, lc in pts:
-                if cols.shape[0] > 0:
-                    with on_device(w):
-                        _pf_grad_tile_kernel[(cdiv(r1 - r0, cfg["BLOCK_M"]), cdiv(cols.shape[0], cfg["BLOCK_N"]))](
-                            row_ptr=rows[r0:r1], rr_ptr=r[r0:r1], lr_ptr=lab[r0:r1], n_rows=r1 - r0,
-                            stride_row=rows.stride(0), row_offset=offset + r0, col_ptr=cols, rc_ptr=rc,
-                            lc_ptr=lc, n_cols=cols.shape[0], stride_col=cols.stride(0), col_offset=col0,
-                            coef_ptr=coef, g_ptr=g[:, col0:], stride_g=g.stride(0), D=d, alpha=alpha,
-                            delta=delta, min_dist=MIN_DISTANCE, DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg)
-                col0 += cols.shape[0]
-            nx = pts[0][0].shape[0]
-            acc = _mm_fp32(g[:, nx:], w)
-            if nx > 0:
-                acc += _mm_fp32(g[:, :nx], x)
-            u[r0:r1] = acc
-        us[i] = u
+        for _, cols, rc, lc, col_offset in _row_launches(pts):  # every non-empty source as the columns
+
+            def chunk_args(g, r0, r1, c0, c1):  # used before the loops move on
+                return (rows[r0:r1], r[r0:r1], lab[r0:r1], r1 - r0, rows.stride(0), offset + r0, cols[c0:c1],
+                        rc[c0:c1], lc[c0:c1], c1 - c0, cols.stride(0), col_offset + c0, coef, g, g.stride(0), d,
+                        alpha, delta, MIN_DISTANCE)
+
+            u, _ = launch_grad_chunks(_pf_grad_tile_kernel, cfg, chunk_args, rows, cols, dtype=dtype, need_da=True,
+                                      need_db=False)
+            us[i] = u if us[i] is None else us[i].add_(u)
     return us
 
 
 def _triton_backward(pts, coef, alpha, delta, needed):
     (x, _, _), (w, _, _) = pts
-    if not fused_backward(w.shape[1], _launch_dtype(x, w)):
+    if not fused_backward(w.shape[1], launch_dtype(x, w)):
         return _unfused_backward(pts, coef, alpha, delta, needed)
     return _fused_backward(pts, coef, alpha, delta, needed)
 
@@ -531,20 +482,6 @@ def _check_labels_have_proxies(labels: torch.Tensor, proxy_labels: torch.Tensor)
         raise ValueError(f"{message}: {shown}")
 
 
-def _kernel_operand(t: torch.Tensor, impl: str) -> torch.Tensor:
-    """Rows as the kernels read them: unit stride along D (any row stride); fp64 runs in fp32 on Triton."""
-    if impl == "triton" and t.dtype == torch.float64:
-        t = t.float()
-    return t if t.stride(1) == 1 or t.shape[0] == 0 else t.contiguous()
-
-
-def _kernel_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Labels as loaded by the kernels: int32/int64 as they are (unit stride), other int dtypes widened."""
-    if labels.dtype not in (torch.int32, torch.int64):
-        labels = labels.to(torch.int64)
-    return labels if labels.stride(0) == 1 else labels.contiguous()
-
-
 def potential_field_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -563,29 +500,11 @@ def potential_field_loss(
     ``embeddings.dtype``. N = 0 gives the energy of the proxies alone. ``impl``: "triton", "torch" or None
     (auto).
     """
-    check_tensor("embeddings", embeddings, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("labels", labels, ndim=1, dtypes=INT_DTYPES)
-    if embeddings.shape[0] > 0:
-        check_embeddings_labels(embeddings, labels)
-    elif labels.shape[0] != 0:
-        raise ValueError(f"labels has {labels.shape[0]} entries but embeddings has 0 rows; they must match")
-    check_tensor("proxies", proxies, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("proxy_labels", proxy_labels, ndim=1, dtypes=INT_DTYPES)
-    if proxies.shape[0] == 0 or proxies.shape[1] != embeddings.shape[1] or proxies.shape[1] == 0:
-        raise ValueError(
-            f"proxies must have shape [P >= 1, {embeddings.shape[1]}] (embeddings are {list(embeddings.shape)}), "
-            f"got {list(proxies.shape)}"
-        )
-    if proxy_labels.shape[0] != proxies.shape[0]:
-        raise ValueError(
-            f"proxy_labels has {proxy_labels.shape[0]} entries but proxies has {proxies.shape[0]} rows; they must match"
-        )
-    check_same_device(embeddings=embeddings, labels=labels, proxies=proxies, proxy_labels=proxy_labels)
-    check_finite("proxies", proxies)
+    check_proxy_inputs(embeddings, labels, proxies, proxy_labels, rows="P")
     _check_labels_have_proxies(labels, proxy_labels)
     alpha = check_positive("alpha", alpha)
     delta = check_positive("delta", delta)
     which = resolve_impl(impl, embeddings, labels, proxies, proxy_labels)
-    x, w = _kernel_operand(embeddings, which), _kernel_operand(proxies, which)
-    loss = _PotentialField.apply(x, w, _kernel_labels(labels), _kernel_labels(proxy_labels), alpha, delta, which)
+    x, w = kernel_operand(embeddings, which), kernel_operand(proxies, which)
+    loss = _PotentialField.apply(x, w, kernel_labels(labels), kernel_labels(proxy_labels), alpha, delta, which)
     return loss.to(embeddings.dtype)

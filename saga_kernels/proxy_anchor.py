@@ -29,13 +29,13 @@ Similarity-sized matmuls (N x C x D products) per call:
 * ``_pa_fwd_kernel``: rows = a block of proxies, columns = a split of the embeddings; an online
   log-sum-exp per proxy and sign (:func:`~saga_kernels._tl_utils.lse_update`), the splits merged by torch ops
   (few proxies still fill the GPU). 1 matmul.
-* ``_pa_bwd_emb_kernel`` / ``_pa_bwd_proxy_kernel`` (D <= ``_MAX_FUSED_D`` = 512 for bf16/fp16, half that
-  for fp32: :func:`fused_backward`): rows = embeddings (u) or proxies (v), columns split when rows are few;
+* ``_pa_bwd_kernel`` (D <= ``_MAX_FUSED_D`` = 512 for bf16/fp16, half that for fp32: :func:`fused_backward`):
+  rows = embeddings (u) or proxies (v, ``PROXY_ROWS``), columns split when rows are few;
   each recomputes the cosine tile once and accumulates ``(G r q) @ other`` into a [BLOCK_M, next_pow2(D)]
   fp32 accumulator held by one program. 2 + 2 = 4 (2 when one input is frozen).
-* ``_pa_grad_tile_kernel`` (larger D): writes ``G r q`` for a chunk of embedding rows (at most
-  ``_GRAD_CHUNK_BYTES``; bf16/fp16 for half inputs on a GPU, else fp32) once; cuBLAS forms ``u`` and ``v``
-  from it. 1 + 2 = 3.
+* ``_pa_grad_tile_kernel`` (larger D): writes ``G r q`` for a chunk of embedding rows and proxies (at most
+  ``GRAD_CHUNK_BYTES``; bf16/fp16 for half inputs on a GPU, else fp32) once; cuBLAS forms ``u`` and ``v``
+  from it (:func:`~saga_kernels.metric_common.launch_grad_chunks`). 1 + 2 = 3.
 
 The torch fallback computes the same math in fp32 (fp64 for fp64 inputs) on [chunk_rows(C), C] tiles.
 Labels are compared with the proxy index as int64 values, as given: no remapping, no host sync.
@@ -46,38 +46,38 @@ import math
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
 from ._dispatch import resolve_impl
-from ._tl_utils import cdiv, dot_config, lse_update, next_pow2, on_device, tile_dot
+from ._tl_utils import (block_range, cdiv, cosine_tile, dot_config, load_rows, lse_update, on_device, split_range,
+                        store_rows)
 from ._triton import tl, triton
-from .metric_common import (
-    FALLBACK_TILE_ELEMS,
-    INT_DTYPES,
-    check_embeddings_labels,
-    check_label_range,
-    check_positive,
-    compute_dtype,
-    inverse_norms,
-    normalize_backward,
-)
+from .metric_common import (FALLBACK_TILE_ELEMS, block_k, check_label_range, check_positive, check_proxy_inputs,
+                            column_splits, compute_dtype, fits_fused_backward, fused_backward_config, inverse_norms,
+                            kernel_labels, kernel_operand, launch_dtype, launch_grad_chunks, normalize_backward,
+                            partial_sums_cap)
 
 _MAX_FUSED_D = 512  # largest D whose backward keeps the [BLOCK_M, next_pow2(D)] accumulator in one program
-_GRAD_CHUNK_BYTES = 64 * 2**20  # large-D backward: the gradient tile written per chunk, at most this big
-_TARGET_PROGRAMS = 528  # column splits until about this many programs run (4 per SM of an H100 SXM)
-_PARTIAL_BYTES = 256 * 2**20  # fused backward: fp32 partial sums over column splits stay under this
 
 
 # --------------------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------------------
 @triton.jit
-def _pa_cosines(a_ptr, b_ptr, ra, rb, rows, cols, row_ok, col_ok, D, stride_a, stride_b,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """fp32 cosine tile ``(a_i . b_j) ra_i rb_j`` of raw rows; masked rows/columns give 0."""
-    dots = tile_dot(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_a, stride_b,
-                    BLOCK_R, BLOCK_C, BLOCK_K, DOT_DTYPE, PRECISION)
-    return dots * (ra[:, None] * rb[None, :])
+def _pa_scalars(alpha, margin, coef_ptr):
+    """(alpha, margin, coef_pos, coef_neg) in fp32: the hyper-parameters and the two gradient coefficients."""
+    return tl.cast(alpha, tl.float32), tl.cast(margin, tl.float32), tl.load(coef_ptr), tl.load(coef_ptr + 1)
+
+
+@triton.jit
+def _pa_column_tile(a_ptr, b_ptr, ra, rb_ptr, rows, row_ok, c0, end, D, stride_a, stride_b,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """(cols, col_ok, rb, cosines) of the column block ``[c0, c0 + BLOCK_C)`` (< end) of b against the rows
+    of a; masked rows/columns give 0."""
+    cols, col_ok = block_range(c0, end, BLOCK_C)
+    rb = tl.load(rb_ptr + cols, mask=col_ok, other=0.0)
+    cos = cosine_tile(a_ptr, b_ptr, ra, rb, rows, cols, row_ok, col_ok, D, stride_a, stride_b,
+                      BLOCK_R, BLOCK_C, BLOCK_K, DOT_DTYPE, PRECISION)
+    return cols, col_ok, rb, cos
 
 
 @triton.jit
@@ -100,22 +100,16 @@ def _pa_fwd_kernel(w_ptr, x_ptr, rw_ptr, rx_ptr, lab_ptr, stats_ptr,
     adds the "1 +" term."""
     alpha = tl.cast(alpha, tl.float32)
     margin = tl.cast(margin, tl.float32)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < C
-    split = tl.program_id(1).to(tl.int64)
-    start = split * cols_per_split
-    end = tl.minimum(start + cols_per_split, N)
+    rows, row_ok = block_range(tl.program_id(0).to(tl.int64) * BLOCK_R, C, BLOCK_R)
+    split, start, end = split_range(cols_per_split, N)
     rw = tl.load(rw_ptr + rows, mask=row_ok, other=0.0)
     m_pos = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     s_pos = tl.zeros((BLOCK_R,), tl.float32)
     m_neg = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     s_neg = tl.zeros((BLOCK_R,), tl.float32)
     for n0 in range(start, end, BLOCK_C):
-        cols = n0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        col_ok = cols < end
-        rx = tl.load(rx_ptr + cols, mask=col_ok, other=0.0)
-        cos = _pa_cosines(w_ptr, x_ptr, rw, rx, rows, cols, row_ok, col_ok, D, stride_w, stride_x,
-                          BLOCK_R, BLOCK_C, BLOCK_K, DOT_DTYPE, PRECISION)
+        cols, col_ok, _, cos = _pa_column_tile(w_ptr, x_ptr, rw, rx_ptr, rows, row_ok, n0, end, D, stride_w,
+                                               stride_x, BLOCK_R, BLOCK_C, BLOCK_K, DOT_DTYPE, PRECISION)
         lab = tl.load(lab_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
         ok = row_ok[:, None] & col_ok[None, :]
         is_pos = lab[None, :] == rows[:, None]
@@ -130,81 +124,40 @@ def _pa_fwd_kernel(w_ptr, x_ptr, rw_ptr, rx_ptr, lab_ptr, stats_ptr,
 
 
 @triton.jit
-def _pa_bwd_emb_kernel(x_ptr, w_ptr, rx_ptr, rw_ptr, lab_ptr, lse_pos_ptr, lse_neg_ptr, coef_ptr, u_ptr,
-                       N, C, D, stride_x, stride_w, cols_per_split, alpha, margin,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Rows = embeddings i, proxies of split program_id(1) as columns:
-    u[split, i, :] = sum_c (G_ic r_i q_c) w_c (fp32 [splits, N, D]; the host sums the splits)."""
-    alpha = tl.cast(alpha, tl.float32)
-    margin = tl.cast(margin, tl.float32)
-    coef_pos = tl.load(coef_ptr)
-    coef_neg = tl.load(coef_ptr + 1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    split = tl.program_id(1).to(tl.int64)
-    start = split * cols_per_split
-    end = tl.minimum(start + cols_per_split, C)
-    rx = tl.load(rx_ptr + rows, mask=row_ok, other=0.0)
-    lab = tl.load(lab_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+def _pa_bwd_kernel(a_ptr, b_ptr, ra_ptr, rb_ptr, lab_ptr, lse_pos_ptr, lse_neg_ptr, coef_ptr, u_ptr,
+                   NA, NB, D, stride_a, stride_b, cols_per_split, alpha, margin,
+                   PROXY_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Rows of a, the rows of b in split program_id(1) as columns: u[split, row, :] = sum_col (G r q) b_col
+    (fp32 [splits, NA, D]; the host sums the splits). PROXY_ROWS False: a = x (labels ``lab`` per row),
+    b = w (lse per column), the embeddings' u_i; True: a = w, b = x, the proxies' v_c."""
+    alpha, margin, coef_pos, coef_neg = _pa_scalars(alpha, margin, coef_ptr)
+    rows, row_ok = block_range(tl.program_id(0).to(tl.int64) * BLOCK_M, NA, BLOCK_M)
+    split, start, end = split_range(cols_per_split, NB)
+    ra = tl.load(ra_ptr + rows, mask=row_ok, other=0.0)
+    if PROXY_ROWS:
+        lse_pos = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        lse_neg = tl.load(lse_neg_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    else:
+        lab = tl.load(lab_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < D
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for c0 in range(start, end, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < end
-        rw = tl.load(rw_ptr + cols, mask=col_ok, other=0.0)
-        cos = _pa_cosines(x_ptr, w_ptr, rx, rw, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
-                          BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
-        lse_pos = tl.load(lse_pos_ptr + cols, mask=col_ok, other=0.0)
-        lse_neg = tl.load(lse_neg_ptr + cols, mask=col_ok, other=0.0)
-        ok = row_ok[:, None] & col_ok[None, :]
-        g = _pa_grad(cos, lab[:, None] == cols[None, :], ok, lse_pos[None, :], lse_neg[None, :],
-                     coef_pos, coef_neg, alpha, margin)
-        g = g * (rx[:, None] * rw[None, :])
-        wt = tl.load(w_ptr + cols[:, None] * stride_w + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(g.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    out = u_ptr + split * N * D + rows[:, None] * D + dd[None, :]
-    tl.store(out, acc, mask=row_ok[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _pa_bwd_proxy_kernel(w_ptr, x_ptr, rw_ptr, rx_ptr, lab_ptr, lse_pos_ptr, lse_neg_ptr, coef_ptr, v_ptr,
-                         C, N, D, stride_w, stride_x, cols_per_split, alpha, margin,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Rows = proxies c, embeddings of split program_id(1) as columns:
-    v[split, c, :] = sum_i (G_ic r_i q_c) x_i (fp32 [splits, C, D]; the host sums the splits)."""
-    alpha = tl.cast(alpha, tl.float32)
-    margin = tl.cast(margin, tl.float32)
-    coef_pos = tl.load(coef_ptr)
-    coef_neg = tl.load(coef_ptr + 1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < C
-    split = tl.program_id(1).to(tl.int64)
-    start = split * cols_per_split
-    end = tl.minimum(start + cols_per_split, N)
-    rw = tl.load(rw_ptr + rows, mask=row_ok, other=0.0)
-    lse_pos = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
-    lse_neg = tl.load(lse_neg_ptr + rows, mask=row_ok, other=0.0)
-    dd = tl.arange(0, BLOCK_D)
-    d_ok = dd < D
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < end
-        rx = tl.load(rx_ptr + cols, mask=col_ok, other=0.0)
-        cos = _pa_cosines(w_ptr, x_ptr, rw, rx, rows, cols, row_ok, col_ok, D, stride_w, stride_x,
-                          BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
-        lab = tl.load(lab_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
-        ok = row_ok[:, None] & col_ok[None, :]
-        g = _pa_grad(cos, lab[None, :] == rows[:, None], ok, lse_pos[:, None], lse_neg[:, None],
-                     coef_pos, coef_neg, alpha, margin)
-        g = g * (rw[:, None] * rx[None, :])
-        xt = tl.load(x_ptr + cols[:, None] * stride_x + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(g.to(DOT_DTYPE), xt.to(DOT_DTYPE), acc, input_precision=PRECISION)
-    out = v_ptr + split * C * D + rows[:, None] * D + dd[None, :]
-    tl.store(out, acc, mask=row_ok[:, None] & d_ok[None, :])
+        cols, col_ok, rb, cos = _pa_column_tile(a_ptr, b_ptr, ra, rb_ptr, rows, row_ok, c0, end, D, stride_a,
+                                                stride_b, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
+        if PROXY_ROWS:
+            is_pos = tl.load(lab_ptr + cols, mask=col_ok, other=-1).to(tl.int64)[None, :] == rows[:, None]
+        else:
+            lse_pos = tl.load(lse_pos_ptr + cols, mask=col_ok, other=0.0)[None, :]
+            lse_neg = tl.load(lse_neg_ptr + cols, mask=col_ok, other=0.0)[None, :]
+            is_pos = lab[:, None] == cols[None, :]
+        g = _pa_grad(cos, is_pos, row_ok[:, None] & col_ok[None, :], lse_pos, lse_neg, coef_pos, coef_neg, alpha,
+                     margin)
+        g = g * (ra[:, None] * rb[None, :])
+        bt = load_rows(b_ptr, cols, col_ok, stride_b, dd, d_ok)
+        acc = tl.dot(g.to(DOT_DTYPE), bt.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    store_rows(u_ptr + split * NA * D, rows, row_ok, D, dd, d_ok, acc)
 
 
 @triton.jit
@@ -212,18 +165,14 @@ def _pa_grad_tile_kernel(x_ptr, w_ptr, rx_ptr, rw_ptr, lab_ptr, lse_pos_ptr, lse
                          N, C, D, stride_x, stride_w, stride_g, alpha, margin,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """g[i, c] = G_ic r_i q_c for the N embedding rows given (a chunk) and all C proxies, in g's dtype."""
-    alpha = tl.cast(alpha, tl.float32)
-    margin = tl.cast(margin, tl.float32)
-    coef_pos = tl.load(coef_ptr)
-    coef_neg = tl.load(coef_ptr + 1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    col_ok = cols < C
+    """g[i, c] = G_ic r_i q_c for the N embedding rows and the C proxies given (a chunk; the labels index the
+    proxies given), in g's dtype."""
+    alpha, margin, coef_pos, coef_neg = _pa_scalars(alpha, margin, coef_ptr)
+    rows, row_ok = block_range(tl.program_id(0).to(tl.int64) * BLOCK_M, N, BLOCK_M)
+    cols, col_ok = block_range(tl.program_id(1).to(tl.int64) * BLOCK_N, C, BLOCK_N)
     rx = tl.load(rx_ptr + rows, mask=row_ok, other=0.0)
     rw = tl.load(rw_ptr + cols, mask=col_ok, other=0.0)
-    cos = _pa_cosines(x_ptr, w_ptr, rx, rw, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
+    cos = cosine_tile(x_ptr, w_ptr, rx, rw, rows, cols, row_ok, col_ok, D, stride_x, stride_w,
                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
     lab = tl.load(lab_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
     lse_pos = tl.load(lse_pos_ptr + cols, mask=col_ok, other=0.0)
@@ -239,60 +188,26 @@ def _pa_grad_tile_kernel(x_ptr, w_ptr, rx_ptr, rw_ptr, lab_ptr, lse_pos_ptr, lse
 # Launch configurations: one function per kernel, used by the launchers and by the sm_90 compile test
 # (tests/test_proxy_anchor.py::AOT_SPECS), so the compiled artifact is what runs.
 # --------------------------------------------------------------------------------------------------------
-def _half(dtype: torch.dtype) -> bool:
-    return dtype in (torch.bfloat16, torch.float16)
-
-
-def _block_k(dtype: torch.dtype) -> int:
-    """D chunk of every similarity dot (the same in all kernels, so the backward recomputes the forward's
-    cosines with the same summation order): 64 half elements or 32 fp32 ones, 128 bytes per row."""
-    return 64 if _half(dtype) else 32
-
-
 def fwd_config(d: int, dtype: torch.dtype) -> dict:
     """``_pa_fwd_kernel``: 128 proxies x 64 embeddings per tile, 8 warps (the fp32 cosine tile and the two
     exponent tiles of the log-sum-exps are 32 registers per thread each; 4 warps or 128 x 128 tiles cost
     50-90 more registers per thread); the operands stream through shared memory in 3 stages."""
-    return dict(BLOCK_R=128, BLOCK_C=64, BLOCK_K=_block_k(dtype), num_warps=8, num_stages=3)
+    return dict(BLOCK_R=128, BLOCK_C=64, BLOCK_K=block_k(dtype), num_warps=8, num_stages=3)
 
 
 def fused_backward(d: int, dtype: torch.dtype) -> bool:
-    """Whether the backward accumulates D in one program: D <= _MAX_FUSED_D for half inputs, D <=
-    _MAX_FUSED_D / 2 for fp32 (tf32x3 splits the [BLOCK_N, BLOCK_D] product operand into three register
-    copies: at D = 512 that and the 128-register accumulator spill 4-8 KB per thread at any BLOCK_N)."""
-    return d <= (_MAX_FUSED_D if _half(dtype) else _MAX_FUSED_D // 2)
+    """Whether the backward runs fused (``_pa_bwd_kernel``): D <= _MAX_FUSED_D for half inputs, half that for
+    fp32 (:func:`~saga_kernels.metric_common.fits_fused_backward`)."""
+    return fits_fused_backward(d, dtype, _MAX_FUSED_D)
 
 
-def bwd_config(d: int, dtype: torch.dtype) -> dict:
-    """``_pa_bwd_emb_kernel`` / ``_pa_bwd_proxy_kernel`` (fused): the [BLOCK_M, BLOCK_D] fp32 accumulator
-    lives in registers (64 x 512 over 8 warps: 128 per thread), the [BLOCK_N, BLOCK_D] product operand in
-    shared memory next to the similarity's two pipelined stages. BLOCK_N = 32 (16 for fp32 beyond D = 128) keeps registers at
-    <= 252 with no spills (sm_90 compile, tests); 64 spills at D = 512."""
-    block_d = max(16, next_pow2(d))
-    block_m = 128 if block_d <= 128 else 64
-    block_n = 32 if (_half(dtype) or block_d <= 128) else 16
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_k(dtype), BLOCK_D=block_d, num_warps=8,
-                num_stages=2)
+# ``_pa_bwd_kernel`` (fused, both row passes): the [BLOCK_M, BLOCK_D] fp32 accumulator in registers, see fused_backward_config
+bwd_config = fused_backward_config
 
 
 def grad_tile_config(d: int, dtype: torch.dtype) -> dict:
     """``_pa_grad_tile_kernel`` (unfused backward): one 128 x 64 tile per program, 8 warps."""
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=_block_k(dtype), num_warps=8, num_stages=3)
-
-
-def column_splits(row_programs: int, n_cols: int, block: int, cap: int | None = None) -> tuple[int, int]:
-    """(number of column splits, columns per split: a multiple of ``block``) for a sweep over ``n_cols``
-    columns by ``row_programs`` row blocks: split until about _TARGET_PROGRAMS programs run (at most ``cap``
-    splits)."""
-    tiles = max(1, cdiv(n_cols, block))
-    splits = max(1, min(tiles, _TARGET_PROGRAMS // max(row_programs, 1), cap if cap is not None else tiles))
-    per_split = cdiv(tiles, splits)
-    return cdiv(tiles, per_split), per_split * block
-
-
-def _launch_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
-    """The dtype both operands of a dot are cast to inside the kernels (a no-op when they match)."""
-    return x.dtype if x.dtype == w.dtype else torch.promote_types(x.dtype, w.dtype)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k(dtype), num_warps=8, num_stages=3)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -301,7 +216,7 @@ def _launch_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
 def _triton_forward(x, w, rx, rw, labels, alpha: float, margin: float):
     """(lse_pos [C], lse_neg [C]) in fp32."""
     (n, d), c = x.shape, w.shape[0]
-    dtype = _launch_dtype(x, w)
+    dtype = launch_dtype(x, w)
     dot_dtype, precision = dot_config(dtype, x.device)
     cfg = fwd_config(d, dtype)
     row_programs = cdiv(c, cfg["BLOCK_R"])
@@ -318,77 +233,44 @@ def _triton_forward(x, w, rx, rw, labels, alpha: float, margin: float):
     return lse_pos, lse_neg
 
 
-def _fused_pass(kernel, a, b, ra, rb, labels, lse_pos, lse_neg, coefs, alpha, margin):
-    """One row pass of the fused backward: fp32 [a rows, D] sums over all rows of ``b``."""
+def _fused_pass(proxy_rows, a, b, ra, rb, labels, lse_pos, lse_neg, coefs, alpha, margin):
+    """One row pass of the fused backward (``_pa_bwd_kernel``): fp32 [a rows, D] sums over all rows of ``b``."""
     (na, d), nb = a.shape, b.shape[0]
-    dtype = _launch_dtype(a, b)
+    dtype = launch_dtype(a, b)
     dot_dtype, precision = dot_config(dtype, a.device)
     cfg = bwd_config(d, dtype)
     row_programs = cdiv(na, cfg["BLOCK_M"])
-    cap = max(1, _PARTIAL_BYTES // (4 * na * d))
-    splits, per_split = column_splits(row_programs, nb, cfg["BLOCK_N"], cap=cap)
+    splits, per_split = column_splits(row_programs, nb, cfg["BLOCK_N"], cap=partial_sums_cap(na, d))
     out = torch.empty((splits, na, d), device=a.device, dtype=torch.float32)
-    args = dict(lab_ptr=labels, lse_pos_ptr=lse_pos, lse_neg_ptr=lse_neg, coef_ptr=coefs, D=d,
-                cols_per_split=per_split, alpha=alpha, margin=margin, DOT_DTYPE=dot_dtype, PRECISION=precision)
     with on_device(a):
-        if kernel is _pa_bwd_emb_kernel:
-            kernel[(row_programs, splits)](x_ptr=a, w_ptr=b, rx_ptr=ra, rw_ptr=rb, u_ptr=out, N=na, C=nb,
-                                           stride_x=a.stride(0), stride_w=b.stride(0), **args, **cfg)
-        else:
-            kernel[(row_programs, splits)](w_ptr=a, x_ptr=b, rw_ptr=ra, rx_ptr=rb, v_ptr=out, C=na, N=nb,
-                                           stride_w=a.stride(0), stride_x=b.stride(0), **args, **cfg)
+        _pa_bwd_kernel[(row_programs, splits)](
+            a, b, ra, rb, labels, lse_pos, lse_neg, coefs, out, na, nb, d, a.stride(0), b.stride(0), per_split,
+            alpha, margin, PROXY_ROWS=proxy_rows, DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg)
     return out[0] if splits == 1 else out.sum(dim=0)
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with an fp32 result: half operands on CUDA accumulate in fp32 inside cuBLAS with no upcast
-    copy (``out_dtype``); mixed or CPU operands are upcast (one bounded chunk at a time)."""
-    if a.dtype == b.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda and a.dtype == b.dtype and _half(a.dtype):
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm(out_dtype=)
-            return (a @ b).float()
-    return a.float() @ b.float()
-
-
 def _unfused_backward(x, w, rx, rw, labels, lse_pos, lse_neg, coefs, alpha, margin, need_x, need_w):
-    """Large D: (u, v) in fp32 from bounded chunks of ``G r q`` written once; 3 matmuls."""
-    (n, d), c = x.shape, w.shape[0]
-    dtype = _launch_dtype(x, w)
+    """Large D: (u, v) in fp32 from bounded chunks of ``G r q`` written once
+    (:func:`~saga_kernels.metric_common.launch_grad_chunks`); 3 matmuls."""
+    d, dtype = x.shape[1], launch_dtype(x, w)
     dot_dtype, precision = dot_config(dtype, x.device)
-    cfg = grad_tile_config(d, dtype)
-    buf_dtype = dtype if (x.is_cuda and _half(dtype)) else torch.float32
-    elt = torch.finfo(buf_dtype).bits // 8
-    rows = max(cfg["BLOCK_M"], _GRAD_CHUNK_BYTES // (elt * c) // cfg["BLOCK_M"] * cfg["BLOCK_M"])
-    rows = min(rows, n)
-    u = torch.empty((n, d), device=x.device, dtype=torch.float32) if need_x else None
-    v = torch.zeros((c, d), device=x.device, dtype=torch.float32) if need_w else None
-    buf = torch.empty((rows, c), device=x.device, dtype=buf_dtype)
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        g = buf[: r1 - r0]
-        with on_device(x):
-            _pa_grad_tile_kernel[(cdiv(r1 - r0, cfg["BLOCK_M"]), cdiv(c, cfg["BLOCK_N"]))](
-                x_ptr=x[r0:r1], w_ptr=w, rx_ptr=rx[r0:r1], rw_ptr=rw, lab_ptr=labels[r0:r1], lse_pos_ptr=lse_pos,
-                lse_neg_ptr=lse_neg, coef_ptr=coefs, g_ptr=g, N=r1 - r0, C=c, D=d, stride_x=x.stride(0),
-                stride_w=w.stride(0), stride_g=g.stride(0), alpha=alpha, margin=margin,
-                DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg)
-        if need_x:
-            u[r0:r1] = _mm_fp32(g, w)
-        if need_w:
-            v += _mm_fp32(g.T, x[r0:r1])
-    return u, v
+    cfg = dict(grad_tile_config(d, dtype), DOT_DTYPE=dot_dtype, PRECISION=precision)
+
+    def chunk_args(g, r0, r1, c0, c1):  # the chunk's proxies are c0..c1-1: its labels are shifted by c0
+        lab = labels[r0:r1] if c0 == 0 else labels[r0:r1] - c0
+        return (x[r0:r1], w[c0:c1], rx[r0:r1], rw[c0:c1], lab, lse_pos[c0:c1], lse_neg[c0:c1], coefs, g, r1 - r0,
+                c1 - c0, d, x.stride(0), w.stride(0), g.stride(0), alpha, margin)
+
+    return launch_grad_chunks(_pa_grad_tile_kernel, cfg, chunk_args, x, w, dtype=dtype, need_da=need_x, need_db=need_w)
 
 
 def _triton_backward(x, w, rx, rw, labels, lse_pos, lse_neg, coefs, alpha, margin, need_x, need_w):
     """(u, v) in fp32 (None where not needed); see the module docstring."""
-    if not fused_backward(x.shape[1], _launch_dtype(x, w)):
+    if not fused_backward(x.shape[1], launch_dtype(x, w)):
         return _unfused_backward(x, w, rx, rw, labels, lse_pos, lse_neg, coefs, alpha, margin, need_x, need_w)
     common = (labels, lse_pos, lse_neg, coefs, alpha, margin)
-    u = _fused_pass(_pa_bwd_emb_kernel, x, w, rx, rw, *common) if need_x else None
-    v = _fused_pass(_pa_bwd_proxy_kernel, w, x, rw, rx, *common) if need_w else None
+    u = _fused_pass(False, x, w, rx, rw, *common) if need_x else None
+    v = _fused_pass(True, w, x, rw, rx, *common) if need_w else None
     return u, v
 
 
@@ -510,20 +392,6 @@ class _EmptyBatch(torch.autograd.Function):
         return gx, gw
 
 
-def _kernel_operand(t: torch.Tensor, impl: str) -> torch.Tensor:
-    """Rows as the kernels read them: unit stride along D (any row stride); fp64 runs in fp32 on Triton."""
-    if impl == "triton" and t.dtype == torch.float64:
-        t = t.float()
-    return t if t.stride(1) == 1 or t.shape[0] == 0 else t.contiguous()
-
-
-def _kernel_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Labels as loaded by the kernels: int32/int64 as they are (unit stride), other int dtypes widened."""
-    if labels.dtype not in (torch.int32, torch.int64):
-        labels = labels.to(torch.int64)
-    return labels if labels.stride(0) == 1 else labels.contiguous()
-
-
 def proxy_anchor_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -540,22 +408,8 @@ def proxy_anchor_loss(
     path); the loss comes back in ``embeddings.dtype``. N = 0 gives 0 with zero gradients.
     ``impl``: "triton", "torch" or None (auto).
     """
-    check_tensor("embeddings", embeddings, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("labels", labels, ndim=1, dtypes=INT_DTYPES)
-    if embeddings.shape[0] > 0:
-        check_embeddings_labels(embeddings, labels)
-    elif labels.shape[0] != 0:
-        raise ValueError(f"labels has {labels.shape[0]} entries but embeddings has 0 rows; they must match")
-    check_tensor("proxies", proxies, ndim=2, dtypes=FLOAT_DTYPES)
-    num_classes = proxies.shape[0]
-    if num_classes == 0 or proxies.shape[1] != embeddings.shape[1] or proxies.shape[1] == 0:
-        raise ValueError(
-            f"proxies must have shape [C >= 1, {embeddings.shape[1]}] (embeddings are {list(embeddings.shape)}), "
-            f"got {list(proxies.shape)}"
-        )
-    check_same_device(embeddings=embeddings, labels=labels, proxies=proxies)
-    check_finite("proxies", proxies)
-    check_label_range("labels", labels, num_classes)
+    check_proxy_inputs(embeddings, labels, proxies, rows="C")
+    check_label_range("labels", labels, proxies.shape[0])
     margin = float(margin)
     if not math.isfinite(margin):
         raise ValueError(f"margin must be a finite number, got {margin}")
@@ -563,6 +417,6 @@ def proxy_anchor_loss(
     which = resolve_impl(impl, embeddings, labels, proxies)
     if embeddings.shape[0] == 0:
         return _EmptyBatch.apply(embeddings, proxies)
-    x, w = _kernel_operand(embeddings, which), _kernel_operand(proxies, which)
-    loss = _ProxyAnchor.apply(x, w, _kernel_labels(labels), alpha, margin, which)
+    x, w = kernel_operand(embeddings, which), kernel_operand(proxies, which)
+    loss = _ProxyAnchor.apply(x, w, kernel_labels(labels), alpha, margin, which)
     return loss.to(embeddings.dtype)

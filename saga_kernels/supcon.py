@@ -56,21 +56,11 @@ import torch
 
 from ._checks import check_same_device, check_tensor
 from ._dispatch import resolve_impl
-from ._tl_utils import cdiv, dot_config, lse_update, next_pow2, on_device
+from ._tl_utils import block_range, cdiv, dot_config, load_rows, lse_update, next_pow2, on_device, store_rows
 from ._triton import tl, triton
-from .metric_common import (
-    check_embeddings_labels,
-    check_positive,
-    chunked_grad_products,
-    cosine_tile,
-    inverse_norms,
-    label_ids,
-    normalize_backward,
-    pair_counts,
-    pair_tile_masks,
-    pair_tiles,
-    tiled_pair_products,
-)
+from .metric_common import (block_k, check_embeddings_labels, check_positive, inverse_norms, is_half, kernel_operand,
+                            label_ids, launch_grad_chunks, normalize_backward, norms_labels, pair_counts, pair_tiles,
+                            resident_pair_tile, streamed_pair_tile, tiled_pair_products)
 
 _MAX_FUSED_D = 256  # largest D (half precision) whose backward keeps the [BLOCK_M, D] accumulator in one program
 _MAX_FUSED_D_FP32 = 64  # the same for fp32 operands (tf32x3 splits them in two); see fused_max_d
@@ -93,21 +83,16 @@ def _supcon_fwd_kernel(q_ptr, k_ptr, rq_ptr, rk_ptr, lq_ptr, lk_ptr,
     Per key tile: (BLOCK_M + BLOCK_N) * D input elements read, 2 * BLOCK_M * BLOCK_N * D flops.
     """
     inv_t = tl.cast(inv_temp, tl.float32)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
-    rq = tl.load(rq_ptr + rows, mask=row_ok, other=0.0)
-    lq = tl.load(lq_ptr + rows, mask=row_ok, other=0)
+    rows, row_ok = block_range(tl.program_id(0).to(tl.int64) * BLOCK_M, N, BLOCK_M)
+    rq, lq = norms_labels(rq_ptr, lq_ptr, rows, row_ok)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_M,), dtype=tl.float32)
     pos_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, M, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < M
-        rk = tl.load(rk_ptr + cols, mask=col_ok, other=0.0)
-        lk = tl.load(lk_ptr + cols, mask=col_ok, other=0)
-        z = cosine_tile(q_ptr, k_ptr, rq, rk, rows, cols, row_ok, col_ok, D, stride_q, stride_k,
-                        BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION) * inv_t
-        pos, neg = pair_tile_masks(rows, cols, row_ok, col_ok, lq, lk, EXCLUDE_DIAGONAL)
+        _, _, _, z, pos, neg = streamed_pair_tile(q_ptr, k_ptr, rq, lq, rk_ptr, lk_ptr, rows, row_ok, n0, M, D,
+                                                  stride_q, stride_k, EXCLUDE_DIAGONAL, BLOCK_M, BLOCK_N, BLOCK_K,
+                                                  DOT_DTYPE, PRECISION)
+        z = z * inv_t
         m, s = lse_update(m, s, tl.where(pos | neg, z, float("-inf")))
         pos_sum += tl.sum(tl.where(pos, z, 0.0), axis=1)
     lse = tl.where(s > 0, m + tl.log(tl.where(s > 0, s, 1.0)), 0.0)
@@ -141,29 +126,21 @@ def _supcon_bwd_kernel(a_ptr, b_ptr, ra_ptr, rb_ptr, la_ptr, lb_ptr,
     similarity and ``W @ b``: 2 * 2 * BLOCK_M * BLOCK_N * BLOCK_D flops per b tile.
     """
     inv_t = tl.cast(inv_temp, tl.float32)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < NA
-    ra = tl.load(ra_ptr + rows, mask=row_ok, other=0.0)
-    la = tl.load(la_ptr + rows, mask=row_ok, other=0)
+    rows, row_ok = block_range(tl.program_id(0).to(tl.int64) * BLOCK_M, NA, BLOCK_M)
+    ra, la = norms_labels(ra_ptr, la_ptr, rows, row_ok)
     if A_STATS:
         lse_a = tl.load(lse_a_ptr + rows, mask=row_ok, other=0.0)[:, None]
         inv_pos_a = tl.load(inv_pos_a_ptr + rows, mask=row_ok, other=0.0)[:, None]
     coef = tl.load(coef_ptr)
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < D
-    xa = tl.load(a_ptr + rows[:, None] * stride_a + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    xa = xa.to(DOT_DTYPE)
+    xa = load_rows(a_ptr, rows, row_ok, stride_a, dd, d_ok).to(DOT_DTYPE)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for n0 in range(0, NB, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < NB
-        rb = tl.load(rb_ptr + cols, mask=col_ok, other=0.0)
-        lb = tl.load(lb_ptr + cols, mask=col_ok, other=0)
-        xb = tl.load(b_ptr + cols[:, None] * stride_b + dd[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        xb = xb.to(DOT_DTYPE)
-        rr = ra[:, None] * rb[None, :]
-        z = tl.dot(xa, tl.trans(xb), input_precision=PRECISION) * rr * inv_t
-        pos, neg = pair_tile_masks(rows, cols, row_ok, col_ok, la, lb, EXCLUDE_DIAGONAL)
+        cols, col_ok, xb, rr, z, pos, neg = resident_pair_tile(xa, ra, la, rows, row_ok, b_ptr, rb_ptr, lb_ptr, n0,
+                                                               NB, stride_b, dd, d_ok, EXCLUDE_DIAGONAL, BLOCK_N,
+                                                               DOT_DTYPE, PRECISION)
+        z = z * inv_t
         kept = pos | neg
         g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if A_STATS:
@@ -173,7 +150,7 @@ def _supcon_bwd_kernel(a_ptr, b_ptr, ra_ptr, rb_ptr, la_ptr, lb_ptr,
             inv_pos_b = tl.load(inv_pos_b_ptr + cols, mask=col_ok, other=0.0)[None, :]
             g += _supcon_grad(z, pos, kept, lse_b, inv_pos_b)
         acc = tl.dot((g * (rr * coef)).to(DOT_DTYPE), xb, acc, input_precision=PRECISION)
-    tl.store(u_ptr + rows[:, None] * stride_u + dd[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    store_rows(u_ptr, rows, row_ok, stride_u, dd, d_ok, acc)
 
 
 @triton.jit
@@ -185,17 +162,13 @@ def _supcon_grad_tile_kernel(q_ptr, k_ptr, rq_ptr, rk_ptr, lq_ptr, lk_ptr, lse_p
     """w[i - row0, j - col0] = W_ij for rows [row0, row1) x keys [col0, col1), one [BLOCK_M, BLOCK_N] tile per
     program: W = coef G r r with the query stats (SYMMETRIC, keys = queries: plus the transposed term G_ji)."""
     inv_t = tl.cast(inv_temp, tl.float32)
-    rows = row0 + tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < row1
-    cols = col0 + tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < col1
-    rq = tl.load(rq_ptr + rows, mask=row_ok, other=0.0)
-    lq = tl.load(lq_ptr + rows, mask=row_ok, other=0)
-    rk = tl.load(rk_ptr + cols, mask=col_ok, other=0.0)
-    lk = tl.load(lk_ptr + cols, mask=col_ok, other=0)
-    z = cosine_tile(q_ptr, k_ptr, rq, rk, rows, cols, row_ok, col_ok, D, stride_q, stride_k,
-                    BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION) * inv_t
-    pos, neg = pair_tile_masks(rows, cols, row_ok, col_ok, lq, lk, EXCLUDE_DIAGONAL)
+    rows, row_ok = block_range(row0 + tl.program_id(0).to(tl.int64) * BLOCK_M, row1, BLOCK_M)
+    rq, lq = norms_labels(rq_ptr, lq_ptr, rows, row_ok)
+    cols, col_ok, rk, z, pos, neg = streamed_pair_tile(q_ptr, k_ptr, rq, lq, rk_ptr, lk_ptr, rows, row_ok,
+                                                       col0 + tl.program_id(1).to(tl.int64) * BLOCK_N, col1, D,
+                                                       stride_q, stride_k, EXCLUDE_DIAGONAL, BLOCK_M, BLOCK_N,
+                                                       BLOCK_K, DOT_DTYPE, PRECISION)
+    z = z * inv_t
     kept = pos | neg
     g = _supcon_grad(z, pos, kept, tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None],
                      tl.load(inv_pos_ptr + rows, mask=row_ok, other=0.0)[:, None])
@@ -203,37 +176,26 @@ def _supcon_grad_tile_kernel(q_ptr, k_ptr, rq_ptr, rk_ptr, lq_ptr, lk_ptr, lse_p
         g += _supcon_grad(z, pos, kept, tl.load(lse_ptr + cols, mask=col_ok, other=0.0)[None, :],
                           tl.load(inv_pos_ptr + cols, mask=col_ok, other=0.0)[None, :])
     w = g * (rq[:, None] * rk[None, :] * tl.load(coef_ptr))
-    tl.store(w_ptr + (rows - row0)[:, None] * stride_w + (cols - col0)[None, :], w.to(w_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    store_rows(w_ptr, rows - row0, row_ok, stride_w, cols - col0, col_ok, w.to(w_ptr.dtype.element_ty))
 
 
 # --------------------------------------------------------------------------------------------------------
 # Launch configurations (one function per kernel: the launchers and the sm_90 compile test use the same)
 # --------------------------------------------------------------------------------------------------------
-def _half(dtype: torch.dtype) -> bool:
-    return dtype in (torch.bfloat16, torch.float16)
-
-
-def _block_k(dtype: torch.dtype) -> int:
-    """D chunk of the streamed similarity dots (forward and large-D gradient tile: the same, so those two
-    see a pair's cosine bit for bit)."""
-    return 64 if _half(dtype) else 32
-
-
 def fused_max_d(dtype: torch.dtype) -> int:
     """Largest D whose backward runs fused (``_supcon_bwd_kernel``); larger D takes the gradient-tile path.
 
     Half precision: ``_MAX_FUSED_D``. fp32 operands go to the tensor cores as tf32x3 (three products on
     split hi/lo operands), which doubles the resident operands; above D = 64 the fused kernel spills on
     sm_90, so fp32 stops there (``_MAX_FUSED_D_FP32``)."""
-    return _MAX_FUSED_D if _half(dtype) else min(_MAX_FUSED_D, _MAX_FUSED_D_FP32)
+    return _MAX_FUSED_D if is_half(dtype) else min(_MAX_FUSED_D, _MAX_FUSED_D_FP32)
 
 
 def fwd_launch_config(d: int, dtype: torch.dtype) -> dict:
     """``_supcon_fwd_kernel``, grid (cdiv(N, 128),): 128 x 64 tiles, 8 warps (the [128, 64] fp32 logit tile is
     32 registers per thread); operands stream through shared memory in 3 stages of (128 + 64) x BLOCK_K.
     sm_90: 166 registers (bf16) / 208 (fp32), no spills."""
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=_block_k(dtype), num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k(dtype), num_warps=8, num_stages=3)
 
 
 def bwd_launch_config(d: int, dtype: torch.dtype) -> dict:
@@ -245,14 +207,14 @@ def bwd_launch_config(d: int, dtype: torch.dtype) -> dict:
     exactly 255 registers with 16, where the resident rows are re-read from shared memory for every 16
     columns; hence _MAX_FUSED_D = 256 and the gradient-tile path above it."""
     block_d = max(16, next_pow2(d))
-    block_n = 64 if (block_d <= 128 and _half(dtype)) else 32
+    block_n = 64 if (block_d <= 128 and is_half(dtype)) else 32
     return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8, num_stages=2)
 
 
 def grad_tile_launch_config(d: int, dtype: torch.dtype) -> dict:
     """``_supcon_grad_tile_kernel``, grid (cdiv(rows, 128), cdiv(cols, 64)) per chunk, D > fused_max_d: one
     128 x 64 tile per program, streamed like the forward (sm_90: 183 registers bf16, 203 fp32)."""
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=_block_k(dtype), num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k(dtype), num_warps=8, num_stages=3)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -311,19 +273,15 @@ def _triton_backward(q, k, rq, rk, lq, lk, stats, coef, inv_temp, exclude_diagon
         return u_q, u_k
     keys, rkeys, lkeys = (q, rq, lq) if k is None else (k, rk, lk)
     dot_dtype, precision = dot_config(q.dtype, q.device)
-    cfg = grad_tile_launch_config(d, q.dtype)
-    buf_dtype = q.dtype if (q.is_cuda and _half(q.dtype)) else torch.float32
+    cfg = dict(grad_tile_launch_config(d, q.dtype), SYMMETRIC=k is None, EXCLUDE_DIAGONAL=exclude_diagonal,
+               DOT_DTYPE=dot_dtype, PRECISION=precision)
 
-    def write_chunk(w, r0, r1, c0, c1):
-        grid = (cdiv(r1 - r0, cfg["BLOCK_M"]), cdiv(c1 - c0, cfg["BLOCK_N"]))
-        with on_device(q):
-            _supcon_grad_tile_kernel[grid](
-                q, keys, rq, rkeys, lq, lkeys, *stats, coef, w, r0, r1, c0, c1, d, q.stride(0), keys.stride(0),
-                w.stride(0), inv_temp, SYMMETRIC=k is None, EXCLUDE_DIAGONAL=exclude_diagonal,
-                DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg)
+    def chunk_args(w, r0, r1, c0, c1):
+        return (q, keys, rq, rkeys, lq, lkeys, *stats, coef, w, r0, r1, c0, c1, d, q.stride(0), keys.stride(0),
+                w.stride(0), inv_temp)
 
-    return chunked_grad_products(write_chunk, q, k, need_da=need_dq, need_db=need_dk, buf_dtype=buf_dtype,
-                                 block_rows=cfg["BLOCK_M"], block_cols=cfg["BLOCK_N"])
+    return launch_grad_chunks(_supcon_grad_tile_kernel, cfg, chunk_args, q, k, dtype=q.dtype, need_da=need_dq,
+                              need_db=need_dk)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -395,13 +353,6 @@ def _backward_stats(lse, inv_pos, counted):
     return torch.where(counted, lse, float("inf")).contiguous(), torch.where(counted, inv_pos, 0.0).contiguous()
 
 
-def _kernel_operand(t: torch.Tensor) -> torch.Tensor:
-    """What the kernels read: the rows as they are (any row stride), unit stride along D; fp64 as fp32."""
-    if t.dtype == torch.float64:
-        t = t.float()
-    return t if t.stride(1) == 1 else t.contiguous()
-
-
 class _SupConFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, k, lq, lk, temperature: float, exclude_diagonal: bool, impl: str):
@@ -411,8 +362,8 @@ class _SupConFunction(torch.autograd.Function):
         counts = pair_counts(lq, lq if self_keys else lk, exclude_diagonal)
         if impl == "triton":
             lq, lk = label_ids(lq) * 2 if self_keys else label_ids(lq, lk)
-            xs = _kernel_operand(x)
-            ks = xs if self_keys else _kernel_operand(k)
+            xs = kernel_operand(x, impl)
+            ks = xs if self_keys else kernel_operand(k, impl)
             rq = inverse_norms(xs)
             rk = rq if self_keys else inverse_norms(ks)
             stats = _triton_forward(xs, ks, rq, rk, lq, lk, inv_temp, exclude_diagonal)

@@ -12,14 +12,13 @@ peer evaluated in other, equally valid summation orders (the D axis permuted) mi
 to 71 in the proxies' gradient of test_closer_than_delta_and_coincident. test_near_pairs_per_point checks the
 same geometry point by point against the worst of those orders (see there).
 """
-import concurrent.futures
-
 import pytest
 import torch
 import torch.nn.functional as F
-from aot import Spec, assert_specs, skip_on_gpu
-from utils import JUNK, assert_rule
+from aot import Spec, skip_on_gpu
+from utils import JUNK, assert_canary_grad, assert_rule, assert_specs_parallel, canary_view
 
+import saga_kernels.metric_common as metric_common
 import saga_kernels.potential_field as pf_module
 from saga_kernels import potential_field_loss
 from saga_kernels._checks import input_checks
@@ -215,12 +214,26 @@ def test_unfused_backward(monkeypatch, device, dtype):
     e, p = e.to(dtype), p.to(dtype)
     fused = loss_and_grads(potential_field_loss, e, y, p, py, impl="triton")
     monkeypatch.setattr(pf_module, "_MAX_FUSED_D", 8)
-    monkeypatch.setattr(pf_module, "_GRAD_CHUNK_BYTES", 128 * 57 * 4)  # 128-row chunks
+    monkeypatch.setattr(metric_common, "GRAD_CHUNK_BYTES", 128 * 57 * 4)  # 128-row chunks
     assert not pf_module.fused_backward(19, dtype)
     ours = loss_and_grads(potential_field_loss, e, y, p, py, impl="triton")
     gold = loss_and_grads(reference, e.double(), y, p.double(), py)
     assert_gold_rule(ours, gold, loss_and_grads(gram_peer, e, y, p, py),
                      rel_slack=1e-5 if dtype == torch.float32 else 1e-2)
+    for a, b in zip(ours, fused):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_unfused_backward_in_row_and_column_chunks(monkeypatch, device):
+    """The large-D backward over several chunks of rows and of columns within each source (global indices
+    offset per chunk, so s != a still holds for the right pairs): as the fused kernel and the reference."""
+    e, y, p, py = make_set(150, 19, 3, 25, seed=18, device=device)
+    fused = loss_and_grads(potential_field_loss, e, y, p, py, impl="triton")
+    monkeypatch.setattr(pf_module, "_MAX_FUSED_D", 8)
+    monkeypatch.setattr(metric_common, "GRAD_CHUNK_BYTES", 128 * 64 * 4)  # 128 x 64 chunks
+    ours = loss_and_grads(potential_field_loss, e, y, p, py, impl="triton")
+    gold = loss_and_grads(reference, e.double(), y, p.double(), py)
+    assert_gold_rule(ours, gold, loss_and_grads(gram_peer, e, y, p, py))
     for a, b in zip(ours, fused):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -273,17 +286,6 @@ def test_empty_batch(impl, device):
         assert e1.grad.shape == (0, 10) and torch.equal(w.grad, torch.zeros_like(w)) and w.grad.dtype == dtype
 
 
-def canary_view(t, fill, extra_rows=3, extra_cols=5):
-    """``t`` as a strided view into a larger buffer whose extra rows and columns hold ``fill``."""
-    if t.dim() == 1:
-        buf = torch.full((t.shape[0] + extra_rows,), fill, dtype=t.dtype, device=t.device)
-        buf[: t.shape[0]] = t
-        return buf, buf[: t.shape[0]]
-    buf = torch.full((t.shape[0] + extra_rows, t.shape[1] + extra_cols), fill, dtype=t.dtype, device=t.device)
-    buf[: t.shape[0], : t.shape[1]] = t
-    return buf, buf[: t.shape[0], : t.shape[1]]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_padded_canary(impl, device, dtype, monkeypatch):
     """Embeddings, proxies and both label tensors are views into buffers whose padding holds +inf, -inf, NaN
@@ -305,11 +307,8 @@ def test_padded_canary(impl, device, dtype, monkeypatch):
             loss = potential_field_loss(ebuf[:50, :13], yv, pbuf[:21, :13], pyv, impl=impl)
             loss.backward()
             torch.testing.assert_close(loss.detach(), clean[0], rtol=0, atol=0)
-            for buf, want in ((ebuf, clean[1]), (pbuf, clean[2])):
-                torch.testing.assert_close(buf.grad[: want.shape[0], : want.shape[1]], want, rtol=0, atol=0)
-                pad = buf.grad.clone()
-                pad[: want.shape[0], : want.shape[1]] = 0
-                assert torch.equal(pad, torch.zeros_like(pad)), f"gradient leaked into the padding (fill {fill})"
+            assert_canary_grad(ebuf, clean[1], fill)
+            assert_canary_grad(pbuf, clean[2], fill)
 
 
 def test_frozen_proxies_or_embeddings(impl, device):
@@ -374,6 +373,4 @@ for _dt in (torch.bfloat16, torch.float32):
 def test_kernels_compile_for_sm90():
     """No spills, registers <= 255, shared memory < 228 KB, and wgmma (bf16, and fp32 as tf32x3) for every
     kernel as launched; two compiler processes share the list."""
-    halves = [AOT_SPECS[0::2], AOT_SPECS[1::2]]
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        list(pool.map(assert_specs, halves))
+    assert_specs_parallel(AOT_SPECS)

@@ -3,14 +3,13 @@
 Values and gradients follow the tolerance rule of tests/utils.py: ``err(ours) <= err(pml in the same dtype)
 + rel_slack * max|gold|``, gold = the float64 reference (which is pml's definition, checked in float64).
 """
-import concurrent.futures
-
 import pytest
 import torch
-from aot import Spec, assert_specs, skip_on_gpu
+from aot import Spec, skip_on_gpu
 from pytorch_metric_learning.losses import ProxyAnchorLoss as PmlProxyAnchor
-from utils import JUNK, assert_rule
+from utils import JUNK, assert_canary_grad, assert_rule, assert_specs_parallel, canary_view
 
+import saga_kernels.metric_common as metric_common
 import saga_kernels.proxy_anchor as pa_module
 from saga_kernels import proxy_anchor_loss
 from saga_kernels._checks import input_checks
@@ -151,11 +150,25 @@ def test_unfused_backward(monkeypatch, device, dtype):
     e, p = e.to(dtype), p.to(dtype)
     fused = loss_and_grads(proxy_anchor_loss, e, y, p, impl="triton")
     monkeypatch.setattr(pa_module, "_MAX_FUSED_D", 8)
-    monkeypatch.setattr(pa_module, "_GRAD_CHUNK_BYTES", 128 * 9 * 4)  # 128-row chunks: several of them
+    monkeypatch.setattr(metric_common, "GRAD_CHUNK_BYTES", 128 * 9 * 4)  # 128-row chunks: several of them
     assert not pa_module.fused_backward(19, dtype)
     ours = loss_and_grads(proxy_anchor_loss, e, y, p, impl="triton")
     gold = loss_and_grads(proxy_anchor_loss_reference, e.double(), y, p.double())
     assert_gold_rule(ours, gold, pml_loss_and_grads(e, y, p), rel_slack=1e-5 if dtype == torch.float32 else 1e-2)
+    for a, b in zip(ours, fused):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_unfused_backward_in_row_and_proxy_chunks(monkeypatch, device):
+    """The large-D backward over several chunks of embedding rows AND of proxies (each chunk's labels index its
+    own proxies): as the fused kernels and the reference."""
+    e, y, p = make_batch(150, 19, 150, list(range(0, 150, 3)), seed=15, singleton=9, device=device)
+    fused = loss_and_grads(proxy_anchor_loss, e, y, p, impl="triton")
+    monkeypatch.setattr(pa_module, "_MAX_FUSED_D", 8)
+    monkeypatch.setattr(metric_common, "GRAD_CHUNK_BYTES", 128 * 64 * 4)  # 128 x 64 chunks: 2 x 3 of them
+    ours = loss_and_grads(proxy_anchor_loss, e, y, p, impl="triton")
+    gold = loss_and_grads(proxy_anchor_loss_reference, e.double(), y, p.double())
+    assert_gold_rule(ours, gold, pml_loss_and_grads(e, y, p))
     for a, b in zip(ours, fused):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -219,17 +232,6 @@ def test_empty_batch(impl, device, monkeypatch):
     assert torch.equal(w.grad, torch.zeros_like(w))
 
 
-def canary_view(t, fill, extra_rows=3, extra_cols=5):
-    """``t`` as a strided view into a larger buffer whose extra rows and columns hold ``fill``."""
-    if t.dim() == 1:
-        buf = torch.full((t.shape[0] + extra_rows,), fill, dtype=t.dtype, device=t.device)
-        buf[: t.shape[0]] = t
-        return buf, buf[: t.shape[0]]
-    buf = torch.full((t.shape[0] + extra_rows, t.shape[1] + extra_cols), fill, dtype=t.dtype, device=t.device)
-    buf[: t.shape[0], : t.shape[1]] = t
-    return buf, buf[: t.shape[0], : t.shape[1]]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_padded_canary(impl, device, dtype, monkeypatch):
     """Embeddings, proxies and labels are views into buffers whose padding holds +inf, -inf, NaN (labels: out of
@@ -250,11 +252,8 @@ def test_padded_canary(impl, device, dtype, monkeypatch):
             loss = proxy_anchor_loss(ebuf[:70, :21], yv, pbuf[:9, :21], impl=impl)
             loss.backward()
             torch.testing.assert_close(loss.detach(), clean[0], rtol=0, atol=0)
-            for buf, want in ((ebuf, clean[1]), (pbuf, clean[2])):
-                torch.testing.assert_close(buf.grad[: want.shape[0], : want.shape[1]], want, rtol=0, atol=0)
-                pad = buf.grad.clone()
-                pad[: want.shape[0], : want.shape[1]] = 0
-                assert torch.equal(pad, torch.zeros_like(pad)), f"gradient leaked into the padding (fill {fill})"
+            assert_canary_grad(ebuf, clean[1], fill)
+            assert_canary_grad(pbuf, clean[2], fill)
 
 
 def test_frozen_proxies_or_embeddings(impl, device):
@@ -298,6 +297,8 @@ def _spec(kernel, cfg, dtype, label, types, divisible):
 _SCALARS = {"alpha": "fp32", "margin": "fp32"}
 _FP32_PTRS = dict.fromkeys(["rx_ptr", "rw_ptr", "lse_pos_ptr", "lse_neg_ptr", "coef_ptr"], "*fp32")
 _IN = {"x_ptr": "*in", "w_ptr": "*in", "lab_ptr": "*i64"}
+_BWD_PTRS = {"a_ptr": "*in", "b_ptr": "*in", "lab_ptr": "*i64", "u_ptr": "*fp32",
+             **dict.fromkeys(["ra_ptr", "rb_ptr", "lse_pos_ptr", "lse_neg_ptr", "coef_ptr"], "*fp32")}
 # Real sizes: N = 4096 (multiple of 16), C = 100 or 10,000 (not), D, row strides and column splits (multiples of
 # the blocks) divisible by 16. D is a runtime argument of the forward and grad-tile kernels: one spec per dtype.
 AOT_SPECS = []
@@ -307,10 +308,10 @@ for _dt in (torch.bfloat16, torch.float32):
                            ("N", "D", "stride_w", "stride_x", "cols_per_split")))
     for _d in ((512, 128) if _dt == torch.bfloat16 else (256, 128)):  # the largest fused D, and 128
         assert pa_module.fused_backward(_d, _dt)
-        for _k, _out in (("_pa_bwd_emb_kernel", "u_ptr"), ("_pa_bwd_proxy_kernel", "v_ptr")):
-            AOT_SPECS.append(_spec(_k, pa_module.bwd_config(_d, _dt), _dt, f"D={_d}",
-                                   {**_SCALARS, **_FP32_PTRS, **_IN, _out: "*fp32"},
-                                   ("N", "D", "stride_x", "stride_w", "cols_per_split")))
+        for _proxy_rows, _rows in ((False, "NA"), (True, "NB")):  # the embeddings' pass, the proxies' pass
+            AOT_SPECS.append(_spec("_pa_bwd_kernel", {**pa_module.bwd_config(_d, _dt), "PROXY_ROWS": _proxy_rows},
+                                   _dt, f"D={_d} {'proxy' if _proxy_rows else 'emb'} rows",
+                                   {**_SCALARS, **_BWD_PTRS}, (_rows, "D", "stride_a", "stride_b", "cols_per_split")))
     AOT_SPECS.append(_spec("_pa_grad_tile_kernel", pa_module.grad_tile_config(4096, _dt), _dt, "any D",
                            {**_SCALARS, **_FP32_PTRS, **_IN, "g_ptr": "*in"},
                            ("N", "D", "stride_x", "stride_w", "stride_g")))
@@ -320,6 +321,4 @@ for _dt in (torch.bfloat16, torch.float32):
 def test_kernels_compile_for_sm90():
     """No spills, registers <= 255, shared memory < 228 KB, and wgmma (bf16, and fp32 as tf32x3) for every
     kernel as launched; two compiler processes share the list."""
-    halves = [AOT_SPECS[0::2], AOT_SPECS[1::2]]
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        list(pool.map(assert_specs, halves))
+    assert_specs_parallel(AOT_SPECS)

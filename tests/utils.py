@@ -11,6 +11,9 @@ with ``err(x) = max |x - gold|`` and ``size(gold) = max |gold|`` (``norm="max"``
 """
 from __future__ import annotations
 
+import concurrent.futures
+
+import pytest
 import torch
 
 
@@ -40,3 +43,65 @@ def poison(like: torch.Tensor, keep: torch.Tensor, value: float) -> torch.Tensor
 
 
 JUNK = (float("inf"), float("-inf"), float("nan"))
+
+
+def canary_view(t, fill, extra_rows=3, extra_cols=5):
+    """``t`` as a strided view into a larger buffer whose extra rows and columns hold ``fill``."""
+    if t.dim() == 1:
+        buf = torch.full((t.shape[0] + extra_rows,), fill, dtype=t.dtype, device=t.device)
+        buf[: t.shape[0]] = t
+        return buf, buf[: t.shape[0]]
+    buf = torch.full((t.shape[0] + extra_rows, t.shape[1] + extra_cols), fill, dtype=t.dtype, device=t.device)
+    buf[: t.shape[0], : t.shape[1]] = t
+    return buf, buf[: t.shape[0], : t.shape[1]]
+
+
+def assert_canary_grad(buf: torch.Tensor, want: torch.Tensor, fill) -> None:
+    """The gradient of a :func:`canary_view` buffer equals ``want`` exactly on the view and is exactly zero in
+    the padding (filled with ``fill``)."""
+    torch.testing.assert_close(buf.grad[: want.shape[0], : want.shape[1]], want, rtol=0, atol=0)
+    pad = buf.grad.clone()
+    pad[: want.shape[0], : want.shape[1]] = 0
+    assert torch.equal(pad, torch.zeros_like(pad)), f"gradient leaked into the padding (fill {fill})"
+
+
+def assert_batch_input_errors(loss_fn, device) -> None:
+    """The errors every loss over an embeddings [N, D] / labels [N] batch raises, each naming the argument:
+    non-finite embeddings (+inf and NaN), too few or too many labels, float labels, no columns, not 2-D."""
+    x = torch.randn(6, 4, device=device)
+    y = torch.tensor([0, 0, 1, 1, 2, 2], device=device)
+    for at, value in (((0, 0), float("inf")), ((2, 1), float("nan"))):
+        bad = x.clone()
+        bad[at] = value
+        with pytest.raises(ValueError, match="embeddings contains 1 non-finite"):
+            loss_fn(bad, y)
+    for labels in (y[:5], torch.zeros(7, dtype=torch.long, device=device)):
+        with pytest.raises(ValueError, match=f"labels has {labels.shape[0]} entries but embeddings has 6 rows"):
+            loss_fn(x, labels)
+    for dtype in (torch.float32, torch.float64):
+        with pytest.raises(TypeError, match="labels must have dtype"):
+            loss_fn(x, y.to(dtype))
+    with pytest.raises(ValueError, match="embeddings must have at least one column"):
+        loss_fn(x[:, :0], y)
+    with pytest.raises(ValueError, match="embeddings must have 2 dims"):
+        loss_fn(x[0], y)
+
+
+def odd_labels(dense: torch.Tensor) -> torch.Tensor:
+    """Class ids in [0, 5) as arbitrary int64 values (negative, huge, sparse): equal where the ids are."""
+    return torch.tensor([-7, 2**40, 3, -1, 99], device=dense.device)[dense]
+
+
+def assert_only_label_equality_matters(loss_fn, x: torch.Tensor, dense: torch.Tensor, other_dtype) -> None:
+    """``loss_fn(x, labels)`` is the same for ``dense`` ids in [0, 5), for the same classes as arbitrary int64
+    values (:func:`odd_labels`) and for the dense ids in ``other_dtype``."""
+    torch.testing.assert_close(loss_fn(x, odd_labels(dense)), loss_fn(x, dense))
+    torch.testing.assert_close(loss_fn(x, dense.to(other_dtype)), loss_fn(x, dense))
+
+
+def assert_specs_parallel(specs) -> None:
+    """``aot.assert_specs`` with the list shared by two compiler processes."""
+    from aot import assert_specs
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        list(pool.map(assert_specs, [specs[0::2], specs[1::2]]))
