@@ -16,3 +16,11 @@ from .potential_field import potential_field_loss  # noqa: E402
 from .metric_modules import MultiSimilarityLoss, PotentialFieldLoss, ProxyAnchorLoss, SupConLoss  # noqa: E402
 from .attention import attention_probs  # noqa: E402
 from .attention_kl import attention_kl  # noqa: E402
+
+__all__ = [
+    "ImplUnavailableError", "input_checks",
+    "linear_logprobs", "grpo_loss", "linear_grpo_loss", "LinearGRPOLoss",
+    "supcon_loss", "multi_similarity_loss", "proxy_anchor_loss", "potential_field_loss",
+    "SupConLoss", "MultiSimilarityLoss", "ProxyAnchorLoss", "PotentialFieldLoss",
+    "attention_probs", "attention_kl",
+]

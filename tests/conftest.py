@@ -34,3 +34,17 @@ def impl(request):
     t = torch.empty(0, device=DEVICE)
     resolve_impl(request.param, t)  # raises if the path cannot run here, rather than skipping silently
     return request.param
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """The kernels' own tests cover their Triton path; trainer tests use the fast fallback."""
+    monkeypatch.setenv("SAGA_IMPL", "torch")
+
+
+@pytest.fixture
+def signal(monkeypatch):
+    """Rewards with variance and item spans from a random MLLM (tests/fakes.py)."""
+    import fakes
+
+    fakes.install(monkeypatch)

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 
+import fakes
 import pytest
 import torch
 import torch.distributed.fsdp  # noqa: F401 -- imported once here, not in every forked rank
@@ -24,6 +25,8 @@ from safetensors.torch import load_file
 from saga_train import distributed as dist_lib, rollout, train as train_lib
 from saga_train.config import make_config
 from saga_train.data.samplers import ClassBalancedBatchSampler
+
+pytestmark = pytest.mark.usefixtures("torch_kernels")
 
 ATOL = 4e-6
 
@@ -37,26 +40,7 @@ GRPO = dict(dml="potential_field", lambda_lm=1.0, lambda_kl=1.0, group_size=4, m
             contributing_pairs=2, max_pair_draws=6, replay_tokens=8, temperature=1.0)
 
 
-def fake_verdict(text, key):
-    return len(text) % 2 == 0
 
-
-def fake_span(text, item):
-    half = len(text) // 2
-    if half == 0:
-        return None
-    return (0, half) if item == "item 1" else (half, len(text))
-
-
-@pytest.fixture(autouse=True)
-def torch_kernels(monkeypatch):
-    monkeypatch.setenv("SAGA_IMPL", "torch")
-
-
-@pytest.fixture
-def signal(monkeypatch):
-    monkeypatch.setattr(rollout.verdict_lib, "parse_verdict", fake_verdict)
-    monkeypatch.setattr(rollout.verdict_lib, "item_span", fake_span)
 
 
 def runs(root, world: int) -> dict:
@@ -79,8 +63,7 @@ def _worker(rank, world, port, configs, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    rollout.verdict_lib.parse_verdict = fake_verdict
-    rollout.verdict_lib.item_span = fake_span
+    fakes.install()
     replayed = []  # groups this rank replays, per step
     phase_c, build = train_lib.phase_c, train_lib.build_components
 

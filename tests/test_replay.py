@@ -19,14 +19,12 @@ from saga_train.prompts import ITEM_KEYS, pair_prompt, prompt_spec, vocabulary
 from saga_train.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
 from utils import assert_rule
 
+pytestmark = pytest.mark.usefixtures("torch_kernels")
+
 IMAGE_SIZE = 32  # 16 patches -> 4 LLM tokens per image
 TEMPERATURE = 0.7
 KL_LAYER = 1
 
-
-@pytest.fixture(autouse=True)
-def torch_kernels(monkeypatch):
-    monkeypatch.setenv("SAGA_IMPL", "torch")
 
 
 def tiny(seed=0):

@@ -7,6 +7,7 @@ item-span finder with "first half = item 1, second half = item 2"); everything e
 import json
 import os
 
+import fakes
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,34 +20,15 @@ from saga_train.model import load_embedder
 from saga_train.prompts import pair_prompt, prompt_spec
 from saga_train.replay import ReplayOptions, completion_states, forward_prefix, local_counts, replay_group
 
+pytestmark = pytest.mark.usefixtures("torch_kernels")
+
 SMALL = dict(image_size=32, synthetic_images_per_class=2, classes_per_batch=4, images_per_class=2, pairs_per_step=2,
              group_size=3, contributing_pairs=1, max_pair_draws=3, max_new_tokens=10, embedding_size=16,
              proxies_per_class=2, progress=False, eval_before=False, max_eval_images=16, steps_per_epoch=2,
              temperature=1.0)
 
 
-def fake_verdict(text, key):
-    return len(text) % 2 == 0
 
-
-def fake_span(text, item):
-    half = len(text) // 2
-    if half == 0:
-        return None
-    return (0, half) if item == "item 1" else (half, len(text))
-
-
-@pytest.fixture(autouse=True)
-def torch_kernels(monkeypatch):
-    """The kernels' own tests cover their Triton path; here the fast fallback keeps the loop tests short."""
-    monkeypatch.setenv("SAGA_IMPL", "torch")
-
-
-@pytest.fixture
-def signal(monkeypatch):
-    """Rewards with variance and item spans from a random MLLM (see module docstring)."""
-    monkeypatch.setattr(rollout.verdict_lib, "parse_verdict", fake_verdict)
-    monkeypatch.setattr(rollout.verdict_lib, "item_span", fake_span)
 
 
 def small(tmp_path, **kw):
@@ -99,7 +81,7 @@ def test_grpo_gradient_reaches_tower_and_llm_never_changes(tmp_path, signal):
 
 def test_replayed_logprobs_equal_generate(tmp_path):
     comps = train_lib.build_components(small(tmp_path, temperature=0.7, group_size=4, max_new_tokens=12))
-    cfg, ds, model = comps.cfg, comps.train_set, comps.model
+    ds, model = comps.train_set, comps.model
     spec = prompt_spec("synthetic", ds)
     inputs = rollout.pair_inputs(model, comps.processor, pair_prompt(comps.processor, spec), ds[0][0], ds[7][0])
     stops = rollout.stop_token_ids(model, comps.processor.tokenizer)
@@ -265,8 +247,7 @@ def _ddp_worker(rank, world, port, cfg_dict, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    rollout.verdict_lib.parse_verdict = fake_verdict
-    rollout.verdict_lib.item_span = fake_span
+    fakes.install()
     result = train_lib.train(make_config(**cfg_dict), log=lambda *_: None)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"digest": result["parameter_digest"]}, f)
