@@ -96,7 +96,7 @@ TEMPORAL_PATCH = 2
 def _config(size):
     from transformers import Qwen3VLConfig
 
-    from saga_train.tiny import mrope_sections
+    from saga_train.synthetic.tiny import mrope_sections
 
     m = MODEL[size]
     text = dict(vocab_size=m["vocab"], hidden_size=m["hidden"], intermediate_size=m["intermediate"],
@@ -556,7 +556,7 @@ def _trainer_setup(name: str):
         cfg = make_config(parse_args([]), progress=False, eval_before=False, threads=1)
         comps = trainer.build_components(cfg)
     elif name == "mid":
-        from saga_train.tiny import build_tiny_qwen3vl
+        from saga_train.synthetic.tiny import build_tiny_qwen3vl
 
         cfg = make_config(model="tiny-random", progress=False, eval_before=False, threads=1, pairs_per_step=8,
                           group_size=8, contributing_pairs=8, max_pair_draws=8, max_new_tokens=MID["max_new_tokens"])

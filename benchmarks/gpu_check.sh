@@ -81,7 +81,7 @@ stage() {  # stage NAME LOG COMMAND...: run under NAME's cap, log everything, sh
 # dominates on a fresh GPU machine, so the unmarked tests run on up to 8 pytest-xdist workers when it is
 # importable (.whl/ brings it); the gpu-marked ones (8B shapes, big buffers) then run alone.
 TEST_ARGS=(tests/ -q -p no:cacheprovider -rfEs --ignore-glob='tests/test_data*' --ignore-glob='tests/test_train*'
-           --ignore=tests/test_prompts.py --ignore=tests/test_supervisor.py --ignore=tests/test_tiny.py
+           --ignore-glob='tests/test_synthetic*' --ignore=tests/test_prompts.py
            --ignore=tests/test_retrieve.py --ignore=tests/test_evaluate.py --ignore=tests/test_experiments.py)
 WORKERS=()
 if python3 -c "import xdist" 2>/dev/null; then

@@ -13,7 +13,7 @@ def user_errors() -> tuple:
     """The errors reported as ``error: ...`` (exit code 2) instead of a traceback. The synthetic supervisor's
     cache error counts only when that module was loaded: the real-model path never imports it."""
     errors = (ConfigError, ModelLoadError, DatasetError, FileNotFoundError)
-    supervisor = sys.modules.get(f"{__package__}.supervisor")
+    supervisor = sys.modules.get(f"{__package__}.synthetic.supervisor")
     return errors + ((supervisor.SupervisorCacheError,) if supervisor is not None else ())
 
 

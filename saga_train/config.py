@@ -15,6 +15,8 @@ DML_LOSSES = ("potential_field", "proxy_anchor", "multi_similarity", "supcon")
 PROMPTS = ("dataset", "generic")
 DEVICES = ("auto", "cpu", "cuda")
 CHOICES = {"pooler": POOLERS, "dml": DML_LOSSES, "prompt": PROMPTS, "device": DEVICES}
+# model names served by the synthetic world (saga_train.synthetic.load); anything else is a checkpoint directory
+SYNTHETIC_MODELS = ("synthetic-supervisor", "tiny-random")
 
 
 class ConfigError(ValueError):
@@ -166,6 +168,21 @@ def load_config_file(path: str) -> dict:
     return data
 
 
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, choices: dict | None = None) -> argparse.ArgumentParser:
+    """One flag per field of the dataclass ``cls``: ``--field-name`` typed by its annotation, booleans as
+    ``--x / --no-x``, ``choices[field]`` where given, the field's default in the help. A flag left out is absent
+    from the parsed namespace, so the caller layers the flags given over its own defaults."""
+    types = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag, kind = "--" + f.name.replace("_", "-"), types[f.name]
+        common = dict(dest=f.name, default=argparse.SUPPRESS, help=f"(default {f.default})")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+        else:
+            parser.add_argument(flag, type=kind, choices=(choices or {}).get(f.name), **common)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m saga_train",
@@ -174,17 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--config", help="JSON file of config keys (CLI flags win)")
-    defaults = Config()
-    for name, kind in _field_types().items():
-        flag = "--" + name.replace("_", "-")
-        default = getattr(defaults, name)
-        if kind is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"(default {default})")
-        else:
-            parser.add_argument(flag, dest=name, type=kind, default=None, choices=CHOICES.get(name),
-                                help=f"(default {default})")
-    return parser
+    return add_dataclass_flags(parser, Config, CHOICES)
 
 
 def parse_args(argv=None) -> Config:
@@ -194,5 +201,4 @@ def parse_args(argv=None) -> Config:
     config_path = args.pop("config")
     if config_path:
         base = make_config(base, **load_config_file(config_path))
-    explicit = {k: v for k, v in args.items() if v is not None}
-    return make_config(base, **explicit)
+    return make_config(base, **args)

@@ -1,7 +1,7 @@
 """The Qwen3-VL processor for images and text, loadable from any local Qwen3-VL directory without torchvision.
 
-Used by the real-model path (``saga_train.model.load_qwen3vl``) and by the tiny model kit
-(``saga_train.tiny.build_processor``), which re-exports these names.
+Used by the real-model path (``saga_train.model.load_qwen3vl``) and by the synthetic world's tiny model kit
+(``saga_train.synthetic.tiny.build_processor``).
 """
 import math
 

@@ -88,13 +88,3 @@ def pair_messages(spec: PromptSpec, style: str = "dataset") -> list:
 def pair_prompt(processor, spec: PromptSpec, style: str = "dataset") -> str:
     """The prompt string built with the model's own chat template, ending with the assistant turn."""
     return processor.apply_chat_template(pair_messages(spec, style), tokenize=False, add_generation_prompt=True)
-
-
-def vocabulary(spec: PromptSpec, dataset=None) -> list:
-    """Every text a prompt or an answer for ``spec`` can contain (for a locally built word-level tokenizer)."""
-    texts = [instruction(spec, "dataset"), instruction(spec, "generic"), "item 1: item 2:",
-             "differences confidence high medium low reasoning yes no true false", spec.verdict_key]
-    texts.extend(spec.attributes)
-    for attributes in getattr(dataset, "class_attributes", None) or []:
-        texts.extend(attributes.values())
-    return texts

@@ -32,16 +32,17 @@ import numpy as np
 import torch
 
 from . import distributed as dist_lib
-from .config import Config, ConfigError
+from .config import SYNTHETIC_MODELS, Config, ConfigError
 from .data.base import FileImageDataset
 from .data.samplers import ClassBalancedBatchSampler, sample_pairs
 from .losses import build_metric_loss
 from .model import (Embedder, atomic_save_file, atomic_write_text, fix_image_resolution, freeze_language_model,
                     llm_num_layers, load_qwen3vl, resolve_kl_layer, square_rgb)
 from .pooler import build_pooler
-from .prompts import pair_prompt, prompt_spec, vocabulary
+from .prompts import pair_prompt, prompt_spec
 from .replay import ReplayOptions, StepCounts, filler_group, local_counts, micro_batches, replay_group
 from .rollout import RolloutStats, SamplingOptions, mix_seed, pair_inputs, sample_groups
+from .schedule import cosine_schedule
 
 CHECKPOINT = "checkpoint.safetensors"
 # settings a resumed run may change; any other difference from the checkpoint's config is an error
@@ -75,45 +76,20 @@ def build_datasets(cfg: Config):
         raise ConfigError(f"dataset={cfg.dataset!r} (data_root={cfg.data_root!r}): {e}") from e
 
 
-def synthetic_supervisor(cfg: Config):
-    """Directory of the synthetic-world supervisor whose held-out classes are this run's test classes."""
-    from .supervisor import SupervisorConfig, check_writable, ensure_supervisor, supervisor_dir
-
-    if cfg.dataset != "synthetic":
-        raise ConfigError(f"model='synthetic-supervisor' only knows the synthetic world, not dataset={cfg.dataset!r}; "
-                          "give --model a local Qwen3-VL checkpoint directory")
-    scfg = SupervisorConfig(seed=cfg.seed, image_size=cfg.image_size)
-    path = supervisor_dir(scfg)
-    if check_writable(path, scfg) == "train":
-        print(f"training the synthetic supervisor once (cached in {path}; about 10-20 minutes on a CPU)", flush=True)
-    return ensure_supervisor(scfg, progress=cfg.progress)
-
-
 def resolve_model(cfg: Config, dataset, device: torch.device, dist: dist_lib.DistInfo | None = None):
     """``(model, processor, description)`` for ``cfg.model``; the one place model sources are resolved.
 
-    "tiny-random": a tiny Qwen3-VL with random weights and a word-level tokenizer built from the
-    prompt vocabulary (saga_train.tiny). "synthetic-supervisor": the tiny Qwen3-VL fine-tuned on the
-    synthetic world's training classes (saga_train.supervisor; trained on first use, then cached).
-    Anything else: a local Qwen3-VL checkpoint directory. With ``cfg.shard_llm`` the LLM's decoder layers
-    are sharded over the ranks (FSDP2) before the model moves to ``device``: only shards reach the device.
+    A name in ``SYNTHETIC_MODELS`` ("synthetic-supervisor", "tiny-random"): the synthetic world's model
+    (``saga_train.synthetic.load``, the only place that package is imported). Anything else: a local Qwen3-VL
+    checkpoint directory. With ``cfg.shard_llm`` the LLM's decoder layers are sharded over the ranks (FSDP2)
+    before the model moves to ``device``: only shards reach the device.
     """
     bf16 = device.type == "cuda" and cfg.bf16
-    if cfg.model == "synthetic-supervisor":
-        from .supervisor import read_marker
+    if cfg.model in SYNTHETIC_MODELS:
+        from . import synthetic
 
-        path = synthetic_supervisor(cfg)
-        model, processor = load_qwen3vl(str(path), attn_implementation=attention_implementation(device))
-        heldout = (read_marker(path).get("metrics") or {}).get("heldout", {})
-        description = (f"synthetic supervisor {path} (tiny Qwen3-VL trained on the seed-{cfg.seed} training classes; "
-                       f"held-out verdict accuracy {heldout.get('verdict_accuracy', float('nan')):.3f})")
-    elif cfg.model == "tiny-random":
-        from .tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
-
-        tokenizer = build_tokenizer(vocabulary_for(cfg, dataset))
-        processor = build_processor(tokenizer, cfg.image_size)
-        model = build_tiny_qwen3vl(tokenizer, image_size=cfg.image_size, seed=cfg.seed)
-        description = "tiny Qwen3-VL, RANDOM INIT (no trained supervisor)"
+        model, processor, description = synthetic.load(cfg, dataset,
+                                                       attn_implementation=attention_implementation(device))
     else:
         model, processor = load_qwen3vl(cfg.model, dtype=torch.bfloat16 if bf16 else None,
                                         attn_implementation=attention_implementation(device))
@@ -133,10 +109,6 @@ def resolve_model(cfg: Config, dataset, device: torch.device, dist: dist_lib.Dis
     if device.type == "cuda":
         apply_cuda_speedups(model, cfg)
     return model, processor, description
-
-
-def vocabulary_for(cfg: Config, dataset) -> list:
-    return vocabulary(prompt_spec(cfg.dataset, dataset), dataset)
 
 
 def attention_implementation(device: torch.device) -> str:
@@ -215,16 +187,7 @@ def build_optimizer(comps: Components, total_steps: int):
               for name, params in comps.param_groups().items() if params]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     warmup = math.ceil(cfg.warmup_fraction * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, warmup, total_steps))
-    return optimizer, scheduler
-
-
-def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
-    """LR multiplier: ``(step + 1) / warmup`` during warm-up, then ``0.5 (1 + cos(pi progress))``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return optimizer, cosine_schedule(optimizer, warmup, total_steps)
 
 
 def steps_per_epoch(cfg: Config, train_set) -> int:

@@ -46,8 +46,8 @@ def test_run_ablation_writes_table(tmp_path, monkeypatch):
         return {"R@1": 0.1 * cfg.seed + len(arm) / 100, "R@4": 0.5, "NMI": 0.3, "wall_seconds": 1.0}
 
     monkeypatch.setattr(ablation, "run_arm", fake_run)
-    monkeypatch.setattr("saga_train.supervisor.ensure_supervisor", lambda cfg: tmp_path / f"sup{cfg.seed}")
-    monkeypatch.setattr("saga_train.supervisor.read_marker", lambda path: {"metrics": {"path": str(path)}})
+    monkeypatch.setattr("saga_train.synthetic.supervisor.ensure_supervisor", lambda cfg: tmp_path / f"sup{cfg.seed}")
+    monkeypatch.setattr("saga_train.synthetic.supervisor.read_marker", lambda path: {"metrics": {"path": str(path)}})
     monkeypatch.setattr("saga_train.experiments.plot.plot_run", lambda run_dir: calls.append(("plot", run_dir)))
     record = ablation.run_ablation(Config(), [0, 1], ["pf", "saga"], tmp_path / "runs", tmp_path / "out",
                                    log=lambda *_: None)
@@ -62,8 +62,8 @@ def test_run_ablation_writes_table(tmp_path, monkeypatch):
 
 def test_merge_per_seed_records_equals_one_run(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation, "run_arm", lambda cfg, arm: {"R@1": 0.1 * cfg.seed + len(arm) / 100, "NMI": 0.3})
-    monkeypatch.setattr("saga_train.supervisor.ensure_supervisor", lambda cfg: tmp_path / f"sup{cfg.seed}")
-    monkeypatch.setattr("saga_train.supervisor.read_marker", lambda path: {"metrics": {"path": str(path)}})
+    monkeypatch.setattr("saga_train.synthetic.supervisor.ensure_supervisor", lambda cfg: tmp_path / f"sup{cfg.seed}")
+    monkeypatch.setattr("saga_train.synthetic.supervisor.read_marker", lambda path: {"metrics": {"path": str(path)}})
     monkeypatch.setattr("saga_train.experiments.plot.plot_run", lambda run_dir: None)
     both = ablation.run_ablation(Config(), [0, 1], ["pf", "saga"], tmp_path / "r", tmp_path / "both", log=print)
     for seed in (0, 1):

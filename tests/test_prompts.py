@@ -4,7 +4,8 @@ import json
 import pytest
 
 from saga_train.prompts import (AIRCRAFT_ATTRIBUTES, BIRD_ATTRIBUTES, CAR_ATTRIBUTES, instruction, pair_messages,
-                                pair_prompt, prompt_spec, vocabulary)
+                                pair_prompt, prompt_spec)
+from saga_train.synthetic.supervisor import vocabulary
 from saga_train.verdict import item_span, parse_verdict
 
 
@@ -20,7 +21,7 @@ def test_dataset_specs_match_method():
 
 
 def test_synthetic_spec_uses_the_dataset_attributes():
-    from saga_train.data import SyntheticBirds
+    from saga_train.synthetic import SyntheticBirds
 
     ds = SyntheticBirds("train", images_per_class=1)
     spec = prompt_spec("synthetic", ds)
@@ -39,7 +40,7 @@ def test_generic_prompt_has_no_role_or_attributes():
 
 
 def test_chat_template_prompt_has_two_images_in_order():
-    from saga_train.tiny import build_processor, build_tokenizer
+    from saga_train.synthetic.tiny import build_processor, build_tokenizer
 
     spec = prompt_spec("aircraft")
     tok = build_tokenizer(vocabulary(spec))

@@ -10,8 +10,9 @@ from PIL import Image
 
 from saga_train import rollout, train as train_lib
 from saga_train.config import make_config
-from saga_train.prompts import pair_prompt, prompt_spec, vocabulary
-from saga_train.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
+from saga_train.prompts import pair_prompt, prompt_spec
+from saga_train.synthetic.supervisor import vocabulary
+from saga_train.synthetic.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
 
 IMAGE_SIZE = 32  # 16 patches per image
 

@@ -274,8 +274,8 @@ def test_two_gloo_ranks_keep_identical_parameters(tmp_path):
 
 def test_local_checkpoint_directory_trains(tmp_path, signal):
     """A saved Qwen3-VL directory (here a tiny one, as the synthetic supervisor is saved) loads by --model DIR."""
-    from saga_train.prompts import vocabulary
-    from saga_train.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
+    from saga_train.synthetic.supervisor import vocabulary
+    from saga_train.synthetic.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
 
     ds = train_lib.build_datasets(small(tmp_path))[0]
     tokenizer = build_tokenizer(vocabulary(prompt_spec("synthetic", ds), ds))
@@ -310,14 +310,16 @@ def test_poolers():
 
 
 def test_cosine_with_warmup():
-    lr = [train_lib.cosine_with_warmup(s, 2, 10) for s in range(11)]
+    from saga_train.schedule import cosine_with_warmup
+
+    lr = [cosine_with_warmup(s, 2, 10) for s in range(11)]
     assert lr[:3] == [0.5, 1.0, 1.0] and lr[-1] == 0.0
     assert all(a >= b for a, b in zip(lr[1:], lr[2:]))
 
 
 def test_item_token_masks_select_the_item_values():
-    from saga_train.prompts import vocabulary
-    from saga_train.tiny import build_tokenizer
+    from saga_train.synthetic.supervisor import vocabulary
+    from saga_train.synthetic.tiny import build_tokenizer
 
     spec = prompt_spec("cub")
     answer = ('{"item 1": {"bill shape": "hooked", "crown color": "red"}, "item 2": "short bill, blue crown", '
@@ -362,13 +364,13 @@ def test_workers_decode_the_same_batches(tmp_path):
 
 
 def test_real_model_path_never_imports_the_synthetic_world(tmp_path):
-    """--model DIR on a dataset on disk: the synthetic world's modules (tiny, supervisor, data.synthetic) are
+    """--model DIR on a dataset on disk: the synthetic world (saga_train.synthetic: world, tiny kit, supervisor) is
     never imported, rollouts and replay included."""
     import subprocess
     import sys
 
-    from saga_train.prompts import vocabulary
-    from saga_train.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
+    from saga_train.synthetic.supervisor import vocabulary
+    from saga_train.synthetic.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
 
     data = _image_folder(tmp_path / "data")
     spec = prompt_spec("folder")
@@ -380,8 +382,8 @@ def test_real_model_path_never_imports_the_synthetic_world(tmp_path):
             "--embedding-size", "8", "--no-progress", "--max-steps", "1", "--group-size", "2", "--max-new-tokens", "4",
             "--pairs-per-step", "2", "--no-eval-before", "--no-eval-every-epoch", "--workers", "0"]
     code = ("import sys\nfrom saga_train.__main__ import main\nrc = main(sys.argv[1:])\n"
-            "bad = sorted(m for m in sys.modules if m in ('saga_train.tiny', 'saga_train.supervisor', "
-            "'saga_train.data.synthetic'))\nprint('IMPORTED', bad)\nsys.exit(rc or bool(bad))\n")
+            "bad = sorted(m for m in sys.modules if m.split('.')[:2] == ['saga_train', 'synthetic'])\n"
+            "print('IMPORTED', bad)\nsys.exit(rc or bool(bad))\n")
     env = {**os.environ, "SAGA_IMPL": "torch", "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

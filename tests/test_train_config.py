@@ -14,13 +14,6 @@ def test_defaults_are_the_embedded_cpu_run():
     assert Config().model == "tiny-random"  # Config() alone: a random tiny model (what the tests build)
 
 
-def test_synthetic_supervisor_needs_the_synthetic_world():
-    from saga_train.train import synthetic_supervisor
-
-    with pytest.raises(ConfigError, match="synthetic-supervisor.*dataset='cub'"):
-        synthetic_supervisor(make_config(model="synthetic-supervisor", dataset="cub"))
-
-
 def test_flags_are_generated_from_fields():
     cfg = parse_args(["--lambda-lm", "0", "--lambda-kl", "0.5", "--dml", "supcon", "--no-bf16", "--group-size", "3",
                       "--pooler", "mean"])
@@ -83,7 +76,7 @@ def test_non_qwen3vl_model_dir_is_refused(tmp_path, capsys):
 
 def test_supervisor_cache_error_is_reported_plainly(monkeypatch, capsys):
     import saga_train.__main__ as entry
-    from saga_train.supervisor import SupervisorCacheError
+    from saga_train.synthetic.supervisor import SupervisorCacheError
 
     def refuse(cfg):
         raise SupervisorCacheError("refusing to overwrite /somewhere")

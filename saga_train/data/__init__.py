@@ -1,7 +1,7 @@
 """Datasets, splits and samplers for SAGA training and zero-shot retrieval evaluation.
 
-The synthetic world (``SyntheticBirds``, ``ATTRIBUTES``) is imported on first use, so the on-disk
-readers and the samplers never load it.
+The synthetic world's dataset lives in ``saga_train.synthetic``; ``load_dataset("synthetic")`` imports it on
+demand, so the on-disk readers and the samplers never load it.
 """
 
 from .aircraft import load_aircraft
@@ -13,14 +13,5 @@ from .inat import load_inat_aves
 from .registry import DATASETS, load_dataset
 from .samplers import ClassBalancedBatchSampler, sample_pairs
 
-__all__ = ["ATTRIBUTES", "DATASETS", "ClassBalancedBatchSampler", "DatasetError", "FileImageDataset",
-           "ImageLoadError", "SyntheticBirds", "load_aircraft", "load_cars", "load_cub", "load_dataset", "load_folder",
-           "load_inat_aves", "sample_pairs"]
-
-
-def __getattr__(name):
-    if name in ("ATTRIBUTES", "SyntheticBirds"):
-        from . import synthetic
-
-        return getattr(synthetic, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["DATASETS", "ClassBalancedBatchSampler", "DatasetError", "FileImageDataset", "ImageLoadError",
+           "load_aircraft", "load_cars", "load_cub", "load_dataset", "load_folder", "load_inat_aves", "sample_pairs"]

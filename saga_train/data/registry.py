@@ -8,14 +8,14 @@ ALIASES = {"inat": "inat_aves"}
 def load_dataset(name: str, root: str = "", split: str = "train", **kw):
     """The ``split`` ("train" | "test"; on-disk readers also take "all") of dataset ``name`` under ``root``.
 
-    Names: cub, cars, aircraft, inat_aves (alias inat), folder, synthetic (``root`` unused). Extra keyword
+    Names: cub, cars, aircraft, inat_aves (alias inat), folder, synthetic (``saga_train.synthetic.SyntheticBirds``; ``root`` unused). Extra keyword
     arguments go to the reader (e.g. ``image_size=224``, ``ratio=0.5`` for folder, ``seed`` for synthetic).
     """
     key = ALIASES.get(name, name)
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)} (alias: inat)")
     if key == "synthetic":
-        from .synthetic import SyntheticBirds
+        from ..synthetic import SyntheticBirds
         return SyntheticBirds(split=split, **kw)
     if not root:
         raise ValueError(f"dataset {name!r} needs root= (its directory on disk)")

@@ -104,7 +104,7 @@ def markdown(summary: dict, supervisors: dict, meta: dict) -> str:
 def run_ablation(base, seeds, arms, run_root, out_dir, supervisor_cfg=None, log=print) -> dict:
     """Every (arm, seed); writes ``ablation.json`` and ``ablation.md`` into ``out_dir``; returns the record."""
     from saga_train.experiments.plot import plot_run
-    from saga_train.supervisor import SupervisorConfig, ensure_supervisor, read_marker
+    from saga_train.synthetic.supervisor import SupervisorConfig, ensure_supervisor, read_marker
 
     supervisor_cfg = supervisor_cfg or SupervisorConfig()
     runs, supervisors = {arm: {} for arm in arms}, {}

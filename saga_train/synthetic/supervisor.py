@@ -1,7 +1,7 @@
 """A supervisor that knows the synthetic world: a tiny Qwen3-VL taught by SFT to compare two birds.
 
-``python -m saga_train.supervisor`` (or ``ensure_supervisor(cfg)``, which trains on first use)
-trains ``saga_train.tiny``'s model on pairs of TRAINING-class ``SyntheticBirds`` images (the
+``python -m saga_train.synthetic.supervisor`` (or ``ensure_supervisor(cfg)``, which trains on first use)
+trains ``saga_train.synthetic.tiny``'s model on pairs of TRAINING-class ``SyntheticBirds`` images (the
 "open" pool: every attribute combination except the held-out test classes of ``cfg.seed``). The
 prompt is the trainer's own (``saga_train.prompts.pair_prompt``); the target is the JSON answer of
 METHOD.md built by ``build_answer``::
@@ -15,7 +15,7 @@ The loss covers the answer tokens (and the closing ``<|im_end|>``) only. Pairs a
 pairs gives the verdict accuracy (as ``saga_train.verdict.parse_verdict`` reads it) and per-attribute
 accuracy. The model, processor and tokenizer are saved with ``save_pretrained`` into
 ``$SAGA_CACHE/supervisor-<config hash>`` (default cache ``~/.cache/saga_kernels``), which loads like a
-real checkpoint: ``Qwen3VLForConditionalGeneration.from_pretrained(d)`` + ``saga_train.tiny.load_processor(d)``.
+real checkpoint (``saga_train.model.load_qwen3vl(d)``).
 A marker file ``SUPERVISOR.json`` records the config and metrics; a non-empty directory without it
 is never overwritten.
 """
@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -37,9 +36,15 @@ from types import SimpleNamespace
 
 import torch
 
+from ..config import add_dataclass_flags
+from ..model import load_qwen3vl
+from ..prompts import ITEM_KEYS, instruction, pair_messages, pair_prompt, prompt_spec
+from ..rollout import suppressed_token_ids
+from ..schedule import cosine_schedule
+from ..verdict import parse_verdict
+
 FORMAT_VERSION = 3
 VERDICT_KEY = "same_species"
-ITEM_KEYS = ("item 1", "item 2")
 MATCH, DIFFER = "match", "differ"
 PAIR_KINDS = ("same", "one_attribute", "random")
 MARKER = "SUPERVISOR.json"
@@ -58,7 +63,7 @@ class SupervisorConfig:
     test_classes: int = 30  # held-out classes (must match the SAGA run's dataset to stay held out)
     image_size: int = 64
     noise: float = 6.0  # SyntheticBirds pixel noise
-    # model (saga_train.tiny.build_tiny_qwen3vl)
+    # model (saga_train.synthetic.tiny.build_tiny_qwen3vl)
     text_hidden: int = 128
     text_layers: int = 2
     heads: int = 4
@@ -175,8 +180,6 @@ def parse_answer(text: str, attribute_names, verdict_key: str = VERDICT_KEY) -> 
     what it got right. The verdict is read by ``saga_train.verdict.parse_verdict``, as the SAGA
     reward reads it.
     """
-    from saga_train.verdict import parse_verdict
-
     out = {key: _split_named(_string_after(text, key), attribute_names, name_last=True) for key in ITEM_KEYS}
     compared = _split_named(_string_after(text, "differences"), attribute_names, name_last=False)
     out["differences"] = {n: _last_word(v, (MATCH, DIFFER)) for n, v in compared.items()}
@@ -190,22 +193,26 @@ def parse_answer(text: str, attribute_names, verdict_key: str = VERDICT_KEY) -> 
 
 def synthetic_splits(cfg: SupervisorConfig):
     """(train, test) ``SyntheticBirds``: the open pool of training classes and the held-out classes."""
-    from saga_train.data import SyntheticBirds
+    from .world import SyntheticBirds
 
     common = dict(seed=cfg.seed, images_per_class=1, image_size=cfg.image_size, test_classes=cfg.test_classes,
                   noise=cfg.noise, cache=False)
     return SyntheticBirds("train", train_classes="open", **common), SyntheticBirds("test", **common)
 
 
-def vocabulary(dataset, spec) -> list:
-    """Every text the supervisor reads or writes: both prompt styles, attribute values, answer words."""
-    from saga_train.prompts import instruction, pair_messages
+def vocabulary(spec, dataset=None) -> list:
+    """Every text the tiny model reads or writes for ``spec`` (the words of its word-level tokenizer): both
+    prompt styles, the attribute values of ``dataset`` (when it has any) and the answer format of ``build_answer``.
 
+    The tokenizer numbers words in order of first appearance, so this order fixes the supervisor's token ids.
+    """
     texts = [instruction(spec, "dataset"), instruction(spec, "generic")]
     texts += [part.get("text", "") for m in pair_messages(spec) for part in m["content"]]
-    texts += [" ".join(values) for values in dataset.attribute_values.values()]
-    attrs = dataset.attributes(0)
-    texts.append(build_answer(attrs, attrs, dataset.attribute_names, spec.verdict_key))
+    texts += [" ".join(values) for values in (getattr(dataset, "attribute_values", None) or {}).values()]
+    classes = getattr(dataset, "class_attributes", None) or [{}]
+    texts += [" ".join(attrs.values()) for attrs in classes]
+    example = {name: classes[0].get(name, "") for name in spec.attributes}
+    texts.append(build_answer(example, example, spec.attributes, spec.verdict_key))
     texts += [MATCH, DIFFER, "yes no high medium low"]
     return texts
 
@@ -281,11 +288,10 @@ def eval_pairs(cfg: SupervisorConfig, test_set) -> list:
 
 def build_untrained(cfg: SupervisorConfig, train_set):
     """(model, processor, prompt, spec): the tiny Qwen3-VL at its seeded init and the pair prompt."""
-    from saga_train.prompts import pair_prompt, prompt_spec
-    from saga_train.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
+    from .tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
 
     spec = prompt_spec("synthetic", train_set)
-    tokenizer = build_tokenizer(vocabulary(train_set, spec))
+    tokenizer = build_tokenizer(vocabulary(spec, train_set))
     processor = build_processor(tokenizer, cfg.image_size, patch_size=cfg.patch_size)
     model = build_tiny_qwen3vl(tokenizer, text_hidden=cfg.text_hidden, text_layers=cfg.text_layers, heads=cfg.heads,
                                kv_heads=cfg.kv_heads, vision_hidden=cfg.vision_hidden, vision_depth=cfg.vision_depth,
@@ -301,7 +307,7 @@ def sft_batch(processor, prompt: str, images: list, answers: list) -> dict:
     """
     tokenizer = processor.tokenizer
     if tokenizer.padding_side != "left":
-        raise ValueError("sft_batch needs a left-padding tokenizer (saga_train.tiny.build_tokenizer pads left)")
+        raise ValueError("sft_batch needs a left-padding tokenizer (saga_train.synthetic.tiny.build_tokenizer pads left)")
     suffixes = [answer + tokenizer.eos_token for answer in answers]
     inputs = processor(text=[prompt + s for s in suffixes], images=images, return_tensors="pt", padding=True)
     labels = torch.full_like(inputs["input_ids"], -100)
@@ -323,14 +329,6 @@ def train_batch(cfg, rng: random.Random, sampler: PairSampler, train_set, prompt
         answers.append(build_answer(train_set.attributes(a), train_set.attributes(b), spec.attributes,
                                     spec.verdict_key))
     return sft_batch(processor, prompt, images, answers)
-
-
-def suppressed_token_ids(tokenizer) -> list:
-    """Vision placeholders and turn openers: never valid inside an answer."""
-    from saga_train import tiny
-
-    tokens = (tiny.IMAGE_TOKEN, tiny.VIDEO_TOKEN, tiny.VISION_START_TOKEN, tiny.VISION_END_TOKEN, "<|im_start|>")
-    return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
 
 
 def _mean(values) -> float:
@@ -360,7 +358,7 @@ def evaluate_supervisor(model, processor, prompt: str, test_set, pairs: list, sp
         images = [img for (_, a, ia, b, ib) in chunk for img in (test_set.render(a, ia), test_set.render(b, ib))]
         inputs = processor(text=[prompt] * len(chunk), images=images, return_tensors="pt", padding=True)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             suppress_tokens=suppressed_token_ids(tokenizer))
+                             suppress_tokens=suppressed_token_ids(model))
         texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         for (kind, a, _, b, _), text in zip(chunk, texts):
             attrs = (test_set.attributes(a), test_set.attributes(b))
@@ -385,14 +383,6 @@ def evaluate_supervisor(model, processor, prompt: str, test_set, pairs: list, sp
     }
 
 
-def cosine_lr(step: int, cfg: SupervisorConfig) -> float:
-    """Learning-rate factor: linear warm-up over ``warmup_steps``, then cosine to 0 at ``steps``."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train_supervisor(cfg: SupervisorConfig, log_path=None, progress: bool = True, evaluate: bool = True):
     """SFT a fresh tiny Qwen3-VL; returns ``(model, processor, metrics)``.
 
@@ -409,7 +399,7 @@ def train_supervisor(cfg: SupervisorConfig, log_path=None, progress: bool = True
         sampler = PairSampler(train_set)
         rng = random.Random(f"supervisor-train-{cfg.seed}")
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, cfg))
+        schedule = cosine_schedule(optimizer, cfg.warmup_steps, cfg.steps)
         model.train()
         start, losses = time.perf_counter(), []
         with torch.random.fork_rng(devices=[]), \
@@ -453,8 +443,7 @@ def train_supervisor(cfg: SupervisorConfig, log_path=None, progress: bool = True
 
 def config_hash(cfg: SupervisorConfig) -> str:
     """12 hex digits over the config fingerprint, the answer format version and the prompt text."""
-    from saga_train.data.synthetic import ATTRIBUTE_NAMES
-    from saga_train.prompts import instruction, prompt_spec
+    from .world import ATTRIBUTE_NAMES
 
     world = SimpleNamespace(attribute_names=list(ATTRIBUTE_NAMES))  # all the prompt reads from a dataset
     text = instruction(prompt_spec("synthetic", world), cfg.prompt_style)
@@ -490,7 +479,7 @@ def check_writable(path, cfg: SupervisorConfig, force: bool = False) -> str:
     marker = read_marker(path) if path.is_dir() else None
     if marker is None:
         raise SupervisorCacheError(f"refusing to overwrite {path}: it exists and was not written by "
-                                   f"saga_train.supervisor (no {MARKER})")
+                                   f"saga_train.synthetic.supervisor (no {MARKER})")
     same = marker.get("hash") == config_hash(cfg)
     if same and marker.get("complete") and not force:
         return "reuse"
@@ -501,7 +490,7 @@ def check_writable(path, cfg: SupervisorConfig, force: bool = False) -> str:
 
 
 def _write_marker(path: Path, cfg: SupervisorConfig, complete: bool, metrics: dict = None) -> None:
-    record = {"written_by": "saga_train.supervisor", "format": FORMAT_VERSION, "hash": config_hash(cfg),
+    record = {"written_by": "saga_train.synthetic.supervisor", "format": FORMAT_VERSION, "hash": config_hash(cfg),
               "complete": complete, "config": dataclasses.asdict(cfg), "metrics": metrics}
     (path / MARKER).write_text(json.dumps(record, indent=2))
 
@@ -521,7 +510,7 @@ def ensure_supervisor(cfg: SupervisorConfig = None, out_dir=None, *, force: bool
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         if read_marker(partial) is None:
-            raise SupervisorCacheError(f"refusing to overwrite {partial}: not written by saga_train.supervisor")
+            raise SupervisorCacheError(f"refusing to overwrite {partial}: not written by saga_train.synthetic.supervisor")
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     _write_marker(partial, cfg, complete=False)
@@ -536,14 +525,9 @@ def ensure_supervisor(cfg: SupervisorConfig = None, out_dir=None, *, force: bool
     return out
 
 
-def load_supervisor(path):
-    """``(model, processor)`` of a saved supervisor directory (offline)."""
-    from transformers import Qwen3VLForConditionalGeneration
-
-    from saga_train.tiny import load_processor
-
-    model = Qwen3VLForConditionalGeneration.from_pretrained(str(path), local_files_only=True)
-    return model, load_processor(path)
+def load_supervisor(path, attn_implementation: str = None):
+    """``(model, processor)`` of a saved supervisor directory (offline; a Qwen3-VL checkpoint like any other)."""
+    return load_qwen3vl(str(path), attn_implementation=attn_implementation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,12 +535,9 @@ def load_supervisor(path):
 # ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m saga_train.supervisor",
+    parser = argparse.ArgumentParser(prog="python -m saga_train.synthetic.supervisor",
                                      description="Train (or reuse) the synthetic-world supervisor.")
-    for field in dataclasses.fields(SupervisorConfig):
-        flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, dest=field.name, type=type(field.default), default=field.default,
-                            help=f"(default: {field.default})")
+    add_dataclass_flags(parser, SupervisorConfig)
     parser.add_argument("--out", default=None, help=f"output directory (default: ${CACHE_ENV} or "
                                                     "~/.cache/saga_kernels, /supervisor-<config hash>)")
     parser.add_argument("--force", action="store_true", help="retrain even if a complete supervisor is cached")

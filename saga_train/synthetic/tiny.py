@@ -17,7 +17,8 @@ Everything a real Qwen3-VL checkpoint directory provides, small enough to train 
   exist in both towers and MRoPE sections that sum to half the head dimension.
 
 ``model.save_pretrained(d)`` + ``processor.save_pretrained(d)`` give a directory that loads with
-``Qwen3VLForConditionalGeneration.from_pretrained(d)`` and ``load_processor(d)``.
+``Qwen3VLForConditionalGeneration.from_pretrained(d)`` and ``saga_train.processor.load_processor(d)``
+(or both with ``saga_train.model.load_qwen3vl(d)``).
 """
 import re
 
@@ -26,7 +27,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from transformers import PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from .processor import Qwen3VLImageOnlyProcessor, load_processor, square_side  # noqa: F401 (re-exported)
+from ..processor import Qwen3VLImageOnlyProcessor
 
 UNK_TOKEN = "<unk>"
 PAD_TOKEN = "<|endoftext|>"

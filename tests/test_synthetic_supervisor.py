@@ -1,13 +1,14 @@
 """The synthetic supervisor: answer format, pairs, SFT batches, a micro training run, the cache rules."""
 import dataclasses
+import hashlib
 import json
 import random
 
 import pytest
 import torch
 
-from saga_train import supervisor as sup
-from saga_train.data.synthetic import ATTRIBUTE_NAMES, num_differences
+from saga_train.synthetic import supervisor as sup
+from saga_train.synthetic.world import ATTRIBUTE_NAMES, num_differences
 from saga_train.verdict import item_span, parse_verdict
 
 NAMES = list(ATTRIBUTE_NAMES)
@@ -77,6 +78,16 @@ def test_vocabulary_covers_prompt_and_every_answer(world):
         assert tokenizer.decode(ids) == answer
 
 
+def test_default_supervisor_keeps_its_cache_key_and_token_ids(world):
+    """What a supervisor cached under ~/.cache/saga_kernels was trained with is still what the code builds: the
+    default config's cache key, and the token ids of its tokenizer (the order of ``vocabulary``). Change these only
+    with the supervisor's recipe (and FORMAT_VERSION), never by accident."""
+    assert sup.config_hash(sup.SupervisorConfig()) == "8858287923c7"
+    vocab = world[3].tokenizer.get_vocab()  # MICRO has the default's seed and held-out classes: the same words
+    order = json.dumps(sorted(vocab, key=vocab.get))
+    assert len(vocab) == 220 and hashlib.sha256(order.encode()).hexdigest()[:16] == "44cd63c000d653e2"
+
+
 def test_pair_sampler_kinds_and_eval_pairs(world):
     train_set, test_set, *_ = world
     sampler = sup.PairSampler(train_set)
@@ -128,8 +139,8 @@ def test_micro_sft_lowers_the_loss_and_is_deterministic(world):
 class _OracleModel:
     """Stands in for the model in ``evaluate_supervisor``: answers with queued texts."""
 
-    def __init__(self, tokenizer, answers):
-        self.tokenizer, self.answers, self.training = tokenizer, list(answers), False
+    def __init__(self, tokenizer, answers, config):
+        self.tokenizer, self.answers, self.training, self.config = tokenizer, list(answers), False, config
 
     def eval(self):
         return self
@@ -146,18 +157,18 @@ class _OracleModel:
 
 
 def test_evaluate_scores_answers(world):
-    _, test_set, _, processor, prompt, spec = world
+    _, test_set, model, processor, prompt, spec = world
     pairs = sup.eval_pairs(dataclasses.replace(MICRO, eval_pairs=6), test_set)
     attrs = [(test_set.attributes(a), test_set.attributes(b)) for _, a, _, b, _ in pairs]
     truths = [sup.answer_dict(a, b, NAMES) for a, b in attrs]
-    perfect = _OracleModel(processor.tokenizer, [json.dumps(t) for t in truths])
+    perfect = _OracleModel(processor.tokenizer, [json.dumps(t) for t in truths], model.config)
     scores = sup.evaluate_supervisor(perfect, processor, prompt, test_set, pairs, spec, batch=4)
     assert scores["verdict_accuracy"] == scores["attribute_accuracy"] == scores["exact_match"] == 1.0
     assert scores["differences_accuracy"] == scores["parse_rate"] == 1.0
     flipped = [dict(t, same_species="no" if t["same_species"] == "yes" else "yes") for t in truths]
     for t, (_, b) in zip(flipped, attrs):
         t["item 2"] = sup.describe(dict(b, **{"tail shape": "none"}), NAMES)
-    scores = sup.evaluate_supervisor(_OracleModel(processor.tokenizer, [json.dumps(t) for t in flipped]),
+    scores = sup.evaluate_supervisor(_OracleModel(processor.tokenizer, [json.dumps(t) for t in flipped], model.config),
                                      processor, prompt, test_set, pairs, spec, batch=4)
     assert scores["verdict_accuracy"] == 0.0 and scores["exact_match"] == 0.0
     assert scores["attribute_accuracy_by_name"]["tail shape"] == 0.5  # item 1 right, item 2 wrong

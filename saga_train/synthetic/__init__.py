@@ -1,0 +1,52 @@
+"""The synthetic world: what ``python -m saga_train`` needs when nothing is on disk and nothing can be downloaded.
+
+- ``world.py``: ``SyntheticBirds``, a fine-grained dataset of drawn birds (a class is a combination of six
+  attributes), its zero-shot splits (``split_combinations``) and ``render_bird``.
+- ``tiny.py``: a tiny Qwen3-VL built offline: word-level tokenizer with Qwen3-VL's special tokens and chat
+  template, image processor, randomly initialized model.
+- ``supervisor.py``: that model taught by SFT to compare two birds attribute by attribute (its answer format,
+  training, held-out evaluation, cache; ``python -m saga_train.synthetic.supervisor``).
+
+The trainer reaches all of it through one entry point, ``load``, for the model names in
+``saga_train.config.SYNTHETIC_MODELS``; ``load_dataset("synthetic")`` imports ``SyntheticBirds`` on demand.
+The real-model path (a local Qwen3-VL directory and a dataset on disk) never imports this package.
+"""
+from .world import ATTRIBUTES, SyntheticBirds
+
+__all__ = ["ATTRIBUTES", "SyntheticBirds", "load"]
+
+
+def load(cfg, dataset, *, attn_implementation: str = "sdpa"):
+    """``(model, processor, description)`` of the synthetic-world model named by ``cfg.model``.
+
+    ``cfg`` is the trainer's ``Config`` (``model``, ``dataset``, ``seed``, ``image_size``, ``progress`` are read),
+    ``dataset`` its train split. "tiny-random": a tiny Qwen3-VL with random (seeded) weights and a word-level
+    tokenizer knowing every text of this dataset's prompt and answer. "synthetic-supervisor": the tiny Qwen3-VL
+    fine-tuned on the synthetic world's training classes, whose held-out classes are this run's test classes
+    (trained on first use, then loaded from the cache), loaded with ``attn_implementation``.
+    """
+    from ..config import ConfigError, SYNTHETIC_MODELS
+    from . import supervisor as sup
+
+    if cfg.model not in SYNTHETIC_MODELS:
+        raise ConfigError(f"model={cfg.model!r} is not a synthetic-world model ({', '.join(SYNTHETIC_MODELS)})")
+    if cfg.model == "tiny-random":
+        from ..prompts import prompt_spec
+        from .tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
+
+        tokenizer = build_tokenizer(sup.vocabulary(prompt_spec(cfg.dataset, dataset), dataset))
+        model = build_tiny_qwen3vl(tokenizer, image_size=cfg.image_size, seed=cfg.seed)
+        return model, build_processor(tokenizer, cfg.image_size), "tiny Qwen3-VL, RANDOM INIT (no trained supervisor)"
+    if cfg.dataset != "synthetic":
+        raise ConfigError(f"model='synthetic-supervisor' only knows the synthetic world, not dataset={cfg.dataset!r}; "
+                          "give --model a local Qwen3-VL checkpoint directory")
+    scfg = sup.SupervisorConfig(seed=cfg.seed, image_size=cfg.image_size)
+    path = sup.supervisor_dir(scfg)
+    if sup.check_writable(path, scfg) == "train":
+        print(f"training the synthetic supervisor once (cached in {path}; about 10-20 minutes on a CPU)", flush=True)
+    path = sup.ensure_supervisor(scfg, progress=cfg.progress)
+    model, processor = sup.load_supervisor(path, attn_implementation=attn_implementation)
+    heldout = (sup.read_marker(path).get("metrics") or {}).get("heldout", {})
+    description = (f"synthetic supervisor {path} (tiny Qwen3-VL trained on the seed-{cfg.seed} training classes; "
+                   f"held-out verdict accuracy {heldout.get('verdict_accuracy', float('nan')):.3f})")
+    return model, processor, description

@@ -1,0 +1,56 @@
+"""The synthetic world's one entry point, ``saga_train.synthetic.load``: what the trainer gets for its model names."""
+import pytest
+from transformers import Qwen3VLForConditionalGeneration
+
+from saga_train import synthetic
+from saga_train.config import ConfigError, make_config
+from saga_train.prompts import pair_prompt, prompt_spec
+from saga_train.synthetic import supervisor as sup
+
+
+@pytest.fixture(scope="module")
+def train_set():
+    return synthetic.SyntheticBirds("train", images_per_class=1, image_size=32)
+
+
+def test_tiny_random_is_a_random_tiny_qwen3vl(train_set):
+    cfg = make_config(model="tiny-random", image_size=32, seed=3)
+    model, processor, description = synthetic.load(cfg, train_set)
+    assert isinstance(model, Qwen3VLForConditionalGeneration) and "RANDOM INIT" in description
+    assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert processor.image_processor.size["longest_edge"] == 32 * 32
+    tokenizer = processor.tokenizer
+    for style in ("dataset", "generic"):  # the trainer's prompts are made of known words
+        assert tokenizer.unk_token_id not in tokenizer(pair_prompt(processor, prompt_spec("synthetic", train_set),
+                                                                   style))["input_ids"]
+    again, _, _ = synthetic.load(cfg, train_set)
+    assert all((p == q).all() for p, q in zip(model.parameters(), again.parameters()))  # seeded
+
+
+def test_synthetic_supervisor_needs_the_synthetic_world():
+    with pytest.raises(ConfigError, match="synthetic-supervisor.*dataset='cub'"):
+        synthetic.load(make_config(model="synthetic-supervisor", dataset="cub"), None)
+    with pytest.raises(ConfigError, match="not a synthetic-world model"):
+        synthetic.load(make_config(model="/models/Qwen3-VL-8B-Instruct"), None)
+
+
+def test_synthetic_supervisor_loads_from_the_cache(train_set, tmp_path, monkeypatch):
+    """The default model: the supervisor of (seed, image_size) from the cache, never retrained when it is there."""
+    monkeypatch.setenv(sup.CACHE_ENV, str(tmp_path))
+    scfg = sup.SupervisorConfig(seed=0, image_size=32)
+    model, processor, _, _ = sup.build_untrained(scfg, train_set)
+    path = sup.supervisor_dir(scfg)
+    path.mkdir()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    sup._write_marker(path, scfg, complete=True, metrics={"heldout": {"verdict_accuracy": 0.875}})
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a complete cached supervisor must be loaded, not retrained")
+
+    monkeypatch.setattr(sup, "train_supervisor", no_training)
+    loaded, loaded_processor, description = synthetic.load(make_config(model="synthetic-supervisor", image_size=32),
+                                                           train_set)
+    assert description.startswith(f"synthetic supervisor {path}") and "verdict accuracy 0.875" in description
+    assert all((p == q).all() for p, q in zip(model.parameters(), loaded.parameters()))
+    assert loaded_processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
