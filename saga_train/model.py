@@ -87,6 +87,14 @@ def square_rgb(image, size: int, name: str = "image"):
     return image.convert("RGB").resize((size, size), Image.BICUBIC)
 
 
+def tower_tokens(visual: nn.Module, pixel_values, image_grid_thw) -> torch.Tensor:
+    """The merged patch tokens X ``[B, N, D]`` of a Qwen3-VL vision tower (what its LLM reads), for B images of one
+    size (``image_grid_thw`` ``[B, 3]``); ``pixel_values`` is cast to the tower's dtype."""
+    out = visual(pixel_values.to(next(visual.parameters()).dtype), grid_thw=image_grid_thw, return_dict=True)
+    merged = out.pooler_output
+    return merged.reshape(image_grid_thw.shape[0], -1, merged.shape[-1])
+
+
 class Embedder(nn.Module):
     """Inference map g = pooler o tower: images -> unit embeddings ``[B, D_e]``."""
 
@@ -111,10 +119,7 @@ class Embedder(nn.Module):
 
     def patch_tokens(self, pixel_values, image_grid_thw) -> torch.Tensor:
         """Merged patch tokens X ``[B, N, D]`` (the tower output the LLM consumes); all images share N."""
-        out = self.visual(pixel_values.to(next(self.visual.parameters()).dtype), grid_thw=image_grid_thw,
-                          return_dict=True)
-        merged = out.pooler_output
-        return merged.reshape(image_grid_thw.shape[0], -1, merged.shape[-1])
+        return tower_tokens(self.visual, pixel_values, image_grid_thw)
 
     def forward(self, pixel_values, image_grid_thw):
         """``(z [B, D_e], pooler logits [B, N] or None, X [B, N, D])``."""

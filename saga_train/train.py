@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers import get_cosine_schedule_with_warmup
 
 from . import distributed as dist_lib
 from .config import SYNTHETIC_MODELS, Config, ConfigError
@@ -42,7 +43,6 @@ from .pooler import build_pooler
 from .prompts import pair_prompt, prompt_spec
 from .replay import ReplayOptions, StepCounts, filler_group, local_counts, micro_batches, replay_group
 from .rollout import RolloutStats, SamplingOptions, mix_seed, pair_inputs, sample_groups
-from .schedule import cosine_schedule
 
 CHECKPOINT = "checkpoint.safetensors"
 # settings a resumed run may change; any other difference from the checkpoint's config is an error
@@ -187,7 +187,7 @@ def build_optimizer(comps: Components, total_steps: int):
               for name, params in comps.param_groups().items() if params]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     warmup = math.ceil(cfg.warmup_fraction * total_steps)
-    return optimizer, cosine_schedule(optimizer, warmup, total_steps)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
 
 
 def steps_per_epoch(cfg: Config, train_set) -> int:

@@ -17,14 +17,14 @@ A = {"body color": "red", "wing color": "blue", "head color": "green", "wing pat
 B = dict(A, **{"beak shape": "hooked", "tail shape": "forked"})
 MICRO = sup.SupervisorConfig(image_size=32, text_hidden=32, heads=2, kv_heads=1, vision_hidden=16, vision_depth=2,
                              steps=15, batch_pairs=4, lr=3e-3, warmup_steps=2, eval_pairs=8, eval_batch=8,
-                             threads=1)
+                             tower_steps=3, tower_batch=8, threads=1)
 
 
 @pytest.fixture(scope="module")
 def world():
     train_set, test_set = sup.synthetic_splits(MICRO)
-    model, processor, prompt, spec = sup.build_untrained(MICRO, train_set)
-    return train_set, test_set, model, processor, prompt, spec
+    model, processor, prompts, spec = sup.build_untrained(MICRO, train_set)
+    return train_set, test_set, model, processor, prompts, spec
 
 
 def test_answer_round_trip_and_verdict():
@@ -66,9 +66,11 @@ def test_parse_answer_tolerates_broken_text():
 
 
 def test_vocabulary_covers_prompt_and_every_answer(world):
-    train_set, _, _, processor, prompt, spec = world
+    train_set, _, _, processor, prompts, spec = world
     tokenizer = processor.tokenizer
-    assert tokenizer.unk_token_id not in tokenizer(prompt)["input_ids"]
+    assert set(prompts) == {"dataset", "generic"} and prompts["dataset"] != prompts["generic"]
+    for prompt in prompts.values():
+        assert tokenizer.unk_token_id not in tokenizer(prompt)["input_ids"]
     rng = random.Random(0)
     for _ in range(30):
         a, b = rng.randrange(len(train_set.combinations)), rng.randrange(len(train_set.combinations))
@@ -82,7 +84,7 @@ def test_default_supervisor_keeps_its_cache_key_and_token_ids(world):
     """What a supervisor cached under ~/.cache/saga_kernels was trained with is still what the code builds: the
     default config's cache key, and the token ids of its tokenizer (the order of ``vocabulary``). Change these only
     with the supervisor's recipe (and FORMAT_VERSION), never by accident."""
-    assert sup.config_hash(sup.SupervisorConfig()) == "8858287923c7"
+    assert sup.config_hash(sup.SupervisorConfig()) == "38ea1349b130"
     vocab = world[3].tokenizer.get_vocab()  # MICRO has the default's seed and held-out classes: the same words
     order = json.dumps(sorted(vocab, key=vocab.get))
     assert len(vocab) == 220 and hashlib.sha256(order.encode()).hexdigest()[:16] == "44cd63c000d653e2"
@@ -108,10 +110,11 @@ def test_pair_sampler_kinds_and_eval_pairs(world):
 
 
 def test_sft_batch_labels_only_the_answer(world):
-    train_set, _, _, processor, prompt, spec = world
+    train_set, _, _, processor, prompts, spec = world
     rng = random.Random(2)
-    batch = sup.train_batch(MICRO, rng, sup.PairSampler(train_set), train_set, prompt, processor, spec)
+    batch = sup.train_batch(MICRO, rng, sup.PairSampler(train_set), train_set, prompts, processor, spec)
     tokenizer = processor.tokenizer
+    styles = []
     assert batch["input_ids"].shape[0] == MICRO.batch_pairs and batch["image_grid_thw"].shape[0] == 2 * MICRO.batch_pairs
     for row in range(MICRO.batch_pairs):
         labelled = batch["labels"][row][batch["labels"][row] != -100]
@@ -120,12 +123,17 @@ def test_sft_batch_labels_only_the_answer(world):
         answer = sup.parse_answer(text[:-len(tokenizer.eos_token)], NAMES)
         assert None not in answer["item 1"].values() and answer["verdict"] is not None
         first = (batch["labels"][row] != -100).nonzero()[0, 0]
-        assert tokenizer.decode(batch["input_ids"][row, :first]).endswith("<|im_start|>assistant\n")
+        prompt = tokenizer.decode(batch["input_ids"][row, :first], skip_special_tokens=False)
+        assert prompt.endswith("<|im_start|>assistant\n")
+        styles.append(next(style for style in prompts if sup.instruction(spec, style) in prompt))
+    assert set(styles) == {"dataset", "generic"}  # MICRO: half the pairs are asked with the generic prompt
+    with pytest.raises(ValueError, match="one prompt and two images per answer"):
+        sup.sft_batch(processor, [prompts["dataset"]], [], ["{}"])
 
 
 def test_micro_sft_lowers_the_loss_and_is_deterministic(world):
-    train_set, _, untrained, processor, prompt, spec = world
-    fixed = sup.train_batch(MICRO, random.Random(99), sup.PairSampler(train_set), train_set, prompt, processor, spec)
+    train_set, _, untrained, processor, prompts, spec = world
+    fixed = sup.train_batch(MICRO, random.Random(99), sup.PairSampler(train_set), train_set, prompts, processor, spec)
     trained, _, metrics = sup.train_supervisor(MICRO, progress=False, evaluate=False)
     with torch.no_grad():
         before, after = untrained(**fixed).loss.item(), trained(**fixed).loss.item()
@@ -157,7 +165,8 @@ class _OracleModel:
 
 
 def test_evaluate_scores_answers(world):
-    _, test_set, model, processor, prompt, spec = world
+    _, test_set, model, processor, prompts, spec = world
+    prompt = prompts["dataset"]
     pairs = sup.eval_pairs(dataclasses.replace(MICRO, eval_pairs=6), test_set)
     attrs = [(test_set.attributes(a), test_set.attributes(b)) for _, a, _, b, _ in pairs]
     truths = [sup.answer_dict(a, b, NAMES) for a, b in attrs]
@@ -176,9 +185,9 @@ def test_evaluate_scores_answers(world):
 
 
 def test_micro_evaluation_runs_on_the_real_model(world):
-    _, test_set, model, processor, prompt, spec = world
+    _, test_set, model, processor, prompts, spec = world
     pairs = sup.eval_pairs(dataclasses.replace(MICRO, eval_pairs=4), test_set)
-    scores = sup.evaluate_supervisor(model, processor, prompt, test_set, pairs, spec, batch=4, max_new_tokens=8)
+    scores = sup.evaluate_supervisor(model, processor, prompts["generic"], test_set, pairs, spec, batch=4, max_new_tokens=8)
     assert scores["pairs"] == 4 and 0.0 <= scores["verdict_accuracy"] <= 1.0
     assert set(scores["verdict_accuracy_by_kind"]) <= set(sup.PAIR_KINDS)
 
@@ -203,7 +212,9 @@ def test_cache_refuses_foreign_directories(tmp_path, monkeypatch):
     path = sup.ensure_supervisor(cfg, progress=False)
     assert path == target and not target.with_name(target.name + ".partial").exists()
     marker = sup.read_marker(path)
-    assert marker["complete"] and marker["hash"] == sup.config_hash(cfg) and "heldout" in marker["metrics"]
+    assert marker["complete"] and marker["hash"] == sup.config_hash(cfg)
+    assert {"heldout", "heldout_generic", "stage1"} <= set(marker["metrics"])
+    assert set(marker["sha256"]) >= {"model.safetensors", "config.json", "tokenizer.json", "metrics.json"}
     model, processor = sup.load_supervisor(path)
     assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
@@ -215,3 +226,6 @@ def test_cache_refuses_foreign_directories(tmp_path, monkeypatch):
     other = dataclasses.replace(cfg, seed=3)
     with pytest.raises(sup.SupervisorCacheError, match="another config"):
         sup.ensure_supervisor(other, path, progress=False)
+    (path / "metrics.json").write_text("{}")  # a file changed after it was written: refused, not used
+    with pytest.raises(sup.SupervisorCacheError, match="changed since it was written.*metrics.json"):
+        sup.ensure_supervisor(cfg, progress=False)

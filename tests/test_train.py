@@ -309,14 +309,6 @@ def test_poolers():
     torch.testing.assert_close(z, torch.nn.functional.normalize(attn.proj(torch.einsum("bn,bnd->bd", beta, x)), dim=-1))
 
 
-def test_cosine_with_warmup():
-    from saga_train.schedule import cosine_with_warmup
-
-    lr = [cosine_with_warmup(s, 2, 10) for s in range(11)]
-    assert lr[:3] == [0.5, 1.0, 1.0] and lr[-1] == 0.0
-    assert all(a >= b for a, b in zip(lr[1:], lr[2:]))
-
-
 def test_item_token_masks_select_the_item_values():
     from saga_train.synthetic.supervisor import vocabulary
     from saga_train.synthetic.tiny import build_tokenizer

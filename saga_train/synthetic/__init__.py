@@ -41,10 +41,7 @@ def load(cfg, dataset, *, attn_implementation: str = "sdpa"):
         raise ConfigError(f"model='synthetic-supervisor' only knows the synthetic world, not dataset={cfg.dataset!r}; "
                           "give --model a local Qwen3-VL checkpoint directory")
     scfg = sup.SupervisorConfig(seed=cfg.seed, image_size=cfg.image_size)
-    path = sup.supervisor_dir(scfg)
-    if sup.check_writable(path, scfg) == "train":
-        print(f"training the synthetic supervisor once (cached in {path}; about 10-20 minutes on a CPU)", flush=True)
-    path = sup.ensure_supervisor(scfg, progress=cfg.progress)
+    path = sup.shipped_or_cached(scfg, progress=cfg.progress, log=lambda m: print(m, flush=True))
     model, processor = sup.load_supervisor(path, attn_implementation=attn_implementation)
     heldout = (sup.read_marker(path).get("metrics") or {}).get("heldout", {})
     description = (f"synthetic supervisor {path} (tiny Qwen3-VL trained on the seed-{cfg.seed} training classes; "

@@ -35,20 +35,22 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from transformers import get_cosine_schedule_with_warmup
 
 from ..config import add_dataclass_flags
 from ..model import load_qwen3vl
 from ..prompts import ITEM_KEYS, instruction, pair_messages, pair_prompt, prompt_spec
 from ..rollout import suppressed_token_ids
-from ..schedule import cosine_schedule
 from ..verdict import parse_verdict
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 VERDICT_KEY = "same_species"
 MATCH, DIFFER = "match", "differ"
 PAIR_KINDS = ("same", "one_attribute", "random")
+PROMPT_STYLES = ("dataset", "generic")
 MARKER = "SUPERVISOR.json"
 CACHE_ENV = "SAGA_CACHE"
+SHIPPED_ROOT = Path(__file__).with_name("weights")  # supervisors shipped in the package, one directory per config
 
 
 class SupervisorCacheError(RuntimeError):
@@ -71,23 +73,28 @@ class SupervisorConfig:
     vision_hidden: int = 64
     vision_depth: int = 2
     patch_size: int = 8
-    # SFT
-    steps: int = 1600
+    # stage 1 (saga_train.synthetic.perception): the tower learns the attributes from labelled single images
+    tower_steps: int = 3000
+    tower_batch: int = 64  # images per step
+    tower_lr: float = 1e-3
+    # stage 2: SFT of the whole model on pair answers
+    steps: int = 800
     batch_pairs: int = 16
-    lr: float = 1e-3
+    lr: float = 1e-3  # LLM (and merger) learning rate
+    sft_tower_lr: float = 1e-4  # the tower's learning rate in stage 2 (it already sees the attributes)
     weight_decay: float = 0.01
-    warmup_steps: int = 30
+    warmup_steps: int = 30  # both stages
     grad_clip: float = 1.0
     same_fraction: float = 0.5  # the rest: one_attribute_fraction, then random different classes
     one_attribute_fraction: float = 0.25
-    prompt_style: str = "dataset"
+    generic_fraction: float = 0.5  # pairs asked with the generic prompt (the rest: the dataset prompt)
     # evaluation on held-out-class pairs (greedy decoding)
     eval_pairs: int = 256
     eval_batch: int = 32
     threads: int = 0  # torch threads while training; 0 = leave torch's setting (OMP_NUM_THREADS)
 
     def __post_init__(self):
-        for name in ("steps", "batch_pairs", "eval_pairs", "eval_batch", "test_classes"):
+        for name in ("steps", "batch_pairs", "eval_pairs", "eval_batch", "test_classes", "tower_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.threads < 0:
@@ -96,8 +103,10 @@ class SupervisorConfig:
                 and self.same_fraction + self.one_attribute_fraction <= 1):
             raise ValueError("same_fraction and one_attribute_fraction must be >= 0 and sum to <= 1, got "
                              f"{self.same_fraction} and {self.one_attribute_fraction}")
-        if self.prompt_style not in ("dataset", "generic"):
-            raise ValueError(f"prompt_style must be 'dataset' or 'generic', got {self.prompt_style!r}")
+        if self.tower_steps < 0:
+            raise ValueError(f"tower_steps must be >= 0 (0 = no stage 1), got {self.tower_steps}")
+        if not 0 <= self.generic_fraction <= 1:
+            raise ValueError(f"generic_fraction must be in [0, 1], got {self.generic_fraction}")
 
     def fingerprint(self) -> dict:
         """The fields that determine the trained weights (everything but ``threads``)."""
@@ -287,7 +296,8 @@ def eval_pairs(cfg: SupervisorConfig, test_set) -> list:
 # ---------------------------------------------------------------------------------------------
 
 def build_untrained(cfg: SupervisorConfig, train_set):
-    """(model, processor, prompt, spec): the tiny Qwen3-VL at its seeded init and the pair prompt."""
+    """(model, processor, prompts, spec): the tiny Qwen3-VL at its seeded init and the pair prompt of each style
+    (``prompts["dataset"]``, ``prompts["generic"]``)."""
     from .tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
 
     spec = prompt_spec("synthetic", train_set)
@@ -296,11 +306,11 @@ def build_untrained(cfg: SupervisorConfig, train_set):
     model = build_tiny_qwen3vl(tokenizer, text_hidden=cfg.text_hidden, text_layers=cfg.text_layers, heads=cfg.heads,
                                kv_heads=cfg.kv_heads, vision_hidden=cfg.vision_hidden, vision_depth=cfg.vision_depth,
                                patch_size=cfg.patch_size, image_size=cfg.image_size, seed=cfg.seed)
-    return model, processor, pair_prompt(processor, spec, cfg.prompt_style), spec
+    return model, processor, {style: pair_prompt(processor, spec, style) for style in PROMPT_STYLES}, spec
 
 
-def sft_batch(processor, prompt: str, images: list, answers: list) -> dict:
-    """Processor inputs for ``prompt + answer + <|im_end|>`` per pair, ``labels`` on the answer part only.
+def sft_batch(processor, prompts: list, images: list, answers: list) -> dict:
+    """Processor inputs for ``prompts[i] + answers[i] + <|im_end|>``, ``labels`` on the answer part only.
 
     ``images`` holds two images per answer. The tokenizer pads on the left, so each answer is the
     last tokens of its row.
@@ -309,7 +319,11 @@ def sft_batch(processor, prompt: str, images: list, answers: list) -> dict:
     if tokenizer.padding_side != "left":
         raise ValueError("sft_batch needs a left-padding tokenizer (saga_train.synthetic.tiny.build_tokenizer pads left)")
     suffixes = [answer + tokenizer.eos_token for answer in answers]
-    inputs = processor(text=[prompt + s for s in suffixes], images=images, return_tensors="pt", padding=True)
+    if len(prompts) != len(answers) or len(images) != 2 * len(answers):
+        raise ValueError(f"sft_batch needs one prompt and two images per answer, got {len(prompts)} prompts, "
+                         f"{len(images)} images, {len(answers)} answers")
+    inputs = processor(text=[p + s for p, s in zip(prompts, suffixes)], images=images, return_tensors="pt",
+                       padding=True)
     labels = torch.full_like(inputs["input_ids"], -100)
     for row, suffix in enumerate(suffixes):
         n = len(tokenizer(suffix)["input_ids"])
@@ -318,17 +332,19 @@ def sft_batch(processor, prompt: str, images: list, answers: list) -> dict:
     return inputs
 
 
-def train_batch(cfg, rng: random.Random, sampler: PairSampler, train_set, prompt, processor, spec):
-    """One SFT batch of ``cfg.batch_pairs`` freshly rendered training-class pairs."""
-    images, answers = [], []
+def train_batch(cfg, rng: random.Random, sampler: PairSampler, train_set, prompts: dict, processor, spec):
+    """One SFT batch of ``cfg.batch_pairs`` freshly rendered training-class pairs, each asked with the generic
+    prompt with probability ``cfg.generic_fraction`` (else the dataset prompt)."""
+    images, answers, texts = [], [], []
     for _ in range(cfg.batch_pairs):
+        texts.append(prompts["generic" if rng.random() < cfg.generic_fraction else "dataset"])
         a, b = sampler.sample(rng, pair_kind(rng, cfg))
         index_a = rng.randrange(10**9)
         index_b = index_a + 1 + rng.randrange(10**6) if a == b else rng.randrange(10**9)
         images += [train_set.render(a, index_a), train_set.render(b, index_b)]
         answers.append(build_answer(train_set.attributes(a), train_set.attributes(b), spec.attributes,
                                     spec.verdict_key))
-    return sft_batch(processor, prompt, images, answers)
+    return sft_batch(processor, texts, images, answers)
 
 
 def _mean(values) -> float:
@@ -383,31 +399,66 @@ def evaluate_supervisor(model, processor, prompt: str, test_set, pairs: list, sp
     }
 
 
-def train_supervisor(cfg: SupervisorConfig, log_path=None, progress: bool = True, evaluate: bool = True):
-    """SFT a fresh tiny Qwen3-VL; returns ``(model, processor, metrics)``.
+def heldout_images(cfg: SupervisorConfig, test_set, count: int = 512) -> list:
+    """Fixed held-out images ``[(label, index), ...]`` for the stage-1 readout accuracy."""
+    rng = random.Random(f"supervisor-readout-{cfg.seed}")
+    return [(rng.randrange(len(test_set.combinations)), rng.randrange(10**6)) for _ in range(count)]
 
-    ``metrics``: final training loss, wall time, s/step, and (``evaluate``) the held-out evaluation
-    of ``evaluate_supervisor``. ``log_path`` gets one JSON line per step (loss, lr, elapsed seconds).
+
+def _sft_optimizer(model, cfg: SupervisorConfig):
+    """AdamW: the vision tower's blocks and patch/position embeddings at ``sft_tower_lr``, the rest (LLM, merger) at ``lr``."""
+    visual = model.model.visual
+    merger = {id(p) for name, m in visual.named_children() if "merger" in name for p in m.parameters()}
+    tower = [p for p in visual.parameters() if id(p) not in merger]
+    tower_ids = {id(p) for p in tower}
+    rest = [p for p in model.parameters() if id(p) not in tower_ids]
+    return torch.optim.AdamW([{"params": tower, "lr": cfg.sft_tower_lr}, {"params": rest, "lr": cfg.lr}],
+                             weight_decay=cfg.weight_decay)
+
+
+def train_supervisor(cfg: SupervisorConfig, log_path=None, progress: bool = True, evaluate: bool = True):
+    """Train a fresh tiny Qwen3-VL in two stages; returns ``(model, processor, metrics)``.
+
+    Stage 1 (``cfg.tower_steps``, ``saga_train.synthetic.perception.pretrain_tower``): the vision tower classifies
+    the attributes of single training-class images. Stage 2 (``cfg.steps``): SFT of the whole model on pair answers
+    (``train_batch``), the tower at ``cfg.sft_tower_lr``. ``metrics``: losses, wall times, s/step, the stage-1
+    readout's held-out per-attribute accuracy, and (``evaluate``) ``evaluate_supervisor`` on held-out-class pairs for
+    each prompt style (``heldout``: the dataset prompt, ``heldout_generic``: the generic one). ``log_path``
+    gets one JSON line per step of either stage (stage, loss, lr, elapsed seconds).
     """
     from tqdm.auto import tqdm
+
+    from .perception import pretrain_tower, readout_accuracy
 
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or threads)
     try:
         train_set, test_set = synthetic_splits(cfg)
-        model, processor, prompt, spec = build_untrained(cfg, train_set)
+        model, processor, prompts, spec = build_untrained(cfg, train_set)
         sampler = PairSampler(train_set)
         rng = random.Random(f"supervisor-train-{cfg.seed}")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        schedule = cosine_schedule(optimizer, cfg.warmup_steps, cfg.steps)
-        model.train()
-        start, losses = time.perf_counter(), []
+        metrics = {"parameters": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
+                   "train_classes": len(train_set.combinations), "heldout_classes": len(test_set.combinations)}
         with torch.random.fork_rng(devices=[]), \
                 (open(log_path, "w") if log_path else contextlib.nullcontext()) as log:
             torch.manual_seed(cfg.seed)
-            bar = tqdm(range(cfg.steps), desc="supervisor SFT", disable=not progress, file=sys.stderr)
+            if cfg.tower_steps:
+                stage1 = pretrain_tower(model.model.visual, processor.image_processor, train_set, steps=cfg.tower_steps,
+                                        batch=cfg.tower_batch, lr=cfg.tower_lr, weight_decay=cfg.weight_decay,
+                                        warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip, seed=cfg.seed,
+                                        progress=progress, log=log)
+                readout = stage1.pop("readout")
+                accuracy = readout_accuracy(model.model.visual, readout, processor.image_processor, test_set,
+                                            heldout_images(cfg, test_set))
+                metrics["stage1"] = dict(stage1, steps=cfg.tower_steps,
+                                         heldout_readout_accuracy=dict(zip(spec.attributes, accuracy)))
+            optimizer = _sft_optimizer(model, cfg)
+            schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+            model.train()
+            start, losses = time.perf_counter(), []
+            bar = tqdm(range(cfg.steps), desc="supervisor stage 2 (SFT)", disable=not progress, file=sys.stderr)
             for step in bar:
-                inputs = train_batch(cfg, rng, sampler, train_set, prompt, processor, spec)
+                inputs = train_batch(cfg, rng, sampler, train_set, prompts, processor, spec)
                 loss = model(**inputs).loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -417,20 +468,22 @@ def train_supervisor(cfg: SupervisorConfig, log_path=None, progress: bool = True
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if log:
-                    log.write(json.dumps({"step": step + 1, "loss": losses[-1], "lr": schedule.get_last_lr()[0],
+                    log.write(json.dumps({"stage": 2, "step": step + 1, "loss": losses[-1],
+                                          "lr": schedule.get_last_lr()[-1],
                                           "elapsed_s": round(time.perf_counter() - start, 3)}) + "\n")
                     log.flush()
         train_s = time.perf_counter() - start
         tail = losses[-min(20, len(losses)):]
-        metrics = {"train_loss_first": losses[0], "train_loss_last20": sum(tail) / len(tail),
-                   "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / cfg.steps, 4),
-                   "threads": torch.get_num_threads(),
-                   "parameters": sum(p.numel() for p in model.parameters()),
-                   "train_classes": len(train_set.combinations), "heldout_classes": len(test_set.combinations)}
+        metrics.update({"train_loss_first": losses[0], "train_loss_last20": sum(tail) / len(tail),
+                        "train_seconds": round(train_s + metrics.get("stage1", {}).get("seconds", 0.0), 1),
+                        "seconds_per_step": round(train_s / cfg.steps, 4)})
         if evaluate:
             t0 = time.perf_counter()
-            metrics["heldout"] = evaluate_supervisor(model, processor, prompt, test_set, eval_pairs(cfg, test_set),
-                                                     spec, batch=cfg.eval_batch)
+            pairs = eval_pairs(cfg, test_set)
+            for style in PROMPT_STYLES:
+                key = "heldout" if style == "dataset" else "heldout_generic"
+                metrics[key] = evaluate_supervisor(model, processor, prompts[style], test_set, pairs, spec,
+                                                   batch=cfg.eval_batch)
             metrics["eval_seconds"] = round(time.perf_counter() - t0, 1)
     finally:
         torch.set_num_threads(threads)
@@ -442,12 +495,12 @@ def train_supervisor(cfg: SupervisorConfig, log_path=None, progress: bool = True
 # ---------------------------------------------------------------------------------------------
 
 def config_hash(cfg: SupervisorConfig) -> str:
-    """12 hex digits over the config fingerprint, the answer format version and the prompt text."""
+    """12 hex digits over the config fingerprint, the answer format version and both prompts' text."""
     from .world import ATTRIBUTE_NAMES
 
     world = SimpleNamespace(attribute_names=list(ATTRIBUTE_NAMES))  # all the prompt reads from a dataset
-    text = instruction(prompt_spec("synthetic", world), cfg.prompt_style)
-    blob = json.dumps({"config": cfg.fingerprint(), "format": FORMAT_VERSION, "prompt": text}, sort_keys=True)
+    texts = [instruction(prompt_spec("synthetic", world), style) for style in PROMPT_STYLES]
+    blob = json.dumps({"config": cfg.fingerprint(), "format": FORMAT_VERSION, "prompts": texts}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -465,6 +518,34 @@ def read_marker(path) -> dict:
     """The marker of a supervisor directory, or None when there is none."""
     marker = Path(path) / MARKER
     return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def shipped_dir(cfg: SupervisorConfig):
+    """The supervisor of ``cfg`` shipped inside the package (``saga_train/synthetic/weights/supervisor-<hash>``), or
+    None when none is shipped for this config."""
+    path = SHIPPED_ROOT / f"supervisor-{config_hash(cfg)}"
+    return path if (path / MARKER).is_file() else None
+
+
+def file_digests(path) -> dict:
+    """``{file name: sha256 hex}`` of every file in a supervisor directory but the marker (which records them)."""
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(Path(path).iterdir()) if f.is_file() and f.name != MARKER}
+
+
+def verify_supervisor(path, cfg: SupervisorConfig = None) -> dict:
+    """The marker of a complete supervisor directory whose files match their recorded sha256 (and, given ``cfg``,
+    whose config hash is ``cfg``'s); raises ``SupervisorCacheError`` naming what is missing, different or corrupt."""
+    marker = read_marker(path)
+    if marker is None or not marker.get("complete"):
+        raise SupervisorCacheError(f"{path} is not a complete supervisor (no complete {MARKER})")
+    if cfg is not None and marker.get("hash") != config_hash(cfg):
+        raise SupervisorCacheError(f"{path} holds the supervisor of config {marker.get('hash')}, not {config_hash(cfg)}")
+    recorded, found = marker.get("sha256") or {}, file_digests(path)
+    bad = sorted(name for name in set(recorded) | set(found) if recorded.get(name) != found.get(name))
+    if not recorded or bad:
+        raise SupervisorCacheError(f"{path}: files missing, added or changed since it was written: {bad or 'no sha256 recorded'}")
+    return marker
 
 
 def check_writable(path, cfg: SupervisorConfig, force: bool = False) -> str:
@@ -491,7 +572,8 @@ def check_writable(path, cfg: SupervisorConfig, force: bool = False) -> str:
 
 def _write_marker(path: Path, cfg: SupervisorConfig, complete: bool, metrics: dict = None) -> None:
     record = {"written_by": "saga_train.synthetic.supervisor", "format": FORMAT_VERSION, "hash": config_hash(cfg),
-              "complete": complete, "config": dataclasses.asdict(cfg), "metrics": metrics}
+              "complete": complete, "config": dataclasses.asdict(cfg), "metrics": metrics,
+              "sha256": file_digests(path) if complete else None}
     (path / MARKER).write_text(json.dumps(record, indent=2))
 
 
@@ -506,6 +588,7 @@ def ensure_supervisor(cfg: SupervisorConfig = None, out_dir=None, *, force: bool
     cfg = cfg or SupervisorConfig()
     out = Path(out_dir) if out_dir is not None else supervisor_dir(cfg)
     if check_writable(out, cfg, force) == "reuse":
+        verify_supervisor(out, cfg)
         return out
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
@@ -523,6 +606,21 @@ def ensure_supervisor(cfg: SupervisorConfig = None, out_dir=None, *, force: bool
         shutil.rmtree(out)
     os.replace(partial, out)
     return out
+
+
+def shipped_or_cached(cfg: SupervisorConfig, progress: bool = True, log=print) -> Path:
+    """The supervisor of ``cfg``: the one shipped in the package (checked against its sha256) when there is one, else
+    the cached one, trained (``ensure_supervisor``) on first use with a note to ``log``."""
+    shipped = shipped_dir(cfg)
+    if shipped is not None:
+        verify_supervisor(shipped, cfg)
+        return shipped
+    path = supervisor_dir(cfg)
+    if check_writable(path, cfg) == "train":
+        total = cfg.tower_steps + cfg.steps
+        log(f"no supervisor is shipped for this config (hash {config_hash(cfg)}): training it once, {total} steps "
+            f"(cached in {path}; tens of minutes on a CPU)")
+    return ensure_supervisor(cfg, path, progress=progress)
 
 
 def load_supervisor(path, attn_implementation: str = None):

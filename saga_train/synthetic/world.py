@@ -44,6 +44,7 @@ ALL_COMBINATIONS = tuple(itertools.product(*(range(len(v)) for v in ATTRIBUTES.v
 _COMBINATION_ID = {c: i for i, c in enumerate(ALL_COMBINATIONS)}
 
 _DARK = (40, 35, 30)
+_LIGHT = (250, 250, 240)
 _NEUTRAL = np.array((128, 128, 128), dtype=np.float64)
 _CACHE_BYTES = 128 * 2**20  # "auto" caches rendered images when the whole split fits in this
 
@@ -147,9 +148,9 @@ def render_bird(combination: Sequence[int], rng: random.Random, image_size: int 
     # tail, attached at the rear of the body (28, 56)
     tail_scale = 0.55 if "tail shape" in subtle else 1.0
     tails = {
-        "short": [(30, 50), (16, 52), (16, 61), (30, 61)],
-        "fan": [(30, 52), (6, 36), (2, 56), (6, 76), (30, 61)],
-        "forked": [(30, 52), (4, 40), (16, 56), (4, 72), (30, 61)],
+        "short": [(30, 50), (18, 50), (18, 62), (30, 62)],
+        "fan": [(30, 50), (8, 30), (0, 44), (0, 68), (8, 82), (30, 62)],
+        "forked": [(30, 50), (2, 30), (20, 56), (2, 82), (30, 62)],
     }
     tail_color = body if "tail shape" in subtle else _mix(body, _DARK, 0.25)
     draw.polygon(pts(tails[attrs["tail shape"]], tail_scale, (30, 56)), fill=tail_color)
@@ -166,11 +167,11 @@ def render_bird(combination: Sequence[int], rng: random.Random, image_size: int 
     pattern = attrs["wing pattern"]
     mark_scale = 0.5 if "wing pattern" in subtle else 1.0
     if pattern == "striped":
-        for x in range(34, 64, 6):
-            wdraw.line(pts([(x, 44), (x + 6, 66)]), fill=mark, width=max(1, int(2 * u * mark_scale)))
+        for x in range(34, 64, 8):
+            wdraw.line(pts([(x, 44), (x + 6, 66)]), fill=mark, width=max(1, int(3 * u * mark_scale)))
     elif pattern == "spotted":
-        r = 2.2 * mark_scale
-        for x, y in ((38, 52), (45, 57), (52, 51), (58, 57), (44, 50), (56, 61)):
+        r = 3.2 * mark_scale
+        for x, y in ((39, 51), (49, 50), (59, 53), (44, 59), (54, 60)):
             wdraw.ellipse(pts([(x - r, y - r), (x + r, y + r)]), fill=mark)
     wing_mask = Image.new("L", (big, big), 0)
     ImageDraw.Draw(wing_mask).ellipse(wing_box, fill=255)
@@ -180,22 +181,24 @@ def render_bird(combination: Sequence[int], rng: random.Random, image_size: int 
     draw.ellipse(pts([(74, 35), (79, 40)]), fill=(245, 245, 245))
     draw.ellipse(pts([(75.5, 36.5), (77.5, 38.5)]), fill=(10, 10, 10))
     beaks = {
-        "short": [(82, 37), (91, 41), (82, 45)],
-        "long": [(82, 38), (101, 41), (82, 44)],
-        "hooked": [(82, 36), (92, 36), (96, 46), (91, 42), (82, 45)],
+        "short": [(82, 34), (91, 41), (82, 48)],  # a stubby cone
+        "long": [(82, 38), (108, 41), (82, 44)],  # a long thin spike
+        "hooked": [(82, 34), (93, 33), (100, 39), (99, 52), (94, 43), (82, 47)],  # curved down
     }
-    beak_scale = 0.55 if "beak shape" in subtle else 1.0
-    beak_color = _mix(_DARK, head, 0.5) if "beak shape" in subtle else _DARK
-    draw.polygon(pts(beaks[attrs["beak shape"]], beak_scale, (82, 41)), fill=beak_color)
+    if "beak shape" in subtle:
+        draw.polygon(pts(beaks[attrs["beak shape"]], 0.66, (82, 41)), fill=_mix(_DARK, head, 0.5))
+    else:  # dark with a light outline: visible on any background
+        draw.polygon(pts(beaks[attrs["beak shape"]], 1.2, (82, 41)), fill=_DARK, outline=_LIGHT,
+                     width=max(1, int(1.2 * u)))
 
     # pose: mirror, rotate, scale, translate
     if rng.random() < 0.5:
         layer = layer.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    layer = layer.rotate(rng.uniform(-25, 25), resample=Image.Resampling.BILINEAR, expand=False)
-    side = max(8, int(big * rng.uniform(0.65, 1.0)))
+    layer = layer.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR, expand=False)
+    side = max(8, int(big * rng.uniform(0.85, 1.0)))
     layer = layer.resize((side, side), Image.Resampling.BILINEAR)
 
-    # background: a tinted vertical gradient plus a few soft blobs
+    # background: a tinted vertical gradient plus a few blobs of its own hue (no blob competes with a bird colour)
     base = np.array([rng.uniform(70, 190)] * 3) + np.array([rng.uniform(-30, 30) for _ in range(3)])
     top, bottom = base + rng.uniform(-35, 35), base + rng.uniform(-35, 35)
     ramp = np.linspace(0.0, 1.0, big)[:, None, None]
@@ -204,7 +207,8 @@ def render_bird(combination: Sequence[int], rng: random.Random, image_size: int 
     bdraw = ImageDraw.Draw(canvas)
     for _ in range(3):
         cx, cy, r = rng.uniform(0, big), rng.uniform(0, big), rng.uniform(0.08, 0.25) * big
-        shade = tuple(int(np.clip(b + rng.uniform(-40, 40), 0, 255)) for b in base)
+        delta = rng.uniform(-40, 40)
+        shade = tuple(int(np.clip(b + delta, 0, 255)) for b in base)
         bdraw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=shade)
     x = int(rng.uniform(0, big - side + 1))
     y = int(rng.uniform(0, big - side + 1))
