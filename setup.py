@@ -15,6 +15,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["saga_kernels", "saga_kernels.*", "saga_train", "saga_train.*"]),
+    # the shipped synthetic supervisor (saga_train/synthetic/weights/supervisor-<hash>/: safetensors, configs, sha256)
+    package_data={"saga_train.synthetic": ["weights/*/*"]},
     python_requires=">=3.10",
     # torch is deliberately unpinned from above: GPU users bring their own build.
     install_requires=["torch>=2.4", "triton>=3.2; platform_system == 'Linux'", "numpy"],

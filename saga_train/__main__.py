@@ -42,8 +42,7 @@ def main(argv=None) -> int:
     if "RANDOM INIT" in result["model"]:
         print("The supervisor MLLM was randomly initialized: its verdicts are noise, so no GRPO or attention "
               "signal was meaningful in this run.")
-    if "reward_rate" in result:
-        print(f"reward rate and R@1 over training: {os.path.abspath(plot_run(result['run_dir']))}")
+    print(f"R@1, reward rate and losses over training: {os.path.abspath(plot_run(result['run_dir']))}")
     print(f"run directory: {os.path.abspath(result['run_dir'])}")
     return 0
 

@@ -32,7 +32,10 @@ class Config:
     dataset: str = "synthetic"  # synthetic | cub | cars | aircraft | inat | folder
     data_root: str = ""  # dataset directory (unused for "synthetic")
     image_size: int = 64  # images are resized to image_size x image_size (paper: 224)
-    synthetic_images_per_class: int = 8  # SyntheticBirds size (train and test split)
+    synthetic_images_per_class: int = 8  # SyntheticBirds images per training class
+    synthetic_test_images_per_class: int = 8  # SyntheticBirds images per held-out class
+    synthetic_train_classes: int = 100  # SyntheticBirds training classes (its supervisor knows all but the held-out)
+    world_seed: int = 0  # SyntheticBirds split (held-out classes) and its supervisor; training randomness is `seed`
     max_eval_images: int = 0  # cap on test images for evaluation (0 = all)
     # embedding map g = pooler o tower
     pooler: str = "attention"  # attention | mean
@@ -73,6 +76,7 @@ class Config:
     resume: bool = False
     eval_before: bool = True
     eval_every_epoch: bool = True
+    eval_every: int = 0  # also evaluate every this many steps (0 = only before and at epoch ends)
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end of each epoch)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 1  # CPU intra-op threads (0 = torch's default); tiny models on a shared CPU run best on 1
@@ -90,12 +94,12 @@ class Config:
         _check_choice("device", self.device, DEVICES)
         for name in ("image_size", "embedding_size", "epochs", "classes_per_batch", "images_per_class",
                      "pairs_per_step", "group_size", "contributing_pairs", "max_pair_draws", "max_new_tokens",
-                     "synthetic_images_per_class", "proxies_per_class"):
+                     "synthetic_images_per_class", "synthetic_test_images_per_class", "proxies_per_class"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lambda_dml", "lambda_lm", "lambda_kl", "lr_encoder", "lr_pooler", "lr_proxies",
                      "weight_decay", "grad_clip", "steps_per_epoch", "max_steps", "stop_after", "checkpoint_every",
-                     "threads", "max_eval_images", "replay_tokens"):
+                     "threads", "max_eval_images", "replay_tokens", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.workers < -1:
@@ -168,14 +172,17 @@ def load_config_file(path: str) -> dict:
     return data
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls, choices: dict | None = None) -> argparse.ArgumentParser:
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, choices: dict | None = None,
+                        defaults=None) -> argparse.ArgumentParser:
     """One flag per field of the dataclass ``cls``: ``--field-name`` typed by its annotation, booleans as
-    ``--x / --no-x``, ``choices[field]`` where given, the field's default in the help. A flag left out is absent
-    from the parsed namespace, so the caller layers the flags given over its own defaults."""
+    ``--x / --no-x``, ``choices[field]`` where given, in the help the value a run without the flag uses (the field
+    of the instance ``defaults``, else the field's default). A flag left out is absent from the parsed namespace,
+    so the caller layers the flags given over its own defaults."""
     types = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag, kind = "--" + f.name.replace("_", "-"), types[f.name]
-        common = dict(dest=f.name, default=argparse.SUPPRESS, help=f"(default {f.default})")
+        default = getattr(defaults, f.name) if defaults is not None else f.default
+        common = dict(dest=f.name, default=argparse.SUPPRESS, help=f"(default {default})")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         else:
@@ -189,9 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="SAGA: train a Qwen3-VL vision tower + pooler through its own frozen LLM. "
         "No arguments = the embedded CPU default (synthetic birds, tiny Qwen3-VL).",
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="settings under the --config file and flags; the defaults shown are the 'default' preset's")
     parser.add_argument("--config", help="JSON file of config keys (CLI flags win)")
-    return add_dataclass_flags(parser, Config, CHOICES)
+    return add_dataclass_flags(parser, Config, CHOICES, defaults=make_config(**PRESETS["default"]))
 
 
 def parse_args(argv=None) -> Config:

@@ -46,8 +46,8 @@ from .rollout import RolloutStats, SamplingOptions, mix_seed, pair_inputs, sampl
 
 CHECKPOINT = "checkpoint.safetensors"
 # settings a resumed run may change; any other difference from the checkpoint's config is an error
-RESUME_MAY_CHANGE = ("resume", "stop_after", "progress", "eval_before", "eval_every_epoch", "checkpoint_every",
-                     "threads", "device", "workers", "replay_tokens", "shard_llm")
+RESUME_MAY_CHANGE = ("resume", "stop_after", "progress", "eval_before", "eval_every_epoch", "eval_every",
+                     "checkpoint_every", "threads", "device", "workers", "replay_tokens", "shard_llm")
 METRICS = "metrics.jsonl"
 RANDOM_INIT_NOTICE = ("NOTE: the MLLM is a randomly initialized tiny Qwen3-VL: its verdicts are noise, so the "
                       "GRPO / attention-distillation signal in this run means nothing; only the metric loss teaches.")
@@ -66,12 +66,14 @@ def build_datasets(cfg: Config):
     """(train split, test split) of ``cfg.dataset`` (zero-shot: disjoint classes)."""
     from .data.registry import load_dataset
 
-    kw = {"image_size": cfg.image_size}
+    train_kw = test_kw = {"image_size": cfg.image_size}
     if cfg.dataset == "synthetic":
-        kw.update(seed=cfg.seed, images_per_class=cfg.synthetic_images_per_class)
+        common = dict(train_kw, seed=cfg.world_seed, train_classes=cfg.synthetic_train_classes)
+        train_kw = dict(common, images_per_class=cfg.synthetic_images_per_class)
+        test_kw = dict(common, images_per_class=cfg.synthetic_test_images_per_class)
     try:
-        return (load_dataset(cfg.dataset, cfg.data_root, split="train", **kw),
-                load_dataset(cfg.dataset, cfg.data_root, split="test", **kw))
+        return (load_dataset(cfg.dataset, cfg.data_root, split="train", **train_kw),
+                load_dataset(cfg.dataset, cfg.data_root, split="test", **test_kw))
     except ValueError as e:
         raise ConfigError(f"dataset={cfg.dataset!r} (data_root={cfg.data_root!r}): {e}") from e
 
@@ -650,6 +652,10 @@ def train(cfg: Config, log=print) -> dict:
             result[f"epoch_{epoch}"] = metrics
             run_log.evaluation(f"epoch {epoch}", step + 1, metrics)
             run_log.write(f"epoch {epoch}: " + format_metrics(metrics))
+        elif cfg.eval_every and (step + 1) % cfg.eval_every == 0 and main:
+            metrics = evaluate_embedder(comps)
+            run_log.evaluation(f"step {step + 1}", step + 1, metrics)
+            run_log.write(f"step {step + 1}: " + format_metrics(metrics))
         periodic = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
         if main and (end_of_epoch or periodic or step + 1 == stop):
             save_checkpoint(comps, optimizer, scheduler, step + 1, ckpt_path)

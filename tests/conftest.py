@@ -48,3 +48,10 @@ def signal(monkeypatch):
     import fakes
 
     fakes.install(monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """Every test writes the synthetic supervisor's cache (stage-1 towers, supervisors) into a fresh directory,
+    never into the user's ~/.cache/saga_kernels."""
+    monkeypatch.setenv("SAGA_CACHE", str(tmp_path_factory.mktemp("saga-cache")))

@@ -1,4 +1,5 @@
 """The trainer's config: CLI flags generated from the dataclass, presets, JSON files, clear errors."""
+import dataclasses
 import json
 
 import pytest
@@ -89,3 +90,14 @@ def test_supervisor_cache_error_is_reported_plainly(monkeypatch, capsys):
 def test_shard_llm_needs_torchrun(tmp_path, capsys):
     assert main(["--model", "tiny-random", "--shard-llm", "--image-size", "32", "--run-dir", str(tmp_path)]) == 2
     assert "--shard-llm" in capsys.readouterr().err
+
+
+def test_help_shows_what_the_no_argument_run_uses():
+    """``--help`` states, for every flag, the value ``python -m saga_train`` with no arguments runs with."""
+    from saga_train.config import build_parser
+
+    cfg = parse_args([])
+    actions = {a.dest: a for a in build_parser()._actions}
+    for f in dataclasses.fields(cfg):
+        assert actions[f.name].help == f"(default {getattr(cfg, f.name)})", f.name
+    assert cfg.model == "synthetic-supervisor"

@@ -1,22 +1,25 @@
-"""The paper's ablation at small scale: synthetic world, synthetic supervisor, several seeds.
+"""The paper's ablation in the paper's regime, on the synthetic world.
 
 ``python -m saga_train.experiments.ablation [--seeds 0 1 2] [--arms ...] [--set key=value ...]``
 (``--merge a/ablation.json b/ablation.json`` unites runs made by separate processes, e.g. one per seed).
 
-Arms (all start from the supervisor's own vision tower, same budget per seed):
+The regime (``PAPER_REGIME``): the supervisor knows the open pool (every class but the held-out ones: the
+shipped synthetic supervisor of world seed 0); SAGA trains on a small training split (40 classes) and is
+tested on the 30 held-out classes (34 images each: 1,020 queries). Arms, all from the supervisor's own
+vision tower with the same step budget in a seed:
 
-- ``tower_mean_pool``: no training; the supervisor's tower with mean pooling, evaluated.
-- ``pf``: Potential Field only (``lambda_lm = lambda_kl = 0``).
-- ``pf_grpo``: PF + GRPO (``lambda_kl = 0``).
-- ``pf_kl``: PF + attention KL (``lambda_lm = 0``; rollouts still run, they pick the teacher maps).
-- ``saga``: PF + GRPO + KL.
-- ``saga_generic``: full SAGA with the generic prompt (no role, no attribute list).
+- ``untrained``: no training (the supervisor's tower, the seed's freshly initialized pooler), evaluated.
+- ``dml``: the metric loss alone (``lambda_lm = lambda_kl = 0``).
+- ``dml_grpo``: + GRPO (``lambda_kl = 0``).
+- ``dml_kl``: + attention KL (``lambda_lm = 0``; rollouts still run: they pick the teacher maps).
+- ``saga``: every loss.
+- ``saga_generic``: every loss, the generic prompt (no role, no attribute list; the supervisor was taught it).
 
-A seed fixes the dataset split too, so each seed gets its own supervisor
-(``ensure_supervisor(SupervisorConfig(seed=s))``, trained on first use) whose held-out classes are
-that seed's test classes. Writes ``ablation.json`` and ``ablation.md`` (R@1, R@4, NMI: mean +- sample
-std over seeds, plus reward rate and wall time) with the supervisors' held-out accuracy, and
-``training.png`` (reward rate and R@1 over training) into each ``saga`` run directory.
+A seed is the training seed (pooler init, batches, rollouts); the split and supervisor stay fixed. Per run:
+R@K / NMI / MAP@R on the held-out classes, R@1 over training (``eval_every``), per-query R@1 hits, and
+per-attribute linear probes (``analysis.attribute_probes``) on the embedding and on the tower's mean token.
+Writes ``ablation.json``, ``ablation.md`` (arm table, per-seed paired SAGA - DML difference with a bootstrap
+95% CI over the test queries, probe table) and ``ablation-curves.png`` into ``--out``.
 """
 import argparse
 import dataclasses
@@ -26,49 +29,102 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ARMS = {
-    "tower_mean_pool": None,
-    "pf": {"lambda_lm": 0.0, "lambda_kl": 0.0},
-    "pf_grpo": {"lambda_kl": 0.0},
-    "pf_kl": {"lambda_lm": 0.0},
+    "untrained": None,
+    "dml": {"lambda_lm": 0.0, "lambda_kl": 0.0},
+    "dml_grpo": {"lambda_kl": 0.0},
+    "dml_kl": {"lambda_lm": 0.0},
     "saga": {},
     "saga_generic": {"prompt": "generic"},
 }
-METRIC_KEYS = ("R@1", "R@4", "NMI")
+# the paper's regime at this scale (see the module docstring); --set overrides any of it
+PAPER_REGIME = dict(model="synthetic-supervisor", dataset="synthetic", world_seed=0, synthetic_train_classes=40,
+                    synthetic_images_per_class=8, synthetic_test_images_per_class=34, eval_every=25,
+                    eval_every_epoch=True, progress=False)
+METRIC_KEYS = ("R@1", "R@4", "NMI", "MAP@R")
+PAIRED = ("saga", "dml")  # the paired comparison reported per seed
 
 
-def arm_config(base, arm: str, seed: int, model_dir, run_root):
-    """The trainer ``Config`` of one (arm, seed): ``base`` + the arm's overrides + model, seed, run dir."""
+def arm_config(base, arm: str, seed: int, run_root):
+    """The trainer ``Config`` of one (arm, seed): ``base`` + the arm's overrides + seed and run directory."""
     from saga_train.config import make_config
 
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; arms: {list(ARMS)}")
-    # the untrained arm is evaluated only; its mean pooler is the baselines' (an empty dict is "full SAGA")
-    no_training = {"pooler": "mean", "lambda_lm": 0.0, "lambda_kl": 0.0}
-    overrides = dict(no_training if ARMS[arm] is None else ARMS[arm])
-    return make_config(base, model=str(model_dir), seed=seed, run_dir=str(Path(run_root) / f"{arm}-seed{seed}"),
-                       progress=False, **overrides)
+    overrides = {} if ARMS[arm] is None else dict(ARMS[arm])
+    return make_config(base, seed=seed, run_dir=str(Path(run_root) / f"{arm}-seed{seed}"), **overrides)
+
+
+@dataclasses.dataclass
+class Features:
+    embedding: np.ndarray  # [N, D_e] unit embeddings
+    tower_mean: np.ndarray  # [N, D] mean of the tower's merged tokens
+    labels: np.ndarray  # [N]
+
+
+def heldout_features(embedder, test_set, batch: int = 64) -> Features:
+    """Embeddings and tower mean tokens of every image of ``test_set`` (eval mode, no gradients)."""
+    import torch
+
+    z_all, mean_all = [], []
+    embedder.eval()
+    with torch.no_grad():
+        for start in range(0, len(test_set), batch):
+            images = [test_set[i][0] for i in range(start, min(start + batch, len(test_set)))]
+            z, _, x = embedder(**embedder.pixel_inputs(images))
+            z_all.append(z.float().cpu().numpy())
+            mean_all.append(x.float().mean(1).cpu().numpy())
+    return Features(np.concatenate(z_all), np.concatenate(mean_all), np.asarray(test_set.labels))
+
+
+def analyse(features: Features, test_set) -> dict:
+    """Per-query R@1 hits and attribute probes (embedding, tower mean) of one run's test features."""
+    from .analysis import attribute_probes, query_hits
+
+    targets = np.asarray([test_set.combinations[label] for label in features.labels])
+    return {"hits": query_hits(features.embedding, features.labels).astype(int).tolist(),
+            "probe_embedding": attribute_probes(features.embedding, targets, features.labels),
+            "probe_tower_mean": attribute_probes(features.tower_mean, targets, features.labels)}
+
+
+def r_at_1_curve(run_dir) -> list:
+    """``[[step, R@1], ...]`` of a run's evaluations (before, every ``eval_every`` steps, epoch ends)."""
+    from .plot import METRICS_FILE, read_curves
+
+    curves = read_curves(Path(run_dir) / METRICS_FILE)
+    return [[s, r] for s, r in zip(curves["eval_steps"], curves["r_at_1"])]
 
 
 def run_arm(cfg, arm: str) -> dict:
-    """Train (or, for ``tower_mean_pool``, only evaluate) one configuration; its final metrics."""
+    """Train (or, for ``untrained``, only build) one configuration; its metrics, curve, hits and probes."""
     from saga_train import train as trainer
+    from saga_train.evaluate import evaluate
+    from saga_train.model import load_embedder
 
     start = time.perf_counter()
     if ARMS[arm] is None:
-        metrics = trainer.evaluate_embedder(trainer.build_components(cfg))
-        return {**{k: metrics[k] for k in METRIC_KEYS}, "wall_seconds": time.perf_counter() - start}
-    result = trainer.train(cfg, log=lambda *_: None)
-    after = result.get("after") or {}
-    return {**{k: after.get(k, float("nan")) for k in METRIC_KEYS}, "R@1 before": result["before"]["R@1"],
-            "reward_rate": result.get("reward_rate", float("nan")), "wall_seconds": result["wall_seconds"]}
+        comps = trainer.build_components(cfg)
+        embedder, test_set, out = comps.embedder, comps.test_set, {}
+    else:
+        result = trainer.train(cfg, log=lambda *_: None)
+        embedder = load_embedder(str(Path(cfg.run_dir) / "embedder"))
+        test_set = trainer.build_datasets(cfg)[1]
+        out = {"reward_rate": result.get("reward_rate", float("nan")), "curve": r_at_1_curve(cfg.run_dir),
+               "seconds_per_step": result["seconds_per_step"], "steps": result["steps"]}
+    features = heldout_features(embedder, test_set)
+    out.update(evaluate(features.embedding, features.labels))
+    out.update(analyse(features, test_set))
+    out["wall_seconds"] = time.perf_counter() - start
+    return out
 
 
 def summarize(runs: dict) -> dict:
-    """``{arm: {metric: {"mean", "std", "n"}}}`` from ``{arm: {seed: metrics}}`` (sample std; 0 for n = 1)."""
+    """``{arm: {metric: {"mean", "std", "n"}}}`` over seeds for the scalar metrics (sample std; 0 for n = 1)."""
     out = {}
     for arm, by_seed in runs.items():
-        keys = sorted({k for m in by_seed.values() for k in m})
+        keys = sorted({k for m in by_seed.values() for k, v in m.items() if isinstance(v, (int, float))})
         out[arm] = {}
         for key in keys:
             values = [m[key] for m in by_seed.values() if key in m]
@@ -77,68 +133,134 @@ def summarize(runs: dict) -> dict:
     return out
 
 
-def markdown(summary: dict, supervisors: dict, meta: dict) -> str:
-    """The results table (mean +- std over seeds) and the supervisors' held-out accuracy."""
+def paired_differences(runs: dict, pair=PAIRED, seed: int = 0) -> dict:
+    """Per seed: ``paired_bootstrap`` of ``pair[0]`` minus ``pair[1]`` per-query R@1 hits."""
+    from .analysis import paired_bootstrap
+
+    a, b = (runs.get(arm, {}) for arm in pair)
+    return {s: paired_bootstrap(a[s]["hits"], b[s]["hits"], seed=seed) for s in sorted(set(a) & set(b))
+            if "hits" in a[s] and "hits" in b[s]}
+
+
+def probe_means(runs: dict) -> dict:
+    """``{arm: {"probe_embedding": [A], "probe_tower_mean": [A]}}``: per-attribute probe accuracy, mean over seeds."""
+    out = {}
+    for arm, by_seed in runs.items():
+        out[arm] = {key: np.mean([m[key] for m in by_seed.values() if key in m], axis=0).tolist()
+                    for key in ("probe_embedding", "probe_tower_mean") if any(key in m for m in by_seed.values())}
+    return out
+
+
+def markdown(record: dict) -> str:
+    """The arm table, the paired differences, the probe table and the supervisor's accuracy."""
+    summary, meta, runs = record["summary"], record["meta"], record["runs"]
+
     def cell(stats, key, digits=3):
         s = stats.get(key)
         return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}" if s else "–"
 
     lines = [f"# SAGA ablation on the synthetic world ({meta['seeds']} seeds: {', '.join(map(str, meta['seed_list']))})",
              "", meta["note"], "",
-             "| arm | R@1 | R@4 | NMI | reward rate | wall s / run |", "|---|---|---|---|---|---|"]
+             "| arm | R@1 | R@4 | MAP@R | NMI | reward rate | steps | wall s / run |", "|---|---|---|---|---|---|---|---|"]
     for arm, stats in summary.items():
-        lines.append(f"| {arm} | {cell(stats, 'R@1')} | {cell(stats, 'R@4')} | {cell(stats, 'NMI')} | "
-                     f"{cell(stats, 'reward_rate', 2)} | {cell(stats, 'wall_seconds', 0)} |")
-    lines += ["", "Supervisor (per seed, greedy decoding on held-out-class pairs):", "",
-              "| seed | verdict acc. | attribute acc. | same / one-attr. / random verdict |", "|---|---|---|---|"]
-    for seed, m in supervisors.items():
-        held = m.get("heldout", {})
+        lines.append(f"| {arm} | {cell(stats, 'R@1')} | {cell(stats, 'R@4')} | {cell(stats, 'MAP@R')} | "
+                     f"{cell(stats, 'NMI')} | {cell(stats, 'reward_rate', 2)} | {cell(stats, 'steps', 0)} | "
+                     f"{cell(stats, 'wall_seconds', 0)} |")
+    paired = record.get("paired", {})
+    if paired:
+        a, b = meta.get("paired", PAIRED)
+        lines += ["", f"Paired difference {a} - {b} in R@1 per seed (same queries; percentile bootstrap over the "
+                      "test queries, 10,000 resamples):", "", "| seed | difference | 95% CI | queries |", "|---|---|---|---|"]
+        for seed, d in paired.items():
+            lines.append(f"| {seed} | {d['diff']:+.3f} | [{d['lo']:+.3f}, {d['hi']:+.3f}] | {d['n']} |")
+    probes = record.get("probes", {})
+    names = meta.get("attributes", [])
+    if probes and names:
+        lines += ["", "Linear probes (logistic regression, cross-validated over held-out classes: accuracy on classes "
+                      "the probe was not fitted on; mean over seeds). `untrained` is the 'before' of every arm.", "",
+                  "| arm | features | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for arm, p in probes.items():
+            for key, label in (("probe_embedding", "embedding"), ("probe_tower_mean", "tower mean token")):
+                if key in p:
+                    lines.append(f"| {arm} | {label} | " + " | ".join(f"{v:.3f}" for v in p[key]) + " |")
+    held = (record.get("supervisor") or {}).get("heldout", {})
+    if held:
         kinds = held.get("verdict_accuracy_by_kind", {})
-        lines.append(f"| {seed} | {held.get('verdict_accuracy', float('nan')):.3f} | "
-                     f"{held.get('attribute_accuracy', float('nan')):.3f} | "
-                     + " / ".join(f"{kinds.get(k, float('nan')):.2f}" for k in ("same", "one_attribute", "random"))
-                     + " |")
+        lines += ["", f"Supervisor (greedy, held-out-class pairs): verdict accuracy {held['verdict_accuracy']:.3f} "
+                      f"(same / one attribute / random: "
+                      + " / ".join(f"{kinds.get(k, float('nan')):.2f}" for k in ("same", "one_attribute", "random"))
+                      + f"), attribute accuracy {held['attribute_accuracy']:.3f}."]
     return "\n".join(lines) + "\n"
 
 
-def run_ablation(base, seeds, arms, run_root, out_dir, supervisor_cfg=None, log=print) -> dict:
-    """Every (arm, seed); writes ``ablation.json`` and ``ablation.md`` into ``out_dir``; returns the record."""
-    from saga_train.experiments.plot import plot_run
-    from saga_train.synthetic.supervisor import SupervisorConfig, ensure_supervisor, read_marker
+def plot_curves(runs: dict, out_path) -> Path:
+    """R@1 over training steps, one line per (arm, seed) run, one colour per arm."""
+    import matplotlib
 
-    supervisor_cfg = supervisor_cfg or SupervisorConfig()
-    runs, supervisors = {arm: {} for arm in arms}, {}
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (arm, by_seed) in enumerate(runs.items()):
+        for n, (seed, m) in enumerate(sorted(by_seed.items())):
+            if m.get("curve"):
+                steps, values = zip(*m["curve"])
+                ax.plot(steps, values, "o-", ms=3, color=colours[k % len(colours)], alpha=0.8,
+                        label=arm if n == 0 else None)
+            elif "R@1" in m:
+                ax.axhline(m["R@1"], color=colours[k % len(colours)], ls="--", lw=1, label=arm if n == 0 else None)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("R@1 (held-out classes)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def build_record(runs: dict, meta: dict, supervisor: dict) -> dict:
+    """The full record: runs, summary, paired differences, probe means."""
+    return {"meta": meta, "supervisor": supervisor, "runs": runs, "summary": summarize(runs),
+            "paired": {str(s): d for s, d in paired_differences(runs).items()}, "probes": probe_means(runs)}
+
+
+def run_ablation(base, seeds, arms, run_root, out_dir, log=print) -> dict:
+    """Every (arm, seed); writes ``ablation.json``, ``ablation.md`` and ``ablation-curves.png`` into ``out_dir``."""
+    from saga_train.synthetic.supervisor import SupervisorConfig, read_marker, shipped_or_cached
+    from saga_train.synthetic.world import ATTRIBUTE_NAMES
+
+    supervisor_path = shipped_or_cached(SupervisorConfig(seed=base.world_seed, image_size=base.image_size), log=log)
+    runs = {arm: {} for arm in arms}
     for seed in seeds:
-        path = ensure_supervisor(dataclasses.replace(supervisor_cfg, seed=seed, image_size=base.image_size))
-        supervisors[seed] = read_marker(path)["metrics"]
         for arm in arms:
             log(f"seed {seed}, arm {arm} ...")
-            cfg = arm_config(base, arm, seed, path, run_root)
-            runs[arm][seed] = run_arm(cfg, arm)
-            if arm == "saga":
-                plot_run(cfg.run_dir)  # reward rate and R@1 over training, into the run dir
-            log(f"seed {seed}, arm {arm}: " + ", ".join(f"{k}={v:.3f}" for k, v in runs[arm][seed].items()))
-    summary = summarize(runs)
-    meta = {"seeds": len(seeds), "seed_list": list(seeds), "arms": list(arms),
-            "base_config": dataclasses.asdict(base), "supervisor_config": dataclasses.asdict(supervisor_cfg),
-            "note": "Same supervisor tower init and step budget in every arm of a seed; "
-                    "R@K/NMI on the held-out test classes after training."}
-    record = {"meta": meta, "runs": {a: {str(s): m for s, m in r.items()} for a, r in runs.items()},
-              "summary": summary, "supervisors": {str(s): m for s, m in supervisors.items()}}
+            runs[arm][str(seed)] = run_arm(arm_config(base, arm, seed, run_root), arm)
+            m = runs[arm][str(seed)]
+            log(f"seed {seed}, arm {arm}: " + ", ".join(f"{k}={m[k]:.3f}" for k in METRIC_KEYS + ("wall_seconds",)
+                                                         if k in m))
+    meta = {"seeds": len(seeds), "seed_list": list(seeds), "arms": list(arms), "paired": list(PAIRED),
+            "attributes": list(ATTRIBUTE_NAMES), "base_config": dataclasses.asdict(base),
+            "supervisor_path": str(supervisor_path),
+            "note": "Same supervisor tower init and step budget in every arm of a seed; metrics on the held-out "
+                    "classes after training."}
+    record = build_record(runs, meta, read_marker(supervisor_path)["metrics"])
     write_record(record, out_dir)
     return record
 
 
 def merge_records(records: list) -> dict:
-    """One ablation record from several (e.g. one process per seed): runs and supervisors united, the
-    summary recomputed. The records must share their base configuration."""
+    """One ablation record from several (e.g. one process per seed): runs united, statistics recomputed.
+    The records must share their base configuration."""
     if not records:
         raise ValueError("nothing to merge")
     base = records[0]["meta"]["base_config"]
     for r in records[1:]:
         if r["meta"]["base_config"] != base:
             raise ValueError("cannot merge ablation records made with different base configurations")
-    runs, supervisors, seeds, arms = {}, {}, [], []
+    runs, seeds, arms = {}, [], []
     for r in records:
         for arm, by_seed in r["runs"].items():
             arms += [arm] if arm not in arms else []
@@ -146,18 +268,18 @@ def merge_records(records: list) -> dict:
                 if seed in runs.get(arm, {}):
                     raise ValueError(f"seed {seed} of arm {arm} appears in two records")
                 runs.setdefault(arm, {})[seed] = metrics
-        supervisors.update(r["supervisors"])
         seeds += [s for s in r["meta"]["seed_list"] if s not in seeds]
     meta = {**records[0]["meta"], "seeds": len(seeds), "seed_list": seeds, "arms": arms}
-    return {"meta": meta, "runs": runs, "summary": summarize(runs), "supervisors": supervisors}
+    return build_record(runs, meta, records[0].get("supervisor") or {})
 
 
 def write_record(record: dict, out_dir) -> None:
-    """``ablation.json`` + ``ablation.md`` into ``out_dir``."""
+    """``ablation.json``, ``ablation.md`` and ``ablation-curves.png`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.json").write_text(json.dumps(record, indent=2))
-    (out / "ablation.md").write_text(markdown(record["summary"], record["supervisors"], record["meta"]))
+    (out / "ablation.json").write_text(json.dumps(record, indent=1))
+    (out / "ablation.md").write_text(markdown(record))
+    plot_curves(record["runs"], out / "ablation-curves.png")
 
 
 def parse_value(text: str):
@@ -169,13 +291,13 @@ def parse_value(text: str):
 
 
 def main(argv=None) -> int:
-    from saga_train.config import ConfigError, Config, make_config
+    from saga_train.config import ConfigError, make_config
 
     parser = argparse.ArgumentParser(prog="python -m saga_train.experiments.ablation", description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="trainer Config overrides shared by every arm (e.g. max_steps=200)")
+                        help="trainer Config overrides over PAPER_REGIME, shared by every arm (e.g. max_steps=200)")
     parser.add_argument("--run-root", default="runs/ablation")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--merge", nargs="+", metavar="ABLATION_JSON",
@@ -188,21 +310,21 @@ def main(argv=None) -> int:
             print(f"error: --merge: {e}", file=sys.stderr)
             return 2
         write_record(record, args.out)
-        print(markdown(record["summary"], record["supervisors"], record["meta"]))
+        print(markdown(record))
         return 0
     try:
-        overrides = {}
+        overrides = dict(PAPER_REGIME)
         for item in args.set:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
             overrides[key] = parse_value(value)
-        base = make_config(Config(), **overrides)
+        base = make_config(**overrides)
         record = run_ablation(base, args.seeds, args.arms, args.run_root, args.out)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(markdown(record["summary"], record["supervisors"], record["meta"]))
+    print(markdown(record))
     print(f"written: {Path(args.out) / 'ablation.json'}, {Path(args.out) / 'ablation.md'}")
     return 0
 

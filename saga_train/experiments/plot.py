@@ -1,8 +1,9 @@
-"""Plot a SAGA run: reward rate and R@1 over training, from the run's ``metrics.jsonl``.
+"""Plot a SAGA run from its ``metrics.jsonl``: held-out R@1, reward rate and each loss over training.
 
 ``python -m saga_train.experiments.plot RUN_DIR [--out FILE.png]`` (default ``RUN_DIR/training.png``).
-Step records give ``rewarded / completions`` (plotted per step and as a running mean); evaluation
-records (those with an ``"eval"`` key) give R@1 at their step.
+Evaluation records (those with an ``"eval"`` key) give R@1 at their step; step records give the reward rate
+``rewarded / completions`` and the losses ``loss_dml``, ``loss_grpo``, ``loss_kl`` (each per step and as a
+running mean). Axes are honest: R@1 and the reward rate on [0, 1], every loss on its own full range.
 """
 import argparse
 import json
@@ -10,14 +11,21 @@ import sys
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
+LOSSES = {"loss_dml": "L_DML", "loss_grpo": "L_GRPO", "loss_kl": "L_KL"}
+
+
+def running_mean(values: list, window: int) -> list:
+    """Mean of the last ``window`` values at each position."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
 
 
 def read_curves(metrics_path, window: int = 10) -> dict:
-    """``{"steps", "reward", "reward_mean", "eval_steps", "r_at_1"}`` lists from a metrics.jsonl file.
-
-    ``reward_mean`` is the completion-weighted reward rate over the last ``window`` steps.
-    """
+    """Lists from a metrics.jsonl file: ``steps``, ``reward``, ``reward_mean`` (completion-weighted over the last
+    ``window`` steps with rollouts), ``eval_steps``, ``r_at_1``, and per loss key of ``LOSSES`` present in the
+    records ``{"steps", "values", "mean"}`` under ``curves["losses"][key]``."""
     steps, rewarded, completions, eval_steps, r_at_1 = [], [], [], [], []
+    losses = {key: {"steps": [], "values": []} for key in LOSSES}
     for line in Path(metrics_path).read_text().splitlines():
         if not line.strip():
             continue
@@ -26,19 +34,26 @@ def read_curves(metrics_path, window: int = 10) -> dict:
             if "R@1" in record:
                 eval_steps.append(record.get("step", 0))
                 r_at_1.append(record["R@1"])
-        elif record.get("completions"):
+            continue
+        for key, curve in losses.items():
+            if key in record:
+                curve["steps"].append(record["step"])
+                curve["values"].append(record[key])
+        if record.get("completions"):
             steps.append(record["step"])
             rewarded.append(record.get("rewarded", 0))
             completions.append(record["completions"])
     reward = [r / c for r, c in zip(rewarded, completions)]
     reward_mean = [sum(rewarded[max(0, i - window + 1):i + 1]) / sum(completions[max(0, i - window + 1):i + 1])
                    for i in range(len(steps))]
+    for curve in losses.values():
+        curve["mean"] = running_mean(curve["values"], window)
     return {"steps": steps, "reward": reward, "reward_mean": reward_mean, "eval_steps": eval_steps,
-            "r_at_1": r_at_1}
+            "r_at_1": r_at_1, "losses": {k: c for k, c in losses.items() if c["steps"]}}
 
 
 def plot_run(run_dir, out=None) -> Path:
-    """Write the two-panel PNG (reward rate; R@1) for ``run_dir``; returns its path."""
+    """Write the PNG (R@1; reward rate; L_DML; L_GRPO; L_KL) for ``run_dir``; returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,18 +64,34 @@ def plot_run(run_dir, out=None) -> Path:
     if not metrics.is_file():
         raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}")
     curves = read_curves(metrics)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    fig, axes = plt.subplots(3, 2, figsize=(10, 9), sharex=True)
+    r1, reward, *loss_axes = axes.flat
+    r1.plot(curves["eval_steps"], curves["r_at_1"], "o-")
+    for step, value in zip(curves["eval_steps"], curves["r_at_1"]):
+        r1.annotate(f"{value:.3f}", (step, value), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    r1.set_ylim(0, 1)
+    r1.set_ylabel("R@1 (held-out classes)")
     if curves["steps"]:
-        top.plot(curves["steps"], curves["reward"], ".", alpha=0.4, label="per step")
-        top.plot(curves["steps"], curves["reward_mean"], "-", label="running mean (10 steps)")
-        top.legend(loc="lower right")
+        reward.plot(curves["steps"], curves["reward"], ".", alpha=0.4, label="per step")
+        reward.plot(curves["steps"], curves["reward_mean"], "-", label="running mean (10 steps)")
+        reward.legend(loc="lower right")
     else:
-        top.text(0.5, 0.5, "no rollouts in this run", ha="center", va="center", transform=top.transAxes)
-    top.set_ylabel("reward rate")
-    top.set_ylim(-0.02, 1.02)
-    bottom.plot(curves["eval_steps"], curves["r_at_1"], "o-")
-    bottom.set_ylabel("R@1 (held-out classes)")
-    bottom.set_xlabel("step")
+        reward.text(0.5, 0.5, "no rollouts in this run", ha="center", va="center", transform=reward.transAxes)
+    reward.set_ylim(-0.02, 1.02)
+    reward.set_ylabel("reward rate")
+    for ax, (key, name) in zip(loss_axes, LOSSES.items()):
+        curve = curves["losses"].get(key)
+        if curve:
+            ax.plot(curve["steps"], curve["values"], ".", alpha=0.4, label="per step")
+            ax.plot(curve["steps"], curve["mean"], "-", label="running mean (10 steps)")
+            ax.legend(loc="upper right")
+        else:
+            ax.text(0.5, 0.5, f"{name} is off in this run", ha="center", va="center", transform=ax.transAxes)
+        ax.set_ylabel(name)
+    loss_axes[-1].axis("off")
+    for ax in (loss_axes[1], loss_axes[2]):
+        ax.set_xlabel("step")
+    loss_axes[1].xaxis.set_tick_params(labelbottom=True)  # the panel under it is off
     fig.suptitle(run_dir.name)
     fig.tight_layout()
     out = Path(out) if out else run_dir / "training.png"

@@ -19,7 +19,7 @@ __all__ = ["ATTRIBUTES", "SyntheticBirds", "load"]
 def load(cfg, dataset, *, attn_implementation: str = "sdpa"):
     """``(model, processor, description)`` of the synthetic-world model named by ``cfg.model``.
 
-    ``cfg`` is the trainer's ``Config`` (``model``, ``dataset``, ``seed``, ``image_size``, ``progress`` are read),
+    ``cfg`` is the trainer's ``Config`` (``model``, ``dataset``, ``seed``, ``world_seed``, ``image_size``, ``progress`` are read),
     ``dataset`` its train split. "tiny-random": a tiny Qwen3-VL with random (seeded) weights and a word-level
     tokenizer knowing every text of this dataset's prompt and answer. "synthetic-supervisor": the tiny Qwen3-VL
     fine-tuned on the synthetic world's training classes, whose held-out classes are this run's test classes
@@ -40,10 +40,10 @@ def load(cfg, dataset, *, attn_implementation: str = "sdpa"):
     if cfg.dataset != "synthetic":
         raise ConfigError(f"model='synthetic-supervisor' only knows the synthetic world, not dataset={cfg.dataset!r}; "
                           "give --model a local Qwen3-VL checkpoint directory")
-    scfg = sup.SupervisorConfig(seed=cfg.seed, image_size=cfg.image_size)
+    scfg = sup.SupervisorConfig(seed=cfg.world_seed, image_size=cfg.image_size)
     path = sup.shipped_or_cached(scfg, progress=cfg.progress, log=lambda m: print(m, flush=True))
     model, processor = sup.load_supervisor(path, attn_implementation=attn_implementation)
     heldout = (sup.read_marker(path).get("metrics") or {}).get("heldout", {})
-    description = (f"synthetic supervisor {path} (tiny Qwen3-VL trained on the seed-{cfg.seed} training classes; "
+    description = (f"synthetic supervisor {path} (tiny Qwen3-VL trained on the world-seed-{cfg.world_seed} training classes; "
                    f"held-out verdict accuracy {heldout.get('verdict_accuracy', float('nan')):.3f})")
     return model, processor, description

@@ -70,8 +70,8 @@ class SupervisorConfig:
     text_layers: int = 2
     heads: int = 4
     kv_heads: int = 2
-    vision_hidden: int = 64
-    vision_depth: int = 2
+    vision_hidden: int = 96
+    vision_depth: int = 3
     patch_size: int = 8
     # stage 1 (saga_train.synthetic.perception): the tower learns the attributes from labelled single images
     tower_steps: int = 3000
@@ -416,19 +416,58 @@ def _sft_optimizer(model, cfg: SupervisorConfig):
                              weight_decay=cfg.weight_decay)
 
 
+STAGE1_FIELDS = ("seed", "test_classes", "image_size", "noise", "text_hidden", "text_layers", "heads", "kv_heads",
+                 "vision_hidden", "vision_depth", "patch_size", "tower_steps", "tower_batch", "tower_lr", "weight_decay",
+                 "warmup_steps", "grad_clip")
+
+
+def stage1_path(cfg: SupervisorConfig) -> Path:
+    """Where stage 1's tower is cached: ``$SAGA_CACHE/tower-<hash of STAGE1_FIELDS and FORMAT_VERSION>.safetensors``
+    (so changing only stage-2 settings does not retrain the tower)."""
+    fields = {name: getattr(cfg, name) for name in STAGE1_FIELDS}
+    blob = json.dumps({"stage1": fields, "format": FORMAT_VERSION}, sort_keys=True)
+    return cache_root() / f"tower-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.safetensors"
+
+
+def stage1(cfg: SupervisorConfig, model, processor, train_set, test_set, spec, *, progress=True, log=None) -> dict:
+    """Stage 1 on ``model``'s tower (in place): loaded from ``stage1_path(cfg)`` when cached, else trained
+    (``perception.pretrain_tower``, torch seeded with ``cfg.seed``) and cached atomically. Returns its metrics, with
+    the readout's per-attribute accuracy on 512 held-out-class images."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from ..model import atomic_save_file
+    from .perception import pretrain_tower, readout_accuracy
+
+    visual, path = model.model.visual, stage1_path(cfg)
+    if path.is_file():
+        visual.load_state_dict(load_file(path))
+        with safe_open(path, "pt") as f:
+            return dict(json.loads(f.metadata()["metrics"]), cached=str(path))
+    torch.manual_seed(cfg.seed)
+    out = pretrain_tower(visual, processor.image_processor, train_set, steps=cfg.tower_steps, batch=cfg.tower_batch,
+                         lr=cfg.tower_lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                         grad_clip=cfg.grad_clip, seed=cfg.seed, progress=progress, log=log)
+    readout = out.pop("readout")
+    accuracy = readout_accuracy(visual, readout, processor.image_processor, test_set, heldout_images(cfg, test_set))
+    metrics = dict(out, steps=cfg.tower_steps, heldout_readout_accuracy=dict(zip(spec.attributes, accuracy)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_file({k: v.contiguous() for k, v in visual.state_dict().items()}, str(path),
+                     metadata={"metrics": json.dumps(metrics)})
+    return metrics
+
+
 def train_supervisor(cfg: SupervisorConfig, log_path=None, progress: bool = True, evaluate: bool = True):
     """Train a fresh tiny Qwen3-VL in two stages; returns ``(model, processor, metrics)``.
 
-    Stage 1 (``cfg.tower_steps``, ``saga_train.synthetic.perception.pretrain_tower``): the vision tower classifies
-    the attributes of single training-class images. Stage 2 (``cfg.steps``): SFT of the whole model on pair answers
+    Stage 1 (``cfg.tower_steps``, ``stage1``; cached on its own): the vision tower classifies the attributes of
+    single training-class images. Stage 2 (``cfg.steps``): SFT of the whole model on pair answers
     (``train_batch``), the tower at ``cfg.sft_tower_lr``. ``metrics``: losses, wall times, s/step, the stage-1
     readout's held-out per-attribute accuracy, and (``evaluate``) ``evaluate_supervisor`` on held-out-class pairs for
     each prompt style (``heldout``: the dataset prompt, ``heldout_generic``: the generic one). ``log_path``
     gets one JSON line per step of either stage (stage, loss, lr, elapsed seconds).
     """
     from tqdm.auto import tqdm
-
-    from .perception import pretrain_tower, readout_accuracy
 
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads or threads)
@@ -441,17 +480,9 @@ def train_supervisor(cfg: SupervisorConfig, log_path=None, progress: bool = True
                    "train_classes": len(train_set.combinations), "heldout_classes": len(test_set.combinations)}
         with torch.random.fork_rng(devices=[]), \
                 (open(log_path, "w") if log_path else contextlib.nullcontext()) as log:
-            torch.manual_seed(cfg.seed)
             if cfg.tower_steps:
-                stage1 = pretrain_tower(model.model.visual, processor.image_processor, train_set, steps=cfg.tower_steps,
-                                        batch=cfg.tower_batch, lr=cfg.tower_lr, weight_decay=cfg.weight_decay,
-                                        warmup_steps=cfg.warmup_steps, grad_clip=cfg.grad_clip, seed=cfg.seed,
-                                        progress=progress, log=log)
-                readout = stage1.pop("readout")
-                accuracy = readout_accuracy(model.model.visual, readout, processor.image_processor, test_set,
-                                            heldout_images(cfg, test_set))
-                metrics["stage1"] = dict(stage1, steps=cfg.tower_steps,
-                                         heldout_readout_accuracy=dict(zip(spec.attributes, accuracy)))
+                metrics["stage1"] = stage1(cfg, model, processor, train_set, test_set, spec, progress=progress, log=log)
+            torch.manual_seed(cfg.seed + 1)
             optimizer = _sft_optimizer(model, cfg)
             schedule = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
             model.train()
