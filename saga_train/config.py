@@ -35,6 +35,7 @@ class Config:
     synthetic_images_per_class: int = 8  # SyntheticBirds images per training class
     synthetic_test_images_per_class: int = 8  # SyntheticBirds images per held-out class
     synthetic_train_classes: int = 100  # SyntheticBirds training classes (its supervisor knows all but the held-out)
+    synthetic_test_classes: int = 200  # SyntheticBirds held-out classes (the synthetic supervisor never saw them)
     world_seed: int = 0  # SyntheticBirds split (held-out classes) and its supervisor; training randomness is `seed`
     max_eval_images: int = 0  # cap on test images for evaluation (0 = all)
     # embedding map g = pooler o tower

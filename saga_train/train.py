@@ -68,7 +68,8 @@ def build_datasets(cfg: Config):
 
     train_kw = test_kw = {"image_size": cfg.image_size}
     if cfg.dataset == "synthetic":
-        common = dict(train_kw, seed=cfg.world_seed, train_classes=cfg.synthetic_train_classes)
+        common = dict(train_kw, seed=cfg.world_seed, train_classes=cfg.synthetic_train_classes,
+                      test_classes=cfg.synthetic_test_classes)
         train_kw = dict(common, images_per_class=cfg.synthetic_images_per_class)
         test_kw = dict(common, images_per_class=cfg.synthetic_test_images_per_class)
     try:

@@ -13,7 +13,7 @@ def test_arm_configs(tmp_path):
     base = make_config(**ablation.PAPER_REGIME)
     cfgs = {arm: ablation.arm_config(base, arm, 2, tmp_path) for arm in ablation.ARMS}
     assert all(c.model == "synthetic-supervisor" and c.seed == 2 and c.world_seed == 0 for c in cfgs.values())
-    assert base.synthetic_train_classes == 40 and 30 * base.synthetic_test_images_per_class >= 1000
+    assert base.synthetic_train_classes == 40 and base.synthetic_test_classes * base.synthetic_test_images_per_class >= 1000
     assert (cfgs["dml"].lambda_lm, cfgs["dml"].lambda_kl, cfgs["dml"].lambda_dml) == (0.0, 0.0, 1.0)
     assert (cfgs["dml_grpo"].lambda_lm, cfgs["dml_grpo"].lambda_kl) == (base.lambda_lm, 0.0)
     assert (cfgs["dml_kl"].lambda_lm, cfgs["dml_kl"].lambda_kl) == (0.0, base.lambda_kl)
@@ -80,7 +80,8 @@ def test_merge_per_seed_records_equals_one_run(tmp_path, fake_runs):
 
 def test_run_arm_on_a_tiny_model(tmp_path):
     """The real path of one untrained and one trained arm: metrics, curve, per-query hits, probes."""
-    base = make_config(model="tiny-random", image_size=32, synthetic_train_classes=8, synthetic_images_per_class=2,
+    base = make_config(model="tiny-random", image_size=32, synthetic_train_classes=8, synthetic_test_classes=30,
+                       synthetic_images_per_class=2,
                        synthetic_test_images_per_class=2, classes_per_batch=4, images_per_class=2, embedding_size=16,
                        max_steps=2, eval_every=1, progress=False)
     untrained = ablation.run_arm(ablation.arm_config(base, "untrained", 0, tmp_path), "untrained")

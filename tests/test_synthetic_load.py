@@ -54,3 +54,20 @@ def test_synthetic_supervisor_loads_from_the_cache(train_set, tmp_path, monkeypa
     assert description.startswith(f"synthetic supervisor {path}") and "verdict accuracy 0.875" in description
     assert all((p == q).all() for p, q in zip(model.parameters(), loaded.parameters()))
     assert loaded_processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+
+
+@pytest.mark.skipif(sup.shipped_dir(sup.SupervisorConfig()) is None, reason="TEMPORARY: weights not yet shipped")
+def test_the_default_run_loads_the_shipped_supervisor_without_training(tmp_path, monkeypatch):
+    from saga_train.config import parse_args
+
+    monkeypatch.setenv(sup.CACHE_ENV, str(tmp_path / "empty"))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the default run must load the shipped supervisor, not train one")
+
+    monkeypatch.setattr(sup, "train_supervisor", no_training)
+    cfg = parse_args([])
+    dataset = synthetic.SyntheticBirds("train", images_per_class=1, test_classes=cfg.synthetic_test_classes)
+    _, _, description = synthetic.load(cfg, dataset)
+    assert description.startswith(f"synthetic supervisor {sup.shipped_dir(sup.SupervisorConfig())}")
+    assert not (tmp_path / "empty").exists()  # nothing written to the cache

@@ -5,7 +5,7 @@
 
 The regime (``PAPER_REGIME``): the supervisor knows the open pool (every class but the held-out ones: the
 shipped synthetic supervisor of world seed 0); SAGA trains on a small training split (40 classes) and is
-tested on the 30 held-out classes (34 images each: 1,020 queries). Arms, all from the supervisor's own
+tested on the 200 held-out classes (5 images each: 1,000 queries). Arms, all from the supervisor's own
 vision tower with the same step budget in a seed:
 
 - ``untrained``: no training (the supervisor's tower, the seed's freshly initialized pooler), evaluated.
@@ -41,7 +41,7 @@ ARMS = {
 }
 # the paper's regime at this scale (see the module docstring); --set overrides any of it
 PAPER_REGIME = dict(model="synthetic-supervisor", dataset="synthetic", world_seed=0, synthetic_train_classes=40,
-                    synthetic_images_per_class=8, synthetic_test_images_per_class=34, eval_every=25,
+                    synthetic_images_per_class=8, synthetic_test_images_per_class=5, eval_every=25,
                     eval_every_epoch=True, progress=False)
 METRIC_KEYS = ("R@1", "R@4", "NMI", "MAP@R")
 PAIRED = ("saga", "dml")  # the paired comparison reported per seed
@@ -232,7 +232,8 @@ def run_ablation(base, seeds, arms, run_root, out_dir, log=print) -> dict:
     from saga_train.synthetic.supervisor import SupervisorConfig, read_marker, shipped_or_cached
     from saga_train.synthetic.world import ATTRIBUTE_NAMES
 
-    supervisor_path = shipped_or_cached(SupervisorConfig(seed=base.world_seed, image_size=base.image_size), log=log)
+    supervisor_path = shipped_or_cached(SupervisorConfig(seed=base.world_seed, test_classes=base.synthetic_test_classes,
+                                                         image_size=base.image_size), log=log)
     runs = {arm: {} for arm in arms}
     for seed in seeds:
         for arm in arms:

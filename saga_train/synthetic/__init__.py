@@ -40,7 +40,7 @@ def load(cfg, dataset, *, attn_implementation: str = "sdpa"):
     if cfg.dataset != "synthetic":
         raise ConfigError(f"model='synthetic-supervisor' only knows the synthetic world, not dataset={cfg.dataset!r}; "
                           "give --model a local Qwen3-VL checkpoint directory")
-    scfg = sup.SupervisorConfig(seed=cfg.world_seed, image_size=cfg.image_size)
+    scfg = sup.SupervisorConfig(seed=cfg.world_seed, test_classes=cfg.synthetic_test_classes, image_size=cfg.image_size)
     path = sup.shipped_or_cached(scfg, progress=cfg.progress, log=lambda m: print(m, flush=True))
     model, processor = sup.load_supervisor(path, attn_implementation=attn_implementation)
     heldout = (sup.read_marker(path).get("metrics") or {}).get("heldout", {})

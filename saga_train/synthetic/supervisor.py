@@ -48,6 +48,7 @@ VERDICT_KEY = "same_species"
 MATCH, DIFFER = "match", "differ"
 PAIR_KINDS = ("same", "one_attribute", "random")
 PROMPT_STYLES = ("dataset", "generic")
+EVAL_MIX = (0.5, 0.25, 0.25)  # held-out evaluation pairs: same class, one attribute apart, random classes
 MARKER = "SUPERVISOR.json"
 CACHE_ENV = "SAGA_CACHE"
 SHIPPED_ROOT = Path(__file__).with_name("weights")  # supervisors shipped in the package, one directory per config
@@ -62,7 +63,7 @@ class SupervisorConfig:
     """Everything that determines a trained supervisor (``threads`` changes speed and, at most, float rounding)."""
 
     seed: int = 0  # SyntheticBirds split seed (held-out classes), init, pairs
-    test_classes: int = 30  # held-out classes (must match the SAGA run's dataset to stay held out)
+    test_classes: int = 200  # held-out classes (must match the SAGA run's dataset to stay held out)
     image_size: int = 64
     noise: float = 6.0  # SyntheticBirds pixel noise
     # model (saga_train.synthetic.tiny.build_tiny_qwen3vl)
@@ -78,15 +79,18 @@ class SupervisorConfig:
     tower_batch: int = 64  # images per step
     tower_lr: float = 1e-3
     # stage 2: SFT of the whole model on pair answers
-    steps: int = 800
+    steps: int = 1200
     batch_pairs: int = 16
     lr: float = 1e-3  # LLM (and merger) learning rate
     sft_tower_lr: float = 1e-4  # the tower's learning rate in stage 2 (it already sees the attributes)
     weight_decay: float = 0.01
     warmup_steps: int = 30  # both stages
     grad_clip: float = 1.0
-    same_fraction: float = 0.5  # the rest: one_attribute_fraction, then random different classes
-    one_attribute_fraction: float = 0.25
+    # training pairs: same class, one attribute apart, the rest random classes. Fewer same-class pairs than the
+    # evaluation's 50% so that copying item 1's description into item 2 is a poor strategy: it is what SFT learns
+    # first otherwise (every pair then reads "yes")
+    same_fraction: float = 0.2
+    one_attribute_fraction: float = 0.3
     generic_fraction: float = 0.5  # pairs asked with the generic prompt (the rest: the dataset prompt)
     # evaluation on held-out-class pairs (greedy decoding)
     eval_pairs: int = 256
@@ -276,10 +280,11 @@ def pair_kind(rng: random.Random, cfg: SupervisorConfig) -> str:
 
 
 def eval_pairs(cfg: SupervisorConfig, test_set) -> list:
-    """Fixed held-out pairs ``(kind, label_a, index_a, label_b, index_b)``, in the configured mix."""
+    """Fixed held-out pairs ``(kind, label_a, index_a, label_b, index_b)``: ``EVAL_MIX`` of the kinds (half the
+    pairs same-class, so that chance verdict accuracy is 0.5)."""
     rng = random.Random(f"supervisor-eval-{cfg.seed}")
     sampler = PairSampler(test_set)
-    counts = [round(cfg.eval_pairs * cfg.same_fraction), round(cfg.eval_pairs * cfg.one_attribute_fraction)]
+    counts = [round(cfg.eval_pairs * EVAL_MIX[0]), round(cfg.eval_pairs * EVAL_MIX[1])]
     counts.append(cfg.eval_pairs - sum(counts))
     pairs = []
     for kind, count in zip(PAIR_KINDS, counts):
@@ -673,6 +678,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_metrics(metrics: dict) -> str:
+    """One line per prompt style: verdict accuracy (per pair kind) and per-attribute accuracy on held-out pairs."""
+    lines = []
+    for key, style in (("heldout", "dataset prompt"), ("heldout_generic", "generic prompt")):
+        held = metrics.get(key)
+        if not held:
+            continue
+        kinds = held["verdict_accuracy_by_kind"]
+        lines.append(f"{style}: verdict {held['verdict_accuracy']:.3f} (same {kinds.get('same', float('nan')):.2f}, "
+                     f"one attribute {kinds.get('one_attribute', float('nan')):.2f}, random "
+                     f"{kinds.get('random', float('nan')):.2f}; chance 0.5), attributes "
+                     + ", ".join(f"{n} {v:.2f}" for n, v in held["attribute_accuracy_by_name"].items())
+                     + f" ({held['pairs']} held-out-class pairs)")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = vars(build_parser().parse_args(argv))
     out, force = args.pop("out"), args.pop("force")
@@ -686,11 +707,12 @@ def main(argv=None) -> int:
         return 2
     metrics = read_marker(path)["metrics"]
     print(json.dumps(metrics, indent=2))
-    held = metrics.get("heldout", {})
-    print(f"supervisor {'reused from' if reused else 'saved to'} {path}")
-    print(f"held-out verdict accuracy {held.get('verdict_accuracy', float('nan')):.3f} (chance 0.5), "
-          f"attribute accuracy {held.get('attribute_accuracy', float('nan')):.3f}, "
-          f"trained {metrics['train_seconds']} s ({metrics['seconds_per_step']} s/step)")
+    print(f"supervisor {'reused from' if reused else 'saved to'} {path} (trained {metrics['train_seconds']} s)")
+    print(describe_metrics(metrics))
+    shipped = shipped_dir(cfg)
+    if shipped is not None and shipped.resolve() != path.resolve():
+        print(f"the shipped supervisor of this config ({shipped}), for comparison:")
+        print(describe_metrics(read_marker(shipped)["metrics"]))
     return 0
 
 
