@@ -29,8 +29,10 @@ def main(argv=None) -> int:
     if result["rank"] != 0:  # torchrun: rank 0 reports
         return 0
     if result.get("after"):
-        print(f"retrieval on the test classes: before {format_metrics(result.get('before'))} -> "
-              f"after {format_metrics(result['after'])}")
+        before, after = result.get("before"), result["after"]
+        gain = f" (R@1 {after['R@1'] - before['R@1']:+.3f})" if before else ""
+        print(f"retrieval on the held-out classes: before {format_metrics(before)} -> after {format_metrics(after)}"
+              f"{gain}")
     if "reward_rate" in result:
         r = result["rollouts"]
         print(f"reward rate {result['reward_rate']:.3f} over {int(r['completions'])} completions "

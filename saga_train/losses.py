@@ -20,12 +20,15 @@ import saga_kernels
 from .distributed import world_size
 
 
-def build_metric_loss(name: str, num_classes: int, embedding_size: int, proxies_per_class: int):
-    """The saga_kernels nn.Module for ``--dml`` (proxy-based ones own their proxies)."""
+def build_metric_loss(name: str, num_classes: int, embedding_size: int, proxies_per_class: int, *,
+                      pf_alpha: float = 4.0, pf_delta: float = 0.2):
+    """The saga_kernels nn.Module for ``--dml`` (proxy-based ones own their proxies); ``pf_alpha`` / ``pf_delta``:
+    the Potential Field's exponent and radius (METHOD.md: 4 and 0.2)."""
     from saga_kernels import MultiSimilarityLoss, PotentialFieldLoss, ProxyAnchorLoss, SupConLoss
 
     if name == "potential_field":
-        return PotentialFieldLoss(num_classes, embedding_size, proxies_per_class=proxies_per_class)
+        return PotentialFieldLoss(num_classes, embedding_size, proxies_per_class=proxies_per_class, alpha=pf_alpha,
+                                  delta=pf_delta)
     if name == "proxy_anchor":
         return ProxyAnchorLoss(num_classes, embedding_size)
     if name == "multi_similarity":

@@ -174,7 +174,7 @@ def build_components(cfg: Config, dist: dist_lib.DistInfo | None = None) -> Comp
         torch.manual_seed(cfg.seed + 1)
         pooler = build_pooler(cfg.pooler, hidden, cfg.embedding_size).to(device)
         metric_loss = build_metric_loss(cfg.dml, len(train_set.class_names), cfg.embedding_size,
-                                        cfg.proxies_per_class).to(device)
+                                        cfg.proxies_per_class, pf_alpha=cfg.pf_alpha, pf_delta=cfg.pf_delta).to(device)
     embedder = Embedder(model.model.visual, pooler, processor.image_processor, cfg.image_size, cfg.pooler)
     comps = Components(cfg, device, train_set, test_set, model, processor, embedder, metric_loss, description, dist)
     dist_lib.broadcast_parameters(comps.trainable_parameters(), dist)

@@ -56,7 +56,6 @@ def test_synthetic_supervisor_loads_from_the_cache(train_set, tmp_path, monkeypa
     assert loaded_processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
 
 
-@pytest.mark.skipif(sup.shipped_dir(sup.SupervisorConfig()) is None, reason="TEMPORARY: weights not yet shipped")
 def test_the_default_run_loads_the_shipped_supervisor_without_training(tmp_path, monkeypatch):
     from saga_train.config import parse_args
 

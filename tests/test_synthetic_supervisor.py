@@ -79,7 +79,6 @@ def test_vocabulary_covers_prompt_and_every_answer(world):
         assert tokenizer.decode(ids) == answer
 
 
-@pytest.mark.skipif(sup.shipped_dir(sup.SupervisorConfig()) is None, reason="TEMPORARY: weights not yet shipped")
 def test_shipped_supervisor_is_intact_and_reads_every_attribute(world):
     """The package ships the supervisor of ``SupervisorConfig()``: every file matches its recorded sha256, the code
     still builds its tokenizer (same words, same ids), and its recorded held-out metrics meet the bar."""
@@ -95,7 +94,6 @@ def test_shipped_supervisor_is_intact_and_reads_every_attribute(world):
         assert min(held["attribute_accuracy_by_name"].values()) >= 0.90, key
 
 
-@pytest.mark.skipif(sup.shipped_dir(sup.SupervisorConfig()) is None, reason="TEMPORARY: weights not yet shipped")
 def test_shipped_supervisor_answers_held_out_pairs():
     """A few held-out-class pairs (every kind), greedy, both prompts: what the recorded metrics claim holds."""
     from saga_train.prompts import pair_prompt, prompt_spec

@@ -49,7 +49,7 @@ def test_split_structure_and_open_pool():
 
 
 def test_attribute_text_and_lookup():
-    ds = SyntheticBirds("test", images_per_class=1)
+    ds = SyntheticBirds("test", images_per_class=1, test_classes=30)
     assert ds.attribute_names == ["body color", "wing color", "head color", "wing pattern", "beak shape",
                                   "tail shape"]
     assert len(ds.class_attributes) == len(ds.class_names) == 30 == len(set(ds.class_names))
@@ -68,7 +68,8 @@ def test_attribute_text_and_lookup():
     with pytest.raises(ValueError, match=r"\['beak shape'\]"):
         ds.label_of({**ds.attributes(0), "beak shape": "curved"})
     held_out = ds.attributes(0)
-    assert SyntheticBirds("train", images_per_class=1, train_classes="open").label_of(held_out) is None
+    assert SyntheticBirds("train", images_per_class=1, train_classes="open", test_classes=30).label_of(held_out) is None
+    assert len(SyntheticBirds("test", images_per_class=1).combinations) == 200  # the default: the trainer's
 
 
 def test_colours_are_visible():

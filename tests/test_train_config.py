@@ -10,7 +10,9 @@ from saga_train.config import Config, ConfigError, PRESETS, make_config, parse_a
 
 def test_defaults_are_the_embedded_cpu_run():
     cfg = parse_args([])
-    assert cfg == make_config(model="synthetic-supervisor")  # the "default" preset: the trained synthetic supervisor
+    assert cfg == make_config(**PRESETS["default"]) and cfg.model == "synthetic-supervisor"  # the shipped supervisor
+    assert (cfg.dml, cfg.epochs, cfg.synthetic_test_classes * cfg.synthetic_test_images_per_class) == ("supcon", 6, 1000)
+    assert PRESETS["paper"]["dml"] == "potential_field" and (PRESETS["paper"]["pf_alpha"], PRESETS["paper"]["pf_delta"]) == (4.0, 0.2)
     assert cfg.dataset == "synthetic" and cfg.device == "auto"
     assert Config().model == "tiny-random"  # Config() alone: a random tiny model (what the tests build)
 

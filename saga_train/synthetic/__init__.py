@@ -4,8 +4,10 @@
   attributes), its zero-shot splits (``split_combinations``) and ``render_bird``.
 - ``tiny.py``: a tiny Qwen3-VL built offline: word-level tokenizer with Qwen3-VL's special tokens and chat
   template, image processor, randomly initialized model.
-- ``supervisor.py``: that model taught by SFT to compare two birds attribute by attribute (its answer format,
-  training, held-out evaluation, cache; ``python -m saga_train.synthetic.supervisor``).
+- ``perception.py``: the supervisor's stage 1, its vision tower learning to see the attributes.
+- ``supervisor.py``: that model taught to compare two birds attribute by attribute (its answer format,
+  training, held-out evaluation, the shipped weights and the cache; ``python -m saga_train.synthetic.supervisor``).
+- ``weights/``: the supervisor of ``SupervisorConfig()``, shipped (safetensors + config + metrics + sha256).
 
 The trainer reaches all of it through one entry point, ``load``, for the model names in
 ``saga_train.config.SYNTHETIC_MODELS``; ``load_dataset("synthetic")`` imports ``SyntheticBirds`` on demand.
@@ -22,8 +24,9 @@ def load(cfg, dataset, *, attn_implementation: str = "sdpa"):
     ``cfg`` is the trainer's ``Config`` (``model``, ``dataset``, ``seed``, ``world_seed``, ``image_size``, ``progress`` are read),
     ``dataset`` its train split. "tiny-random": a tiny Qwen3-VL with random (seeded) weights and a word-level
     tokenizer knowing every text of this dataset's prompt and answer. "synthetic-supervisor": the tiny Qwen3-VL
-    fine-tuned on the synthetic world's training classes, whose held-out classes are this run's test classes
-    (trained on first use, then loaded from the cache), loaded with ``attn_implementation``.
+    trained on the synthetic world's training classes, whose held-out classes are this run's test classes
+    (``cfg.world_seed``, ``cfg.synthetic_test_classes``): the shipped one for the default world, else trained on
+    first use and cached; loaded with ``attn_implementation``.
     """
     from ..config import ConfigError, SYNTHETIC_MODELS
     from . import supervisor as sup

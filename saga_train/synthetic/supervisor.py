@@ -1,23 +1,32 @@
-"""A supervisor that knows the synthetic world: a tiny Qwen3-VL taught by SFT to compare two birds.
+"""A supervisor that knows the synthetic world: a tiny Qwen3-VL taught to compare two birds attribute by attribute.
 
-``python -m saga_train.synthetic.supervisor`` (or ``ensure_supervisor(cfg)``, which trains on first use)
-trains ``saga_train.synthetic.tiny``'s model on pairs of TRAINING-class ``SyntheticBirds`` images (the
-"open" pool: every attribute combination except the held-out test classes of ``cfg.seed``). The
-prompt is the trainer's own (``saga_train.prompts.pair_prompt``); the target is the JSON answer of
-METHOD.md built by ``build_answer``::
+Training (``train_supervisor``) has two stages, both on TRAINING-class ``SyntheticBirds`` images (the "open"
+pool: every attribute combination except the ``cfg.test_classes`` held-out classes of ``cfg.seed``):
+
+1. ``stage1`` (``saga_train.synthetic.perception``): the vision tower learns to classify the six attributes of
+   single images, as a real MLLM's tower is pretrained before its LLM learns to read it. Cached on its own
+   (``stage1_path``), so changing only stage-2 settings does not redo it.
+2. SFT of the whole model (the tower at ``sft_tower_lr``) on pairs asked with the trainer's own prompts
+   (``saga_train.prompts.pair_prompt``; a ``generic_fraction`` of them with the generic prompt), the target
+   being the JSON answer of METHOD.md built by ``build_answer``::
 
     {"item 1": "red body color, blue wing color, ..., fan tail shape", "item 2": "...",
      "differences": "body color red vs red match, wing color blue vs green differ, ...",
      "confidence": "high", "reasoning": "<n> of <m> attributes differ", "same_species": "yes" | "no"}
 
-The loss covers the answer tokens (and the closing ``<|im_end|>``) only. Pairs are 50% same class,
-25% one attribute apart, 25% random classes. After training, greedy decoding on held-out-class
-pairs gives the verdict accuracy (as ``saga_train.verdict.parse_verdict`` reads it) and per-attribute
-accuracy. The model, processor and tokenizer are saved with ``save_pretrained`` into
-``$SAGA_CACHE/supervisor-<config hash>`` (default cache ``~/.cache/saga_kernels``), which loads like a
-real checkpoint (``saga_train.model.load_qwen3vl(d)``).
-A marker file ``SUPERVISOR.json`` records the config and metrics; a non-empty directory without it
-is never overwritten.
+   The loss covers the answer tokens (and the closing ``<|im_end|>``) only.
+
+Greedy decoding on held-out-class pairs (``EVAL_MIX``: half same-class) then gives verdict accuracy (as
+``saga_train.verdict.parse_verdict`` reads it) and per-attribute accuracy, for each prompt.
+
+Where a supervisor lives: the package ships the supervisor of ``SupervisorConfig()``
+(``saga_train/synthetic/weights/supervisor-<config hash>``, ``shipped_dir``); any other config is trained on first
+use into ``$SAGA_CACHE/supervisor-<config hash>`` (default cache ``~/.cache/saga_kernels``). Either directory
+loads like a real checkpoint (``saga_train.model.load_qwen3vl(d)``). Its marker ``SUPERVISOR.json`` records the
+config, the metrics and the sha256 of every other file (``verify_supervisor`` checks them before use); a
+non-empty directory without the marker, or with another config's, is never overwritten (``--force`` replaces a
+supervisor of another config). ``python -m saga_train.synthetic.supervisor`` retrains from scratch into the
+cache and prints its metrics next to the shipped ones.
 """
 import argparse
 import contextlib

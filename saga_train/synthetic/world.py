@@ -93,7 +93,7 @@ def _pick_with_neighbours(rng: random.Random, pool: list, count: int) -> list:
     return chosen
 
 
-def split_combinations(seed: int = 0, test_classes: int = 30, train_classes: int | str = 100) -> dict:
+def split_combinations(seed: int = 0, test_classes: int = 200, train_classes: int | str = 100) -> dict:
     """The held-out (test) and train combinations for a seed, each sorted by combination id.
 
     The test set depends only on (seed, test_classes); ``train_classes="open"`` gives every other combination.
@@ -238,7 +238,7 @@ class SyntheticBirds:
     """
 
     def __init__(self, split: str = "train", seed: int = 0, images_per_class: int = 8, image_size: int = 64,
-                 test_classes: int = 30, train_classes: int | str = 100, subtle: Sequence[str] = (),
+                 test_classes: int = 200, train_classes: int | str = 100, subtle: Sequence[str] = (),
                  noise: float = 6.0, cache: bool | str = "auto"):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
