@@ -289,8 +289,8 @@ def full_replay_group(model, group, options: replay.ReplayOptions, counts: repla
         if group.item_token_masks else {}
     want_kl = options.lambda_kl > 0 and bool(items) and counts.kl_rollouts > 0
     hidden, patches, maps = full_forward(model, group, options.kl_layer if want_kl else None)
-    grpo = grpo_loss(hidden, model.lm_head.weight, group.completion_ids, mask, group.advantages.to(hidden.device),
-                     temperature=options.temperature, num_tokens=counts.completion_tokens)
+    grpo, _ = grpo_loss(hidden, model.lm_head.weight, group.completion_ids, mask, group.advantages.to(hidden.device),
+                        temperature=options.temperature, num_tokens=counts.completion_tokens)
     loss = options.lambda_lm * grpo
     kl = torch.zeros(())
     if want_kl:

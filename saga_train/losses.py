@@ -2,7 +2,8 @@
 
 * L_DML (phase A): the chosen metric loss module on the batch embeddings.
 * L_GRPO (phase C): ``-(1/|T|) sum_g sum_t A_g log pi(y_t^g | y_<t^g, S)`` from the frozen LLM's final
-  hidden states via ``saga_kernels.linear_grpo_loss`` (the LM head never materializes logits).
+  hidden states via ``saga_kernels.linear_logprobs`` + ``saga_kernels.grpo_loss`` (the LM head never
+  materializes logits).
 * L_KL (phase C, rollouts with r = 1): ``KL(alpha_a || beta_a) + KL(alpha_b || beta_b)`` via
   ``saga_kernels.attention_kl``; alpha = the LLM's head-mean attention at one layer from the tokens
   describing an item to that item's patch tokens, renormalized over those patches and averaged over
@@ -46,16 +47,25 @@ def teacher_map(maps: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
 
 
 def grpo_loss(hidden, lm_head_weight, completion_ids, completion_mask, advantages, *, temperature: float,
-              num_tokens: int) -> torch.Tensor:
-    """These completions' share of L_GRPO: ``-sum_t m A log pi / (num_tokens / world_size)`` (value at ratio 1).
+              num_tokens: int):
+    """These completions' share of L_GRPO, as ``(loss, value)``.
 
-    ``hidden [R, T, H]`` are the states predicting ``completion_ids [R, T]``; ``num_tokens`` is |T| of
-    the whole step (every group, micro-batch and rank), passed to ``linear_grpo_loss`` as
-    ``num_items_in_batch``.
+    ``loss``: ``saga_kernels.grpo_loss`` ("dapo", ``num_items_in_batch = num_tokens``) on the log-probs of
+    ``saga_kernels.linear_logprobs`` (what ``linear_grpo_loss`` composes); without old log-probs its ratio is
+    exactly 1, so its gradient is that of METHOD.md's ``-sum_t m A log pi / (num_tokens / world_size)`` while its
+    value is the surrogate at ratio 1 (~0, as TRL logs it). ``value``: METHOD.md's L_GRPO share itself (detached,
+    float), what the run logs and plots. ``hidden [R, T, H]`` are the states predicting ``completion_ids [R, T]``;
+    ``num_tokens`` is |T| of the whole step (every group, micro-batch and rank).
     """
-    loss, _ = saga_kernels.linear_grpo_loss(hidden, lm_head_weight, completion_ids, completion_mask, advantages,
-                                            temperature=temperature, num_items_in_batch=num_tokens)
-    return loss
+    keep = completion_mask.bool()
+    targets = torch.where(keep, completion_ids.to(torch.int64), -1)
+    logprobs = saga_kernels.linear_logprobs(hidden, lm_head_weight, targets, temperature=temperature,
+                                            ignore_index=-1)
+    loss, _ = saga_kernels.grpo_loss(logprobs, completion_mask, advantages, num_items_in_batch=num_tokens)
+    with torch.no_grad():
+        weighted = torch.where(keep, advantages.to(logprobs.dtype)[:, None] * logprobs, 0.0)
+        value = float(-weighted.sum() / (num_tokens / world_size()))
+    return loss, value
 
 
 def kl_loss(pooler, patches: dict, maps: dict, token_masks: dict, rows: torch.Tensor, *,

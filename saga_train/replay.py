@@ -306,10 +306,10 @@ def replay_group(model, group, options: ReplayOptions, counts: StepCounts, poole
                                              kl_layer=options.kl_layer if probe else None)
         loss = hidden.new_zeros((), dtype=torch.float32)
         if want_lm:
-            grpo = grpo_loss(hidden, model.lm_head.weight, b_ids, b_mask, group.advantages.to(device)[rows],
-                             temperature=options.temperature, num_tokens=counts.completion_tokens)
+            grpo, value = grpo_loss(hidden, model.lm_head.weight, b_ids, b_mask, group.advantages.to(device)[rows],
+                                    temperature=options.temperature, num_tokens=counts.completion_tokens)
             loss = loss + options.lambda_lm * grpo
-            grpo_total += float(grpo.detach())
+            grpo_total += value
         if probe:
             kl = kl_loss(pooler, prefix.patches, maps, b_items, kl_rows, num_rollouts=counts.kl_rollouts)
             loss = loss + options.lambda_kl * kl

@@ -102,8 +102,8 @@ def test_cli_rejects_bad_overrides(capsys):
 
 def test_plot_run(tmp_path):
     records = [{"eval": "before", "step": 0, "R@1": 0.4}]
-    records += [{"step": s, "completions": 8, "rewarded": s % 9, "loss_dml": 10.0 - s, "loss_kl": 0.5}
-                for s in range(1, 13)]
+    records += [{"step": s, "completions": 8, "rewarded": s % 9, "loss_dml": 10.0 - s, "loss_kl": 0.5,
+                 "groups_kept": int(s % 9 not in (0, 8))} for s in range(1, 13)]
     records += [{"eval": "epoch 0", "step": 12, "R@1": 0.6}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     curves = plot.read_curves(tmp_path / "metrics.jsonl", window=10)
@@ -112,6 +112,7 @@ def test_plot_run(tmp_path):
     assert curves["reward_mean"][-1] == pytest.approx(sum(s % 9 for s in range(3, 13)) / 80)
     assert set(curves["losses"]) == {"loss_dml", "loss_kl"}  # L_GRPO off in this run: no curve
     assert curves["losses"]["loss_dml"]["steps"] == list(range(1, 13))
+    assert curves["losses"]["loss_kl"]["steps"] == [s for s in range(1, 13) if s not in (8, 9)]  # nothing replayed
     assert curves["losses"]["loss_dml"]["mean"][-1] == pytest.approx(sum(10.0 - s for s in range(3, 13)) / 10)
     out = plot.plot_run(tmp_path)
     assert out == tmp_path / "training.png"

@@ -123,7 +123,7 @@ def _full_replay_batch(model, groups, pooler):
         n = group.completion_ids.shape[1]
         keep = group.completion_mask[g]
         lp = logp[b, :n].gather(-1, group.completion_ids[g, :, None])[:, 0]
-        grpo = grpo - (torch.exp(lp - lp.detach()) * group.advantages[g].to(dtype))[keep].sum()
+        grpo = grpo - (lp * group.advantages[g].to(dtype))[keep].sum()  # METHOD.md's L_GRPO: its value and gradient
         if group.rewards[g] != 1:
             continue
         image_cols = (ids[b] == model.config.image_token_id).nonzero()[:, 0].chunk(2)

@@ -3,7 +3,7 @@
 ``python -m saga_train.experiments.plot RUN_DIR [--out FILE.png]`` (default ``RUN_DIR/training.png``).
 Evaluation records (those with an ``"eval"`` key) give R@1 at their step; step records give the reward rate
 ``rewarded / completions`` and the losses ``loss_dml``, ``loss_grpo``, ``loss_kl`` (each per step and as a
-running mean). Axes are honest: R@1 and the reward rate on [0, 1], every loss on its own full range.
+running mean; L_GRPO and L_KL only of steps that replayed a group, ``groups_kept > 0``). Axes are honest: R@1 and the reward rate on [0, 1], every loss on its own full range.
 """
 import argparse
 import json
@@ -35,8 +35,9 @@ def read_curves(metrics_path, window: int = 10) -> dict:
                 eval_steps.append(record.get("step", 0))
                 r_at_1.append(record["R@1"])
             continue
+        replayed = record.get("groups_kept", 1) > 0  # L_GRPO / L_KL of a step that replayed nothing: not a value
         for key, curve in losses.items():
-            if key in record:
+            if key in record and (replayed or key == "loss_dml"):
                 curve["steps"].append(record["step"])
                 curve["values"].append(record[key])
         if record.get("completions"):
