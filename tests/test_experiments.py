@@ -43,6 +43,14 @@ def fake_runs(monkeypatch, tmp_path):
     monkeypatch.setattr("saga_train.synthetic.supervisor.read_marker", lambda path: {"metrics": sup_metrics})
 
 
+def test_summary_leaves_out_values_a_run_did_not_have():
+    runs = {"dml": {"0": {"R@1": 0.5, "reward_rate": float("nan")}, "1": {"R@1": 0.7, "reward_rate": float("nan")}},
+            "saga": {"0": {"R@1": 0.9, "reward_rate": 0.8}}}
+    summary = ablation.summarize(runs)
+    assert "reward_rate" not in summary["dml"] and summary["dml"]["R@1"]["mean"] == pytest.approx(0.6)
+    assert summary["saga"]["reward_rate"] == {"mean": 0.8, "std": 0.0, "n": 1}
+
+
 def test_run_ablation_writes_tables_and_curves(tmp_path, fake_runs):
     base = make_config(**ablation.PAPER_REGIME)
     record = ablation.run_ablation(base, [0, 1], ["dml", "saga"], tmp_path / "runs", tmp_path / "out",

@@ -24,6 +24,7 @@ Writes ``ablation.json``, ``ablation.md`` (arm table, per-seed paired SAGA - DML
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import time
@@ -111,8 +112,10 @@ def run_arm(cfg, arm: str) -> dict:
         result = trainer.train(cfg, log=lambda *_: None)
         embedder = load_embedder(str(Path(cfg.run_dir) / "embedder"))
         test_set = trainer.build_datasets(cfg)[1]
-        out = {"reward_rate": result.get("reward_rate", float("nan")), "curve": r_at_1_curve(cfg.run_dir),
-               "seconds_per_step": result["seconds_per_step"], "steps": result["steps"]}
+        out = {"curve": r_at_1_curve(cfg.run_dir), "seconds_per_step": result["seconds_per_step"],
+               "steps": result["steps"]}
+        if "reward_rate" in result:  # runs with rollouts
+            out["reward_rate"] = result["reward_rate"]
     features = heldout_features(embedder, test_set)
     out.update(evaluate(features.embedding, features.labels))
     out.update(analyse(features, test_set))
@@ -121,13 +124,15 @@ def run_arm(cfg, arm: str) -> dict:
 
 
 def summarize(runs: dict) -> dict:
-    """``{arm: {metric: {"mean", "std", "n"}}}`` over seeds for the scalar metrics (sample std; 0 for n = 1)."""
+    """``{arm: {metric: {"mean", "std", "n"}}}`` over seeds for the scalar metrics (sample std; 0 for n = 1); NaN
+    (a value the run did not have, e.g. the reward rate of a run without rollouts) is left out."""
     out = {}
     for arm, by_seed in runs.items():
-        keys = sorted({k for m in by_seed.values() for k, v in m.items() if isinstance(v, (int, float))})
+        keys = sorted({k for m in by_seed.values() for k, v in m.items()
+                       if isinstance(v, (int, float)) and math.isfinite(v)})
         out[arm] = {}
         for key in keys:
-            values = [m[key] for m in by_seed.values() if key in m]
+            values = [m[key] for m in by_seed.values() if key in m and math.isfinite(m[key])]
             out[arm][key] = {"mean": statistics.fmean(values),
                              "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
     return out
@@ -194,26 +199,35 @@ def markdown(record: dict) -> str:
 
 
 def plot_curves(runs: dict, out_path) -> Path:
-    """R@1 over training steps, one line per (arm, seed) run, one colour per arm."""
+    """R@1 over training steps, one line per (arm, seed) run, one colour per arm: on [0, 1] (left) and, the same
+    curves, on a y range that starts at the lowest value rounded down to 0.05 (right, titled as a zoom)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for k, (arm, by_seed) in enumerate(runs.items()):
-        for n, (seed, m) in enumerate(sorted(by_seed.items())):
-            if m.get("curve"):
-                steps, values = zip(*m["curve"])
-                ax.plot(steps, values, "o-", ms=3, color=colours[k % len(colours)], alpha=0.8,
-                        label=arm if n == 0 else None)
-            elif "R@1" in m:
-                ax.axhline(m["R@1"], color=colours[k % len(colours)], ls="--", lw=1, label=arm if n == 0 else None)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("R@1 (held-out classes)")
-    ax.legend(loc="lower right")
+    lowest = 1.0
+    for ax in axes:
+        for k, (arm, by_seed) in enumerate(runs.items()):
+            for n, (seed, m) in enumerate(sorted(by_seed.items())):
+                colour, label = colours[k % len(colours)], arm if n == 0 else None
+                if m.get("curve"):
+                    steps, values = zip(*m["curve"])
+                    ax.plot(steps, values, "o-", ms=3, color=colour, alpha=0.8, label=label)
+                    lowest = min(lowest, *values)
+                elif "R@1" in m:
+                    ax.axhline(m["R@1"], color=colour, ls="--", lw=1, label=label)
+                    lowest = min(lowest, m["R@1"])
+        ax.set_xlabel("step")
+        ax.set_ylabel("R@1 (held-out classes)")
+    axes[0].set_ylim(0, 1)
+    axes[0].set_title("R@1 on [0, 1]")
+    floor = math.floor(lowest * 20) / 20
+    axes[1].set_ylim(floor, 1)
+    axes[1].set_title(f"zoom: the same curves, y from {floor:.2f}")
+    axes[1].legend(loc="lower right")
     fig.tight_layout()
     out_path = Path(out_path)
     fig.savefig(out_path, dpi=100)
