@@ -83,9 +83,10 @@ def resolve_model(cfg: Config, dataset, device: torch.device, dist: dist_lib.Dis
     """``(model, processor, description)`` for ``cfg.model``; the one place model sources are resolved.
 
     A name in ``SYNTHETIC_MODELS`` ("synthetic-supervisor", "tiny-random"): the synthetic world's model
-    (``saga_train.synthetic.load``, the only place that package is imported). Anything else: a local Qwen3-VL
-    checkpoint directory. With ``cfg.shard_llm`` the LLM's decoder layers are sharded over the ranks (FSDP2)
-    before the model moves to ``device``: only shards reach the device.
+    (``saga_train.synthetic.load``). Anything else: a local Qwen3-VL checkpoint directory; one holding a synthetic
+    supervisor's ``SUPERVISOR.json`` is first checked against its recorded sha256 (only then is the synthetic
+    package imported on this path). With ``cfg.shard_llm`` the LLM's decoder layers are sharded over the ranks
+    (FSDP2) before the model moves to ``device``: only shards reach the device.
     """
     bf16 = device.type == "cuda" and cfg.bf16
     if cfg.model in SYNTHETIC_MODELS:
@@ -94,6 +95,10 @@ def resolve_model(cfg: Config, dataset, device: torch.device, dist: dist_lib.Dis
         model, processor, description = synthetic.load(cfg, dataset,
                                                        attn_implementation=attention_implementation(device))
     else:
+        if os.path.isfile(os.path.join(cfg.model, "SUPERVISOR.json")):  # a synthetic supervisor's directory
+            from .synthetic.supervisor import verify_supervisor
+
+            verify_supervisor(cfg.model)  # its files against their recorded sha256
         model, processor = load_qwen3vl(cfg.model, dtype=torch.bfloat16 if bf16 else None,
                                         attn_implementation=attention_implementation(device))
         description = f"Qwen3-VL from {cfg.model}"

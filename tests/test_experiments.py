@@ -122,8 +122,30 @@ def test_plot_run(tmp_path):
     assert curves["losses"]["loss_dml"]["steps"] == list(range(1, 13))
     assert curves["losses"]["loss_kl"]["steps"] == [s for s in range(1, 13) if s not in (8, 9)]  # nothing replayed
     assert curves["losses"]["loss_dml"]["mean"][-1] == pytest.approx(sum(10.0 - s for s in range(3, 13)) / 10)
+    assert curves["logged"] == ["loss_dml", "loss_kl"]
     out = plot.plot_run(tmp_path)
     assert out == tmp_path / "training.png"
     with Image.open(out) as image:
         assert image.size[0] > 100 and image.size[1] > 100
     assert plot.main([str(tmp_path / "missing")]) == 2
+
+
+def test_plot_skips_a_killed_runs_last_line_and_names_a_bad_one(tmp_path, capsys):
+    good = [{"eval": "before", "step": 0, "R@1": 0.4}, {"step": 1, "loss_dml": 2.0}, {"step": 2, "loss_dml": 1.5}]
+    text = "\n".join(json.dumps(r) for r in good)
+    (tmp_path / "metrics.jsonl").write_text(text + '\n{"step": 3, "loss_d')  # killed while writing step 3
+    curves = plot.read_curves(tmp_path / "metrics.jsonl")
+    assert curves["losses"]["loss_dml"]["steps"] == [1, 2] and "incomplete last line" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss_d\n' + text + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1 is not a JSON record"):
+        plot.read_curves(tmp_path / "metrics.jsonl")
+    assert plot.main([str(tmp_path)]) == 2
+
+
+def test_merge_names_a_file_that_is_not_an_ablation_record(tmp_path, capsys):
+    (tmp_path / "a.json").write_text('{"hello": 1}')
+    (tmp_path / "b.json").write_text("not json")
+    for name in ("a.json", "b.json"):
+        assert ablation.main(["--merge", str(tmp_path / name), "--out", str(tmp_path / "o")]) == 2
+        assert name in capsys.readouterr().err
+

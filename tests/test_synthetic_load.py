@@ -70,3 +70,19 @@ def test_the_default_run_loads_the_shipped_supervisor_without_training(tmp_path,
     _, _, description = synthetic.load(cfg, dataset)
     assert description.startswith(f"synthetic supervisor {sup.shipped_dir(sup.SupervisorConfig())}")
     assert not (tmp_path / "empty").exists()  # nothing written to the cache
+
+
+def test_a_supervisor_directory_given_as_model_is_verified_first(tmp_path):
+    """``--model DIR`` on a synthetic supervisor's directory checks its files' sha256 before loading them."""
+    import shutil
+
+    from saga_train import train as train_lib
+
+    copy = tmp_path / "copy"
+    shutil.copytree(sup.shipped_dir(sup.SupervisorConfig()), copy)
+    with open(copy / "model.safetensors", "r+b") as f:  # flip bytes in the tensor data: it would still load
+        f.seek(-4000, 2)
+        f.write(b"\xff" * 4000)
+    cfg = make_config(model=str(copy), device="cpu")
+    with pytest.raises(sup.SupervisorCacheError, match="model.safetensors"):
+        train_lib.resolve_model(cfg, None, train_lib.resolve_device(cfg))

@@ -261,5 +261,29 @@ def test_cache_refuses_foreign_directories(tmp_path, monkeypatch):
     with pytest.raises(sup.SupervisorCacheError, match="another config"):
         sup.ensure_supervisor(other, path, progress=False)
     (path / "metrics.json").write_text("{}")  # a file changed after it was written: refused, not used
-    with pytest.raises(sup.SupervisorCacheError, match="changed since it was written.*metrics.json"):
+    with pytest.raises(sup.SupervisorCacheError, match=r"changed since it was written: changed \[.metrics.json.\]"):
         sup.ensure_supervisor(cfg, progress=False)
+
+
+def test_nothing_is_written_into_the_package_and_nothing_half_written_stays(tmp_path, monkeypatch):
+    shipped = sup.shipped_dir(sup.SupervisorConfig())
+    before = sup.file_digests(shipped)
+    for out in (shipped, shipped.parent / "supervisor-other"):
+        with pytest.raises(sup.SupervisorCacheError, match="refusing to write into the package"):
+            sup.ensure_supervisor(MICRO, out, force=True, progress=False)
+        assert sup.main(["--out", str(out), "--force", "--steps", "2"]) == 2
+    assert sup.file_digests(shipped) == before and not (shipped.parent / "supervisor-other").exists()
+
+    def broken(*args, **kwargs):
+        raise ValueError("heads=3 does not divide text_hidden=32")
+
+    monkeypatch.setattr(sup, "train_supervisor", broken)
+    with pytest.raises(ValueError, match="heads=3"):
+        sup.ensure_supervisor(MICRO, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out").exists()
+
+
+def test_corrupt_marker_is_named(tmp_path):
+    (tmp_path / sup.MARKER).write_text('{"hash": "abc", "compl')
+    with pytest.raises(sup.SupervisorCacheError, match="SUPERVISOR.json is corrupt"):
+        sup.verify_supervisor(tmp_path)

@@ -246,8 +246,10 @@ def run_ablation(base, seeds, arms, run_root, out_dir, log=print) -> dict:
     from saga_train.synthetic.supervisor import SupervisorConfig, read_marker, shipped_or_cached
     from saga_train.synthetic.world import ATTRIBUTE_NAMES
 
-    supervisor_path = shipped_or_cached(SupervisorConfig(seed=base.world_seed, test_classes=base.synthetic_test_classes,
-                                                         image_size=base.image_size), log=log)
+    supervisor_path = None  # the synthetic supervisor, only when the arms use it (else its metrics are not reported)
+    if base.model == "synthetic-supervisor":
+        supervisor_path = shipped_or_cached(SupervisorConfig(seed=base.world_seed, image_size=base.image_size,
+                                                             test_classes=base.synthetic_test_classes), log=log)
     runs = {arm: {} for arm in arms}
     for seed in seeds:
         for arm in arms:
@@ -258,11 +260,23 @@ def run_ablation(base, seeds, arms, run_root, out_dir, log=print) -> dict:
                                                          if k in m))
     meta = {"seeds": len(seeds), "seed_list": list(seeds), "arms": list(arms), "paired": list(PAIRED),
             "attributes": list(ATTRIBUTE_NAMES), "base_config": dataclasses.asdict(base),
-            "supervisor_path": str(supervisor_path),
+            "supervisor_path": str(supervisor_path) if supervisor_path else base.model,
             "note": "Same supervisor tower init and step budget in every arm of a seed; metrics on the held-out "
                     "classes after training."}
-    record = build_record(runs, meta, read_marker(supervisor_path)["metrics"])
+    record = build_record(runs, meta, read_marker(supervisor_path)["metrics"] if supervisor_path else {})
     write_record(record, out_dir)
+    return record
+
+
+def read_record(path) -> dict:
+    """An ``ablation.json`` written by ``write_record``; ValueError naming ``path`` when it is not one."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e})") from e
+    if not isinstance(record, dict) or not {"meta", "runs"} <= set(record) \
+            or not {"base_config", "seed_list"} <= set(record["meta"]):
+        raise ValueError(f"{path} is not an ablation record (ablation.json written by this module)")
     return record
 
 
@@ -309,19 +323,20 @@ def main(argv=None) -> int:
     from saga_train.config import ConfigError, make_config
 
     parser = argparse.ArgumentParser(prog="python -m saga_train.experiments.ablation", description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="(default: all)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="trainer Config overrides over PAPER_REGIME, shared by every arm (e.g. max_steps=200)")
-    parser.add_argument("--run-root", default="runs/ablation")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--run-root", default="runs/ablation", help="run directories (default runs/ablation)")
+    parser.add_argument("--out", default="benchmarks/results",
+                        help="where the tables and curves go (default benchmarks/results, relative to the cwd)")
     parser.add_argument("--merge", nargs="+", metavar="ABLATION_JSON",
                         help="instead of running: unite ablation.json files (e.g. one process per seed) into --out")
     args = parser.parse_args(argv)
     if args.merge:
         try:
-            record = merge_records([json.loads(Path(p).read_text()) for p in args.merge])
-        except (OSError, ValueError, KeyError) as e:
+            record = merge_records([read_record(p) for p in args.merge])
+        except (OSError, ValueError) as e:
             print(f"error: --merge: {e}", file=sys.stderr)
             return 2
         write_record(record, args.out)

@@ -23,13 +23,22 @@ def running_mean(values: list, window: int) -> list:
 def read_curves(metrics_path, window: int = 10) -> dict:
     """Lists from a metrics.jsonl file: ``steps``, ``reward``, ``reward_mean`` (completion-weighted over the last
     ``window`` steps with rollouts), ``eval_steps``, ``r_at_1``, and per loss key of ``LOSSES`` present in the
-    records ``{"steps", "values", "mean"}`` under ``curves["losses"][key]``."""
+    records ``{"steps", "values", "mean"}`` under ``curves["losses"][key]``, and ``logged``: the loss keys any step record
+    had. An incomplete LAST line (a run killed while writing it) is skipped with a warning; any other line that is
+    not JSON raises ValueError naming the file and line."""
     steps, rewarded, completions, eval_steps, r_at_1 = [], [], [], [], []
     losses = {key: {"steps": [], "values": []} for key in LOSSES}
-    for line in Path(metrics_path).read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    logged = set()
+    lines = [(n, line) for n, line in enumerate(Path(metrics_path).read_text().splitlines(), 1) if line.strip()]
+    for k, (n, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if k == len(lines) - 1:  # a run killed while writing its last line: plot what came before
+                print(f"warning: {metrics_path}:{n}: incomplete last line skipped", file=sys.stderr)
+                break
+            raise ValueError(f"{metrics_path}:{n} is not a JSON record ({e})") from e
+        logged.update(key for key in LOSSES if key in record)
         if "eval" in record:
             if "R@1" in record:
                 eval_steps.append(record.get("step", 0))
@@ -50,7 +59,7 @@ def read_curves(metrics_path, window: int = 10) -> dict:
     for curve in losses.values():
         curve["mean"] = running_mean(curve["values"], window)
     return {"steps": steps, "reward": reward, "reward_mean": reward_mean, "eval_steps": eval_steps,
-            "r_at_1": r_at_1, "losses": {k: c for k, c in losses.items() if c["steps"]}}
+            "r_at_1": r_at_1, "losses": {k: c for k, c in losses.items() if c["steps"]}, "logged": sorted(logged)}
 
 
 def plot_run(run_dir, out=None) -> Path:
@@ -59,6 +68,7 @@ def plot_run(run_dir, out=None) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
     metrics = run_dir / METRICS_FILE
@@ -87,12 +97,15 @@ def plot_run(run_dir, out=None) -> Path:
             ax.plot(curve["steps"], curve["mean"], "-", label="running mean (10 steps)")
             ax.legend(loc="upper right")
         else:
-            ax.text(0.5, 0.5, f"{name} is off in this run", ha="center", va="center", transform=ax.transAxes)
+            why = "no step of this run replayed a group" if key in curves["logged"] else "off in this run"
+            ax.text(0.5, 0.5, f"{name}: {why}", ha="center", va="center", transform=ax.transAxes)
         ax.set_ylabel(name)
     loss_axes[-1].axis("off")
     for ax in (loss_axes[1], loss_axes[2]):
         ax.set_xlabel("step")
     loss_axes[1].xaxis.set_tick_params(labelbottom=True)  # the panel under it is off
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
     fig.suptitle(run_dir.name)
     fig.tight_layout()
     out = Path(out) if out else run_dir / "training.png"
@@ -108,7 +121,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         print(plot_run(args.run_dir, args.out))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -25,8 +25,9 @@ use into ``$SAGA_CACHE/supervisor-<config hash>`` (default cache ``~/.cache/saga
 loads like a real checkpoint (``saga_train.model.load_qwen3vl(d)``). Its marker ``SUPERVISOR.json`` records the
 config, the metrics and the sha256 of every other file (``verify_supervisor`` checks them before use); a
 non-empty directory without the marker, or with another config's, is never overwritten (``--force`` replaces a
-supervisor of another config). ``python -m saga_train.synthetic.supervisor`` retrains from scratch into the
-cache and prints its metrics next to the shipped ones.
+supervisor of another config); nothing is ever written into the package's ``weights/`` (shipping = copying a
+verified directory there). ``python -m saga_train.synthetic.supervisor`` retrains from scratch into the cache and
+prints its metrics next to the shipped ones.
 """
 import argparse
 import contextlib
@@ -560,9 +561,18 @@ def supervisor_dir(cfg: SupervisorConfig) -> Path:
 
 
 def read_marker(path) -> dict:
-    """The marker of a supervisor directory, or None when there is none."""
+    """The marker of a supervisor directory, or None when there is none; a marker that is not a JSON object
+    raises ``SupervisorCacheError`` naming it."""
     marker = Path(path) / MARKER
-    return json.loads(marker.read_text()) if marker.is_file() else None
+    if not marker.is_file():
+        return None
+    try:
+        record = json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SupervisorCacheError(f"{marker} is corrupt (not JSON: {e})") from e
+    if not isinstance(record, dict):
+        raise SupervisorCacheError(f"{marker} is corrupt (not a JSON object)")
+    return record
 
 
 def shipped_dir(cfg: SupervisorConfig):
@@ -587,9 +597,13 @@ def verify_supervisor(path, cfg: SupervisorConfig = None) -> dict:
     if cfg is not None and marker.get("hash") != config_hash(cfg):
         raise SupervisorCacheError(f"{path} holds the supervisor of config {marker.get('hash')}, not {config_hash(cfg)}")
     recorded, found = marker.get("sha256") or {}, file_digests(path)
-    bad = sorted(name for name in set(recorded) | set(found) if recorded.get(name) != found.get(name))
-    if not recorded or bad:
-        raise SupervisorCacheError(f"{path}: files missing, added or changed since it was written: {bad or 'no sha256 recorded'}")
+    if not recorded:
+        raise SupervisorCacheError(f"{path}: {MARKER} records no sha256")
+    kinds = {"missing": sorted(set(recorded) - set(found)), "added": sorted(set(found) - set(recorded)),
+             "changed": sorted(n for n in set(recorded) & set(found) if recorded[n] != found[n])}
+    if any(kinds.values()):
+        raise SupervisorCacheError(f"{path}: files changed since it was written: "
+                                   + "; ".join(f"{kind} {names}" for kind, names in kinds.items() if names))
     return marker
 
 
@@ -600,6 +614,10 @@ def check_writable(path, cfg: SupervisorConfig, force: bool = False) -> str:
     marker, or holds a supervisor of another config and ``force`` is False.
     """
     path = Path(path)
+    if path.resolve().is_relative_to(SHIPPED_ROOT.resolve()):
+        raise SupervisorCacheError(f"refusing to write into the package's shipped weights ({path}); train into the "
+                                   "cache (the default --out), then copy the directory into "
+                                   f"{SHIPPED_ROOT} to ship it")
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return "train"
     marker = read_marker(path) if path.is_dir() else None
@@ -642,11 +660,15 @@ def ensure_supervisor(cfg: SupervisorConfig = None, out_dir=None, *, force: bool
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     _write_marker(partial, cfg, complete=False)
-    model, processor, metrics = train_supervisor(cfg, log_path=partial / "train_log.jsonl", progress=progress)
-    model.save_pretrained(partial)
-    processor.save_pretrained(partial)
-    (partial / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _write_marker(partial, cfg, complete=True, metrics=metrics)
+    try:
+        model, processor, metrics = train_supervisor(cfg, log_path=partial / "train_log.jsonl", progress=progress)
+        model.save_pretrained(partial)
+        processor.save_pretrained(partial)
+        (partial / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        _write_marker(partial, cfg, complete=True, metrics=metrics)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # ours: nothing half-written stays behind
+        raise
     if out.exists():  # ours (check_writable passed) or empty
         shutil.rmtree(out)
     os.replace(partial, out)
@@ -664,7 +686,7 @@ def shipped_or_cached(cfg: SupervisorConfig, progress: bool = True, log=print) -
     if check_writable(path, cfg) == "train":
         total = cfg.tower_steps + cfg.steps
         log(f"no supervisor is shipped for this config (hash {config_hash(cfg)}): training it once, {total} steps "
-            f"(cached in {path}; tens of minutes on a CPU)")
+            f"(cached in {path}; about 45 minutes on 2 CPU cores)")
     return ensure_supervisor(cfg, path, progress=progress)
 
 
@@ -681,8 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m saga_train.synthetic.supervisor",
                                      description="Train (or reuse) the synthetic-world supervisor.")
     add_dataclass_flags(parser, SupervisorConfig)
-    parser.add_argument("--out", default=None, help=f"output directory (default: ${CACHE_ENV} or "
-                                                    "~/.cache/saga_kernels, /supervisor-<config hash>)")
+    parser.add_argument("--out", default=None, help=f"output directory (default: <cache>/supervisor-<config hash>, "
+                                                    f"<cache> = ${CACHE_ENV} or ~/.cache/saga_kernels); never "
+                                                    "inside the package")
     parser.add_argument("--force", action="store_true", help="retrain even if a complete supervisor is cached")
     return parser
 
