@@ -7,6 +7,7 @@ supervisor does the same. The tower of ``saga_train.synthetic.tiny`` is trained,
 the whole model to compare two birds in words; reading attributes is a classification problem the
 tower learns ~20x faster from direct labels than through a 150-token answer.
 """
+import json
 import random
 import sys
 import time
@@ -80,8 +81,6 @@ def pretrain_tower(visual, image_processor, train_set, *, steps: int, batch: int
     seen twice. Returns ``{"readout": AttributeReadout, "loss_first", "loss_last20", "seconds"}``;
     ``log`` (an open text file) gets one JSON line per step.
     """
-    import json
-
     from tqdm.auto import tqdm
 
     hidden = visual.config.out_hidden_size
