@@ -8,6 +8,7 @@ Device functions
     tile_dot        fp32 ``A[rows, :K] @ B[cols, :K]^T`` streamed over K with explicit row strides
     cosine_tile     ``tile_dot`` of raw rows scaled by their inverse norms: the cosine tile
     lse_update      one step of the online log-sum-exp (safe when a whole row is masked, -inf)
+    softcap_logits  ``cap * tanh(scale * raw / cap) / T`` and its derivative factor (Gemma-style logit softcap)
 Host helpers
     dot_config      the (operand dtype, input_precision) pair every ``tl.dot`` of a launch uses
     on_device       the context every launch runs in: the inputs' CUDA device, not torch's current one
@@ -111,6 +112,16 @@ def lse_update(m, s, z):
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
     return m_new, s
+
+
+@triton.jit
+def softcap_logits(raw, scale, cap, inv_t):
+    """(z, d) for a tile of raw logits: ``z = cap * tanh(scale * raw / cap) * inv_t`` and ``d = 1 - tanh^2``, so
+    that ``dz / draw = scale * d * inv_t``. tanh = 2 sigmoid(2x) - 1 (no libdevice); d = 4 sigmoid(2x) sigmoid(-2x)
+    keeps its relative precision where tanh saturates (1 - tanh^2 would cancel)."""
+    x = 2.0 * (raw * scale) / cap
+    s = tl.sigmoid(x)
+    return cap * (2.0 * s - 1.0) * inv_t, 4.0 * s * tl.sigmoid(-x)
 
 
 def next_pow2(x: int) -> int:

@@ -1,42 +1,49 @@
 """Fused linear -> per-token log-probs (and entropy) without materializing the [N, V] logits.
 
-Math. For one row h (a hidden state), LM head W [V, H] (+ bias b), temperature T and target y:
+Math. For one row h (a hidden state), LM head W [V, H] (+ bias b), temperature T, target y, and a model's
+logit scale s and optional final-logit softcap C (1 and None for most models):
 
-    z = (W h + b) / T,   lse = log sum_v exp(z_v),   p = softmax(z)
-    logprob = z_y - lse,   entropy = lse - E_p[z]
+    raw = W h + b,   z = s raw / T   (with a softcap: z = C tanh(s raw / C) / T)
+    lse = log sum_v exp(z_v),   p = softmax(z),   logprob = z_y - lse,   entropy = lse - E_p[z]
 
-Gradients, for upstream g (log-prob) and g_H (entropy):
+Gradients, for upstream g (log-prob) and g_H (entropy), with d_v = dz_v / draw_v = (s / T)(1 - tanh^2):
 
-    d logprob / d h = J = (W_y - sum_v p_v W_v) / T = ((1 - p_y) W_y - sum_{v != y} p_v W_v) / T
+    d logprob / d h = J = sum_v (1[v = y] - p_v) d_v W_v = (1 - p_y) d_y W_y - sum_{v != y} p_v d_v W_v
     dlogits_v = g (1[v = y] - p_v) - g_H p_v (z_v - E_p[z])
-    d_hidden = dlogits @ W / T,   d_weight = dlogits^T h / T,   d_bias = sum_rows dlogits / T
+    d_hidden = (dlogits * d) @ W,   d_weight = (dlogits * d)^T h,   d_bias = sum_rows dlogits * d
 
-Three paths, chosen per call from what needs a gradient (flops for N rows; the matmul floor):
+Three paths, chosen per call from what needs a gradient (flops for N_active rows: the matmul floor):
 
 1. forward only (nothing needs a gradient, e.g. old/ref log-probs under no_grad): one pass over
-   vocab tiles with an online log-sum-exp. 2NHV.
-2. Jacobian (hidden needs a gradient, the head and bias are frozen, no entropy): the forward also
-   forms J per row, by an online-rescaled accumulation of P_tile @ W_tile next to the online
-   log-sum-exp. The target column is left out of that sum and 1 - p_y = sum_{v != y} p_v is summed
-   directly (rather than -expm1(logprob): lse = m + log(sum) has already lost the tiny part when
-   p_y -> 1), so J keeps its relative precision there; for the same reason logprob = log1p(-(1 - p_y))
-   once p_y > 1/2. The backward is d_hidden = g J: O(NH), no recompute. 4NHV in all.
-3. recompute (entropy requested, or the head / bias trains): the forward keeps (lse, E_p[z]); the
+   vocab tiles with an online log-sum-exp (the entropy, when asked, from the same pass). 2NHV.
+2. Jacobian (hidden needs a gradient, the head and bias are frozen, the entropy is not asked or only read:
+   ``return_entropy="detached"``): the forward also forms J per row, by an online-rescaled accumulation of
+   P_tile @ W_tile next to the online log-sum-exp. The target column is left out of that sum and
+   1 - p_y = sum_{v != y} p_v is summed directly (rather than -expm1(logprob): lse = m + log(sum) has already
+   lost the tiny part when p_y -> 1), so J keeps its relative precision there; for the same reason
+   logprob = log1p(-(1 - p_y)) once p_y > 1/2. The backward is d_hidden = g J: O(NH), no recompute. 4NHV.
+3. recompute (a differentiated entropy, or the head / bias trains): the forward keeps (lse, E_p[z]); the
    backward recomputes logit tiles and forms dlogits chunk by chunk. 6NHV (8NHV with a trained head).
 
-Memory (beyond inputs and outputs): path 1 keeps a few fp32 numbers per row and vocab split. Path 2
-saves J ([N, H] in the hidden dtype: the size of the hidden states, instead of the hidden states
-themselves) and works on one row chunk at a time (``_JAC_ROWS`` rows): an fp32 [rows, H] accumulator
-and the probability tile of one vocab segment ([rows, ``_JAC_SEGMENT``] in the hidden dtype), about
-50 MiB at H = 4096. Path 3 writes dlogits for at most ``_DZ_CHUNK_BYTES`` at a time.
+Rows whose target is ``ignore_index`` (prompt tokens, padding) get log-prob 0, entropy 0 and an exactly zero
+gradient, and cost nothing on any path. In the forwards (paths 1 and 2) a stable sort puts the active rows
+first, kernels read rows through that order and programs past the active count (a device scalar) exit at
+once: no host sync. Path 3's backward gathers the active rows (one host sync on CUDA, for the matmul sizes;
+every row, masked, while a CUDA graph is being captured).
 
-Rows whose target is ``ignore_index`` get log-prob 0, entropy 0 and an exactly zero gradient. In paths
-1 and 2 they are compacted out before any matmul: a stable sort puts the active rows first, kernels read
-rows through that order and programs past the active count (a device scalar) exit at once, so no host
-sync is needed; results are scattered back. Path 3 computes every row and masks the ignored ones.
+Memory (beyond inputs and outputs): path 1 keeps a few fp32 numbers per row and vocab split. Path 2 saves
+J ([N, H] fp32: one rounding less than a half-precision J, so d_hidden = g J is rounded once, like eager's)
+instead of the hidden states, and works on one row chunk at a time (``_JAC_ROWS`` rows): an fp32 [rows, H]
+accumulator and the probability tile of one vocab segment ([rows, ``_JAC_SEGMENT``] in the hidden dtype),
+about 50 MiB at H = 4096. Path 3 writes dlogits for at most ``_DZ_CHUNK_BYTES`` at a time.
+
+Dtypes: hidden and head may differ (a half-precision model under autocast with an fp32 head): the matmuls run
+in the hidden states' dtype, each weight tile converted as it is loaded (never a V x H copy; path 3's cuBLAS
+products convert one vocab chunk at a time).
 
 Triton kernels (sm_90 tiles: 128 rows x 128 vocab x 64 hidden, 8 warps, fp32 accumulation; half inputs
-on the tensor cores as they are, fp32 per ``_tl_utils.dot_config``):
+on the tensor cores as they are, fp32 per ``_tl_utils.dot_config``; smaller tiles with a softcap or an fp32
+head under half hidden states, see the launch configurations):
 - ``_stats_kernel``: one program per (row block, vocab split); programs of consecutive ids share a
   row block and differ in the split, so the resident programs (about 8 row blocks x 16 splits) keep
   their hidden rows and the W tiles they share in L2 at any N. 16 splits (32 for small N).
@@ -45,17 +52,24 @@ on the tensor cores as they are, fp32 per ``_tl_utils.dot_config``):
 - ``_dlogits_kernel`` (path 3): one dlogits tile per program; cuBLAS turns the chunk into gradients.
 ``SAGA_AUTOTUNE=1`` autotunes the two forward kernels on CUDA (key: H, V); else one fixed config.
 The torch fallback runs the same algorithms on [rows x vocab] chunks of fp32 logits (<= 32 MiB each).
+
+Under ``torch.compile`` the forward and path 3's backward are the torch.library ops
+``saga_kernels::linear_logprobs_forward`` / ``_backward`` (fake and autograd implementations registered), so
+``fullgraph=True`` traces through; in eager mode the same code runs in an autograd.Function, which dispatch
+modes (FlopCounterMode) see into.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
 from ._checks import check_index_range, check_same_device, check_tensor
 from ._dispatch import resolve_impl
-from ._tl_utils import cdiv, dot_config, mm_fp32, on_device, tile_dot
+from ._tl_utils import cdiv, dot_config, mm_fp32, on_device, softcap_logits, tile_dot
 from ._triton import tl, triton
 
 _HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
@@ -86,17 +100,19 @@ JACOBIAN_PATH = True
 def _stats_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, order_ptr, n_active_ptr,
                   m_ptr, s_ptr, t_ptr, zt_ptr, sx_ptr, p_ptr, mt_ptr,
                   row0, R, v_begin, v_end, vocab_per_split, H, V, stride_h, stride_w, stride_p, stride_mt, inv_temp,
-                  SPLITS: tl.constexpr, FIRST: tl.constexpr, HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
-                  WRITE_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                  scale, cap, SPLITS: tl.constexpr, FIRST: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  WITH_ENT: tl.constexpr, WRITE_P: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Online log-sum-exp state of one row block over one vocab split of [v_begin, v_end).
 
     Rows are compacted: local row l is row ``order[row0 + l]`` of h; rows past the active count are
     skipped. State [SPLITS, R] (m = running max, s = sum exp(z - m), t = sum exp(z - m) z when
     WITH_ENT, zt = target logit if in this split, sx = sum over v != y of exp(z - m)) is initialized
     (FIRST) or continued from memory.
-    WRITE_P: also stores each tile's exp(z - m_running) into p[l, v - v_begin] and the running max it
-    is relative to into mt[l, (v - v_begin) // BLOCK_V] (path 2's probabilities, rescaled later).
+    WRITE_P: also stores each tile's exp(z - m_running) into p[l, v - v_begin] (times dz/draw's softcap
+    factor 1 - tanh^2 when SOFTCAP) and the running max it is relative to into mt[l, (v - v_begin) // BLOCK_V]
+    (path 2's probabilities, rescaled later). Logits: z = raw * inv_temp, or with SOFTCAP
+    z = cap * tanh(scale * raw / cap) * inv_temp.
     """
     pid = tl.program_id(0).to(tl.int64)
     rb = pid // SPLITS
@@ -105,6 +121,8 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, order_ptr, n_active_ptr,
     if row0 + rb * BLOCK_N >= n_active:
         return
     inv_t = tl.cast(inv_temp, tl.float32)
+    pre = tl.cast(scale, tl.float32)
+    c = tl.cast(cap, tl.float32)
     local = rb * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = (local < R) & (row0 + local < n_active)
     rows = tl.load(order_ptr + row0 + local, mask=row_ok, other=0)
@@ -133,7 +151,11 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, order_ptr, n_active_ptr,
                      BLOCK_N, BLOCK_V, BLOCK_H, DOT_DTYPE, PRECISION)
         if HAS_BIAS:
             z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        z = tl.where(col_ok[None, :], z * inv_t, float("-inf"))
+        if SOFTCAP:
+            z, dcap = softcap_logits(z, pre, c, inv_t)
+        else:
+            z = z * inv_t
+        z = tl.where(col_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has a valid column
         e = tl.exp(z - m_new[:, None])
         alpha = tl.exp(m - m_new)
@@ -144,6 +166,8 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, order_ptr, n_active_ptr,
         zt += tl.sum(tl.where(is_tgt, z, 0.0), axis=1)
         sx = sx * alpha + tl.sum(tl.where(is_tgt, 0.0, e), axis=1)
         if WRITE_P:
+            if SOFTCAP:
+                e = e * dcap
             tl.store(p_ptr + local[:, None] * stride_p + (cols - v_begin)[None, :], e.to(p_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
             tl.store(mt_ptr + local * stride_mt + (v0 - v_begin) // BLOCK_V, m_new, mask=row_ok)
@@ -204,15 +228,18 @@ def _expect_kernel(p_ptr, mt_ptr, w_ptr, tgt_ptr, order_ptr, n_active_ptr, m_ptr
 
 @triton.jit
 def _dlogits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, ge_ptr, ez_ptr, dz_ptr,
-                    N, v_start, v_stop, H, stride_h, stride_w, stride_dz, inv_temp, ignore_index,
-                    HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr,
+                    N, v_start, v_stop, H, stride_h, stride_w, stride_dz, inv_temp, scale, cap, ignore_index,
+                    HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, SOFTCAP: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """dz[rows, cols - v_start] = d(loss)/d(raw logits) for vocab columns [v_start, v_stop): one
-    [BLOCK_N, BLOCK_V] tile per program, logits recomputed from h and W; 0 at ignored rows."""
+    [BLOCK_N, BLOCK_V] tile per program, logits recomputed from h and W (transformed as in the stats
+    kernel); 0 at ignored rows."""
     pid_n = tl.program_id(0).to(tl.int64)
     pid_v = tl.program_id(1).to(tl.int64)
     inv_t = tl.cast(inv_temp, tl.float32)
+    pre = tl.cast(scale, tl.float32)
+    c = tl.cast(cap, tl.float32)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols = v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -225,14 +252,21 @@ def _dlogits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, ge_ptr, ez_ptr
                  BLOCK_N, BLOCK_V, BLOCK_H, DOT_DTYPE, PRECISION)
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    z = z * inv_t
+    if SOFTCAP:
+        z, dcap = softcap_logits(z, pre, c, inv_t)
+    else:
+        z = z * inv_t
     p = tl.exp(z - lse[:, None])
     dz = g[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
     if WITH_ENT:
         g_ent = tl.load(ge_ptr + rows, mask=active, other=0.0)
         ez = tl.load(ez_ptr + rows, mask=active, other=0.0)
         dz -= g_ent[:, None] * p * (z - ez[:, None])
-    dz = tl.where(active[:, None] & col_ok[None, :], dz * inv_t, 0.0)
+    if SOFTCAP:
+        dz = dz * dcap * (pre * inv_t)
+    else:
+        dz = dz * inv_t
+    dz = tl.where(active[:, None] & col_ok[None, :], dz, 0.0)
     tl.store(dz_ptr + rows[:, None] * stride_dz + (cols - v_start)[None, :], dz.to(dz_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -243,47 +277,61 @@ def _dlogits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, ge_ptr, ez_ptr
 # The tiles below are the largest whose sm_90 compile (tests/test_logprob.py::test_kernels_compile_for_sm90)
 # shows wgmma and no spills: half inputs 128 x 128 x 64 with 8 warps and 3 stages; fp32 inputs run three
 # TF32 products per dot (tf32x3) and hold hi/lo operand halves, so their tiles are halved along one side.
-# In the interpreter 64-row blocks (same code, fewer numpy ops per program).
-def stats_config(device: torch.device, dtype: torch.dtype) -> dict:
-    """Tiles of ``_stats_kernel`` (rows x vocab x hidden per dot step)."""
+# A softcap holds a second fp32 tile (the tanh factor): 64-row blocks. An fp32 head under half hidden states
+# (autocast) loads fp32 weight tiles and converts them: half the hidden (K) step. In the interpreter 64-row
+# blocks (same code, fewer numpy ops per program).
+def _wide_head(dtype: torch.dtype, w_dtype: torch.dtype | None) -> bool:
+    return w_dtype is not None and torch.finfo(w_dtype).bits > torch.finfo(dtype).bits
+
+
+def stats_config(device: torch.device, dtype: torch.dtype, w_dtype: torch.dtype | None = None,
+                 softcap: bool = False) -> dict:
+    """Tiles of ``_stats_kernel`` (rows x vocab x hidden per dot step) for hidden states of ``dtype`` and a head
+    of ``w_dtype`` (default the same)."""
     if device.type != "cuda":
         return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64)
     if dtype == torch.float32:
-        return dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=32, num_warps=8, num_stages=3)
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_N=64 if softcap else 128, BLOCK_V=64, BLOCK_H=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_N=64 if softcap else 128, BLOCK_V=128, BLOCK_H=32 if _wide_head(dtype, w_dtype) else 64,
+                num_warps=8, num_stages=3)
 
 
-def expect_config(device: torch.device, dtype: torch.dtype) -> dict:
+def expect_config(device: torch.device, dtype: torch.dtype, w_dtype: torch.dtype | None = None) -> dict:
     """Tiles of ``_expect_kernel`` (rows x hidden columns x vocab per dot step); BLOCK_K divides the stats
     kernel's BLOCK_V, so one K step lies inside one stored probability tile."""
     if device.type != "cuda":
         return dict(BLOCK_M=64, BLOCK_HO=64, BLOCK_K=64)
     if dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_HO=64, BLOCK_K=32, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_HO=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_HO=64 if _wide_head(dtype, w_dtype) else 128, BLOCK_K=64, num_warps=8,
+                num_stages=3)
 
 
-def dlogits_config(device: torch.device, dtype: torch.dtype) -> dict:
+def dlogits_config(device: torch.device, dtype: torch.dtype, w_dtype: torch.dtype | None = None,
+                   softcap: bool = False) -> dict:
     """Tiles of ``_dlogits_kernel`` (rows x vocab x hidden per dot step)."""
     if device.type != "cuda":
         return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64)
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_N=64 if softcap else 128, BLOCK_V=128, BLOCK_H=32 if _wide_head(dtype, w_dtype) else 64,
+                num_warps=8, num_stages=3)
 
 
 # opt-in (SAGA_AUTOTUNE=1, CUDA, half inputs). BLOCK_V / TILE_V stay fixed (buffer layouts); the space
 # holds only the tilings whose sm_90 compile does not spill (128-row tiles need 8 warps; 128 x 256
 # accumulators spill at any warp count): tests/test_logprob.py::test_autotune_space_compiles_for_sm90.
 _AUTOTUNE_SPACE = {
-    "stats": [dict(BLOCK_N=bn, BLOCK_V=128, BLOCK_H=bh, num_warps=w, num_stages=st)
-              for bn, w in ((64, 4), (64, 8), (128, 8)) for bh in (32, 64) for st in (3, 4)],
+    "stats": [dict(BLOCK_N=bn, BLOCK_V=128, BLOCK_H=bh, num_warps=w, num_stages=st)  # 64 x 64 on 4 warps spills
+              for bn, w, bhs in ((64, 4, (32,)), (64, 8, (32, 64)), (128, 8, (32, 64))) for bh in bhs for st in (3, 4)],
     "expect": [dict(BLOCK_M=bm, BLOCK_HO=bh, BLOCK_K=64, num_warps=w, num_stages=st)
                for bm, bh, w in ((64, 128, 4), (64, 128, 8), (64, 256, 8), (128, 128, 8)) for st in (3, 4)],
 }
 _autotuned: dict = {}
 
 
-def _autotune_on(h: torch.Tensor) -> bool:
-    return h.device.type == "cuda" and h.dtype != torch.float32 and os.environ.get("SAGA_AUTOTUNE", "0") == "1"
+def _autotune_on(h: torch.Tensor, w: torch.Tensor, lg) -> bool:
+    """The space was checked for half inputs with a head of their dtype and no softcap; elsewhere the fixed tiles."""
+    return (h.device.type == "cuda" and h.dtype != torch.float32 and w.dtype == h.dtype and lg.cap is None
+            and os.environ.get("SAGA_AUTOTUNE", "0") == "1")
 
 
 def _tuned(name: str, kernel):
@@ -303,6 +351,48 @@ def _num_splits(row_blocks: int, vocab_tiles: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# The logit transform: temperature, logit scale and softcap
+# --------------------------------------------------------------------------------------------
+class LogitTransform(NamedTuple):
+    """z = scale * raw / T, or with a softcap C: z = C * tanh(scale * raw / C) / T (raw = h . W_v + b_v).
+
+    ``scale`` is a model's logit multiplier (Granite's 1 / logits_scaling, Cohere's logit_scale), ``cap`` its
+    final-logit softcap (Gemma 2's final_logit_softcapping) or None, ``inv_temp`` = 1 / temperature.
+    dz / draw = scale * d / T with d = 1 - tanh^2 (d = 1 without a softcap).
+    """
+
+    scale: float
+    cap: float | None
+    inv_temp: float
+
+    @property
+    def grad_scale(self) -> float:
+        """dz / draw without the softcap factor d."""
+        return self.scale * self.inv_temp
+
+    def kernel_args(self) -> tuple:
+        """(inv_temp, scale, cap) as the kernels take them: without a softcap the scale is folded in."""
+        if self.cap is None:
+            return self.grad_scale, 1.0, 1.0
+        return self.inv_temp, self.scale, self.cap
+
+    def apply(self, raw: torch.Tensor):
+        """(z, d) of an fp32 raw-logit chunk (``raw`` is overwritten); d is None without a softcap."""
+        if self.cap is None:
+            return raw.mul_(self.grad_scale), None
+        x = raw.mul_(2.0 * self.scale / self.cap)
+        d = torch.sigmoid(x) * torch.sigmoid(-x) * 4.0  # 1 - tanh^2 without cancellation where tanh saturates
+        return torch.tanh(x.mul_(0.5)).mul_(self.cap * self.inv_temp), d
+
+    def target_factor(self, zt: torch.Tensor):
+        """d at the target logits ``zt`` (transformed), or None without a softcap."""
+        if self.cap is None:
+            return None
+        t = zt / (self.cap * self.inv_temp)
+        return (1.0 - t) * (1.0 + t)
+
+
+# --------------------------------------------------------------------------------------------
 # Triton launchers
 # --------------------------------------------------------------------------------------------
 def _compact(tgt, ignore_index):
@@ -313,7 +403,16 @@ def _compact(tgt, ignore_index):
     return order, (~ignored).sum().reshape(1)
 
 
-def _launch_stats(h, w, b, tgt, order, n_active, state, p, mt, row0, rows, v_begin, v_end, inv_temp, *,
+def _active_rows(tgt, ignore_index):
+    """Indices of the rows whose target is not ignored, for the recompute path's backward: one host sync on
+    CUDA (the matmul sizes must be known), none on the CPU. While a CUDA graph is being captured (no sync
+    allowed) every row, the kernels then zero the ignored ones."""
+    if tgt.is_cuda and torch.cuda.is_current_stream_capturing():
+        return torch.arange(tgt.numel(), device=tgt.device)
+    return torch.nonzero(tgt != ignore_index)[:, 0]
+
+
+def _launch_stats(h, w, b, tgt, order, n_active, state, p, mt, row0, rows, v_begin, v_end, lg, *,
                   first, with_ent, splits, cfg):
     """One launch of ``_stats_kernel`` over compacted rows [row0, row0 + rows) and vocab [v_begin, v_end)."""
     m, s, t, zt, sx = state
@@ -323,11 +422,11 @@ def _launch_stats(h, w, b, tgt, order, n_active, state, p, mt, row0, rows, v_beg
     args = (h, w, b if b is not None else h, tgt, order, n_active, m, s, t, zt, sx,
             p if p is not None else h, mt if mt is not None else m,
             row0, rows, v_begin, v_end, per_split, h.shape[1], w.shape[0], h.stride(0), w.stride(0),
-            p.stride(0) if p is not None else 0, mt.stride(0) if mt is not None else 0, inv_temp)
+            p.stride(0) if p is not None else 0, mt.stride(0) if mt is not None else 0, *lg.kernel_args())
     meta = dict(SPLITS=splits, FIRST=first, HAS_BIAS=b is not None, WITH_ENT=with_ent, WRITE_P=p is not None,
-                DOT_DTYPE=dot_dtype, PRECISION=precision)
+                SOFTCAP=lg.cap is not None, DOT_DTYPE=dot_dtype, PRECISION=precision)
     with on_device(h):
-        if _autotune_on(h):
+        if _autotune_on(h, w, lg):
             _tuned("stats", _stats_kernel)[lambda c: (cdiv(rows, c["BLOCK_N"]) * splits,)](*args, **meta)
         else:
             _stats_kernel[(cdiv(rows, cfg["BLOCK_N"]) * splits,)](*args, **meta, **cfg)
@@ -349,28 +448,27 @@ def logprob_from_stats(zt, lse, rest):
     return torch.where(rest < 0.5, torch.log1p(-rest.clamp(max=0.5)), zt - lse)
 
 
-def _triton_forward(h, w, b, tgt, inv_temp, ignore_index, with_ent, jacobian):
+def _triton_forward(h, w, b, tgt, lg, ignore_index, with_ent, jacobian):
     """Returns (logp, lse, ez-or-None, J-or-None) in original row order; logp/lse/ez fp32 [N] (0 at
-    ignored rows), J [N, H] in h's dtype (path 2, zeros at ignored rows)."""
+    ignored rows), J [N, H] fp32 (path 2, zeros at ignored rows)."""
     n, hd = h.shape
     v = w.shape[0]
     if n == 0:
         empty = torch.zeros(0, device=h.device, dtype=torch.float32)
-        return empty, empty, (empty if with_ent else None), (torch.zeros_like(h) if jacobian else None)
+        return empty, empty.clone(), (empty.clone() if with_ent else None), (torch.zeros_like(h) if jacobian else None)
     order, n_active = _compact(tgt, ignore_index)
-    scfg = stats_config(h.device, h.dtype)
+    scfg = stats_config(h.device, h.dtype, w.dtype, lg.cap is not None)
     if not jacobian:
         splits = _num_splits(cdiv(n, scfg["BLOCK_N"]), cdiv(v, scfg["BLOCK_V"]))
         state = torch.empty((5, splits, n), device=h.device, dtype=torch.float32)
-        _launch_stats(h, w, b, tgt, order, n_active, state, None, None, 0, n, 0, v, inv_temp,
+        _launch_stats(h, w, b, tgt, order, n_active, state, None, None, 0, n, 0, v, lg,
                       first=True, with_ent=with_ent, splits=splits, cfg=scfg)
-        lse_c, zt, ez, rest, _ = _combine(state)
-        logp_c, ez_c, jac = logprob_from_stats(zt, lse_c, rest), (ez if with_ent else None), None
+        lse_c, zt, ez_c, rest, _ = _combine(state)
+        logp_c, jac = logprob_from_stats(zt, lse_c, rest), None
     else:
-        lse_c, logp_c = (torch.empty(n, device=h.device, dtype=torch.float32) for _ in range(2))
-        ez_c = None
-        jac = torch.zeros((n, hd), device=h.device, dtype=h.dtype)
-        ecfg = expect_config(h.device, h.dtype)
+        lse_c, logp_c, ez_c = (torch.empty(n, device=h.device, dtype=torch.float32) for _ in range(3))
+        jac = torch.zeros((n, hd), device=h.device, dtype=torch.float32)
+        ecfg = expect_config(h.device, h.dtype, w.dtype)
         rows_per_chunk = min(n, _JAC_ROWS)
         segment = min(v, _JAC_SEGMENT)
         splits = _num_splits(cdiv(rows_per_chunk, scfg["BLOCK_N"]), cdiv(segment, scfg["BLOCK_V"]))
@@ -384,24 +482,24 @@ def _triton_forward(h, w, b, tgt, inv_temp, ignore_index, with_ent, jacobian):
             m_prev = None
             for v0 in range(0, v, segment):
                 v1 = min(v, v0 + segment)
-                _launch_stats(h, w, b, tgt, order, n_active, state, p, mt, r0, rows, v0, v1, inv_temp,
-                              first=m_prev is None, with_ent=False, splits=splits, cfg=scfg)
+                _launch_stats(h, w, b, tgt, order, n_active, state, p, mt, r0, rows, v0, v1, lg,
+                              first=m_prev is None, with_ent=with_ent, splits=splits, cfg=scfg)
                 m_cur = state[0].max(dim=0).values  # running max over every column so far
                 args = (p, mt, w, tgt, order, n_active, m_cur, m_cur if m_prev is None else m_prev, acc,
                         r0, rows, v0, v1, hd, p.stride(0), mt.stride(0), w.stride(0), acc.stride(0))
                 meta = dict(FIRST=m_prev is None, TILE_V=scfg["BLOCK_V"], DOT_DTYPE=dot_dtype, PRECISION=precision)
                 with on_device(h):
-                    if _autotune_on(h):
+                    if _autotune_on(h, w, lg):
                         grid = lambda c, rows=rows: (cdiv(rows, c["BLOCK_M"]) * cdiv(hd, c["BLOCK_HO"]),)  # noqa: E731
                         _tuned("expect", _expect_kernel)[grid](*args, **meta)
                     else:
                         grid = (cdiv(rows, ecfg["BLOCK_M"]) * cdiv(hd, ecfg["BLOCK_HO"]),)
                         _expect_kernel[grid](*args, **meta, **ecfg)
                 m_prev = m_cur
-            lse_rows, zt, _, rest, total = _combine(state)
+            lse_rows, zt, ez_rows, rest, total = _combine(state)
             lse_c[r0:r0 + rows], logp_c[r0:r0 + rows] = lse_rows, logprob_from_stats(zt, lse_rows, rest)
-            _finish_jacobian(jac, w, tgt, order[r0:r0 + rows], n_active, r0, rest, acc[:rows] / total[:, None],
-                             inv_temp)
+            ez_c[r0:r0 + rows] = ez_rows
+            _finish_jacobian(jac, w, tgt, order[r0:r0 + rows], n_active, r0, rest, acc[:rows] / total[:, None], zt, lg)
     active_c = torch.arange(n, device=h.device) < n_active
     out = [torch.zeros(n, device=h.device, dtype=torch.float32) for _ in range(3 if with_ent else 2)]
     for buf, val in zip(out, (logp_c, lse_c) + ((ez_c,) if with_ent else ())):
@@ -409,83 +507,94 @@ def _triton_forward(h, w, b, tgt, inv_temp, ignore_index, with_ent, jacobian):
     return out[0], out[1], (out[2] if with_ent else None), jac
 
 
-def _finish_jacobian(jac, w, tgt, order_rows, n_active, r0, rest, expect_rest, inv_temp):
-    """jac[rows] = ((1 - p_y) W_y - sum_{v != y} p_v W_v) / T for the chunk's compacted rows, with
-    ``rest`` = 1 - p_y and ``expect_rest`` [rows, H] fp32 = the sum without the target column."""
+def _finish_jacobian(jac, w, tgt, order_rows, n_active, r0, rest, expect_rest, zt, lg):
+    """jac[rows] = (scale / T) ((1 - p_y) d_y W_y - sum_{v != y} p_v d_v W_v) for the chunk's compacted rows,
+    with ``rest`` = 1 - p_y, ``expect_rest`` [rows, H] fp32 = the sum without the target column (d_v already
+    folded in), ``zt`` the target logits (d = the softcap factor, 1 without one)."""
     ok = (torch.arange(r0, r0 + order_rows.numel(), device=jac.device) < n_active)[:, None]
     y = torch.where(ok[:, 0], tgt[order_rows], 0)
-    j = (torch.where(ok, rest[:, None], 0.0) * w[y].float() - torch.where(ok, expect_rest, 0.0))
-    jac[order_rows] = torch.where(ok, j * inv_temp, 0.0).to(jac.dtype)
+    d_y = lg.target_factor(zt)
+    coef = rest if d_y is None else rest * d_y
+    j = (torch.where(ok, coef[:, None], 0.0) * w[y].float() - torch.where(ok, expect_rest, 0.0))
+    jac[order_rows] = torch.where(ok, j * lg.grad_scale, 0.0).to(jac.dtype)
 
 
-def _triton_backward(h, w, b, tgt, lse, g, g_ent, ez, inv_temp, ignore_index, need_dw, need_db):
-    """Path 3. Returns (d_hidden in hidden's dtype, fp32 d_weight or None, fp32 d_bias or None).
+def _triton_backward(h, w, b, tgt, lse, g, g_ent, ez, lg, ignore_index, need_dh, need_dw, need_db):
+    """Path 3. Returns (fp32 d_hidden or None, fp32 d_weight or None, fp32 d_bias or None).
 
-    Per (row chunk, vocab chunk) the dlogits kernel writes the chunk (at most _DZ_CHUNK_BYTES, in the
-    matmul dtype) and dense matmuls consume it: d_hidden_rows += dz @ W_chunk (an fp32 accumulator
-    per row chunk), and only for a trainable head d_weight_chunk += dz.T @ h_rows. No atomics.
+    Only the rows whose target is not ignored are computed (``_active_rows``), in chunks gathered from them.
+    Per (row chunk, vocab chunk) the dlogits kernel writes the chunk (at most _DZ_CHUNK_BYTES, in the matmul
+    dtype: the hidden states') and dense matmuls consume it: d_hidden_rows += dz @ W_chunk (an fp32
+    accumulator per row chunk), and only for a trainable head d_weight_chunk += dz.T @ h_rows. No atomics.
     """
     n, hd = h.shape
     v = w.shape[0]
     with_ent = g_ent is not None
-    cfg = dlogits_config(h.device, h.dtype)
+    cfg = dlogits_config(h.device, h.dtype, w.dtype, lg.cap is not None)
     dot_dtype, precision = dot_config(h.dtype, h.device)
     mm_dtype = h.dtype if h.device.type == "cuda" else torch.float32  # interpreter: fp32 throughout
-    active = tgt != ignore_index
-    dh = torch.empty((n, hd), device=h.device, dtype=h.dtype)
+    dh = torch.zeros((n, hd), device=h.device, dtype=torch.float32) if need_dh else None
     dw = torch.zeros((v, hd), device=h.device, dtype=torch.float32) if need_dw else None
     db = torch.zeros((v,), device=h.device, dtype=torch.float32) if need_db else None
-    if n == 0:
+    idx = _active_rows(tgt, ignore_index)
+    n_rows = idx.numel()
+    if n_rows == 0:
         return dh, dw, db
-    rows_per_chunk = min(n, _TRITON_ROWS_PER_CHUNK)
+    rows_per_chunk = min(n_rows, _TRITON_ROWS_PER_CHUNK)
     elt = torch.finfo(mm_dtype).bits // 8
     vocab_per_chunk = max(cfg["BLOCK_V"], _DZ_CHUNK_BYTES // (rows_per_chunk * elt) // cfg["BLOCK_V"] * cfg["BLOCK_V"])
     dz_buf = torch.empty((rows_per_chunk, min(v, vocab_per_chunk)), device=h.device, dtype=mm_dtype)
-    for r0 in range(0, n, rows_per_chunk):
-        r1 = min(n, r0 + rows_per_chunk)
-        h_rows = h[r0:r1]
-        h_mm = torch.where(active[r0:r1, None], h_rows, 0).to(mm_dtype) if need_dw else None  # NaN-proof
-        acc = torch.zeros((r1 - r0, hd), device=h.device, dtype=torch.float32)
+    inv_t, scale, cap = lg.kernel_args()
+    for r0 in range(0, n_rows, rows_per_chunk):
+        rows = idx[r0:r0 + rows_per_chunk]
+        count = rows.numel()
+        tgt_rows = tgt[rows]
+        h_rows = h[rows]
+        ent_rows = (g_ent[rows], ez[rows]) if with_ent else (lse[rows], lse[rows])
+        h_mm = torch.where((tgt_rows != ignore_index)[:, None], h_rows, 0).to(mm_dtype) if need_dw else None
+        acc = torch.zeros((count, hd), device=h.device, dtype=torch.float32) if need_dh else None
         for v0 in range(0, v, vocab_per_chunk):
             v1 = min(v, v0 + vocab_per_chunk)
-            dz = dz_buf[: r1 - r0, : v1 - v0]
+            dz = dz_buf[:count, : v1 - v0]
             with on_device(h):
-                _dlogits_kernel[(cdiv(r1 - r0, cfg["BLOCK_N"]), cdiv(v1 - v0, cfg["BLOCK_V"]))](
-                    h_rows, w, b if b is not None else h, tgt[r0:r1], lse[r0:r1], g[r0:r1],
-                    (g_ent if with_ent else g)[r0:r1], (ez if with_ent else lse)[r0:r1], dz,
-                    r1 - r0, v0, v1, hd, h.stride(0), w.stride(0), dz.stride(0), inv_temp, ignore_index,
-                    HAS_BIAS=b is not None, WITH_ENT=with_ent, DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg,
+                _dlogits_kernel[(cdiv(count, cfg["BLOCK_N"]), cdiv(v1 - v0, cfg["BLOCK_V"]))](
+                    h_rows, w, b if b is not None else h, tgt_rows, lse[rows], g[rows], *ent_rows, dz,
+                    count, v0, v1, hd, h_rows.stride(0), w.stride(0), dz.stride(0), inv_t, scale, cap, ignore_index,
+                    HAS_BIAS=b is not None, WITH_ENT=with_ent, SOFTCAP=lg.cap is not None, DOT_DTYPE=dot_dtype,
+                    PRECISION=precision, **cfg,
                 )
-            acc += mm_fp32(dz, w[v0:v1].to(mm_dtype))
+            if need_dh:
+                acc += mm_fp32(dz, w[v0:v1].to(mm_dtype))
             if need_dw:
                 dw[v0:v1] += mm_fp32(dz.t(), h_mm)
             if need_db:
                 db[v0:v1] += dz.sum(dim=0, dtype=torch.float32)
-        dh[r0:r1] = acc
+        if need_dh:
+            dh[rows] = acc
     return dh, dw, db
 
 
 # --------------------------------------------------------------------------------------------
 # Chunked PyTorch fallback: same algorithms, [rows x vocab] chunks of at most 32 MB in fp32
 # --------------------------------------------------------------------------------------------
-def _chunk_logits(h32, w, b, v0, v1, inv_temp):
-    """fp32 logits / T of all rows of ``h32`` against vocab rows [v0, v1)."""
-    z = h32 @ w[v0:v1].float().t()
+def _chunk_logits(h32, w, b, v0, v1, lg):
+    """(z, d): fp32 transformed logits of all rows of ``h32`` against vocab rows [v0, v1), and the softcap
+    factor of dz/draw (None without a softcap)."""
+    raw = h32 @ w[v0:v1].float().t()
     if b is not None:
-        z += b[v0:v1].float()
-    return z.mul_(inv_temp)
+        raw += b[v0:v1].float()
+    return lg.apply(raw)
 
 
-def _torch_forward(h, w, b, tgt, inv_temp, ignore_index, with_ent, jacobian):
+def _torch_forward(h, w, b, tgt, lg, ignore_index, with_ent, jacobian):
     """Returns (logp, lse, ez-or-None, J-or-None) like ``_triton_forward``; only active rows are computed."""
     n, hd = h.shape
     v = w.shape[0]
-    active = tgt != ignore_index
-    idx = torch.nonzero(active)[:, 0]
+    idx = torch.nonzero(tgt != ignore_index)[:, 0]
     lse = torch.zeros(n, device=h.device, dtype=torch.float32)
     logp = torch.zeros_like(lse)
     ez = torch.zeros_like(lse) if with_ent else None
-    jac = torch.zeros((n, hd), device=h.device, dtype=h.dtype) if jacobian else None
+    jac = torch.zeros((n, hd), device=h.device, dtype=torch.float32) if jacobian else None
     for c0 in range(0, idx.numel(), _TORCH_ROWS_PER_CHUNK):
         rows = idx[c0:c0 + _TORCH_ROWS_PER_CHUNK]
         h32 = h[rows].float()
@@ -498,7 +607,7 @@ def _torch_forward(h, w, b, tgt, inv_temp, ignore_index, with_ent, jacobian):
         acc = torch.zeros((rows.numel(), hd), device=h.device) if jacobian else None
         for v0 in range(0, v, _TORCH_VOCAB_PER_CHUNK):
             v1 = min(v, v0 + _TORCH_VOCAB_PER_CHUNK)
-            z = _chunk_logits(h32, w, b, v0, v1, inv_temp)
+            z, d = _chunk_logits(h32, w, b, v0, v1, lg)
             m_new = torch.maximum(m, z.max(dim=1).values)
             alpha = torch.exp(m - m_new)
             e = torch.exp(z - m_new[:, None])
@@ -511,46 +620,48 @@ def _torch_forward(h, w, b, tgt, inv_temp, ignore_index, with_ent, jacobian):
             z_y += torch.where(hit, z.gather(1, at)[:, 0], 0.0)
             e.scatter_(1, at, torch.where(hit[:, None], 0.0, e.gather(1, at)))  # the target column left out
             s_rest = s_rest * alpha + e.sum(dim=1)
-            if jacobian:  # sum over v != y of exp(z_v - m) W_v, rescaled online
-                acc = torch.addmm(acc * alpha[:, None], e, w[v0:v1].float())
+            if jacobian:  # sum over v != y of exp(z_v - m) d_v W_v, rescaled online
+                acc = torch.addmm(acc * alpha[:, None], e if d is None else e * d, w[v0:v1].float())
             m = m_new
         lse_rows, rest = m + torch.log(s), s_rest / s
         lse[rows], logp[rows] = lse_rows, logprob_from_stats(z_y, lse_rows, rest)
         if with_ent:
             ez[rows] = t / s
         if jacobian:
-            j = rest[:, None] * w[y].float() - acc / s[:, None]
-            jac[rows] = (j * inv_temp).to(h.dtype)
+            d_y = lg.target_factor(z_y)
+            j = (rest if d_y is None else rest * d_y)[:, None] * w[y].float() - acc / s[:, None]
+            jac[rows] = j * lg.grad_scale
     return logp, lse, ez, jac
 
 
-def _torch_backward(h, w, b, tgt, lse, g, g_ent, ez, inv_temp, ignore_index, need_dw, need_db):
-    """Path 3: fp32 (d_hidden, d_weight-or-None, d_bias-or-None); recomputes logits chunk by chunk."""
+def _torch_backward(h, w, b, tgt, lse, g, g_ent, ez, lg, ignore_index, need_dh, need_dw, need_db):
+    """Path 3: fp32 (d_hidden, d_weight, d_bias), each None unless needed; recomputes the logits of the rows
+    whose target is not ignored, chunk by chunk."""
     n, hd = h.shape
     v = w.shape[0]
-    active = tgt != ignore_index
-    g = torch.where(active, g, 0.0)
-    if g_ent is not None:
-        g_ent = torch.where(active, g_ent, 0.0)
-    dh = torch.zeros((n, hd), device=h.device, dtype=torch.float32)
+    idx = torch.nonzero(tgt != ignore_index)[:, 0]
+    dh = torch.zeros((n, hd), device=h.device, dtype=torch.float32) if need_dh else None
     dw = torch.zeros((v, hd), device=h.device, dtype=torch.float32) if need_dw else None
     db = torch.zeros((v,), device=h.device, dtype=torch.float32) if need_db else None
     for v0 in range(0, v, _TORCH_VOCAB_PER_CHUNK):
         v1 = min(v, v0 + _TORCH_VOCAB_PER_CHUNK)
         w32 = w[v0:v1].float()
-        for r0 in range(0, n, _TORCH_ROWS_PER_CHUNK):
-            r1 = min(n, r0 + _TORCH_ROWS_PER_CHUNK)
-            h32 = torch.where(active[r0:r1, None], h[r0:r1], 0).float()  # NaN-proof for ignored rows
-            z = _chunk_logits(h32, w, b, v0, v1, inv_temp)
-            p = torch.exp(z - lse[r0:r1, None])
-            dz = p.mul_(-g[r0:r1, None]) if g_ent is None else (
-                -g[r0:r1, None] * p - g_ent[r0:r1, None] * p * (z - ez[r0:r1, None]))
-            local = tgt[r0:r1] - v0
-            hit = (local >= 0) & (local < v1 - v0)
-            rows = torch.nonzero(hit)[:, 0]
-            dz[rows, local[rows]] += g[r0:r1][rows]
-            dz = torch.where(active[r0:r1, None], dz, 0.0).mul_(inv_temp)
-            dh[r0:r1] += dz @ w32
+        for r0 in range(0, idx.numel(), _TORCH_ROWS_PER_CHUNK):
+            rows = idx[r0:r0 + _TORCH_ROWS_PER_CHUNK]
+            h32 = h[rows].float()
+            z, d = _chunk_logits(h32, w, b, v0, v1, lg)
+            p = torch.exp(z - lse[rows, None])
+            g_rows = g[rows]
+            dz = p.mul_(-g_rows[:, None]) if g_ent is None else (
+                -g_rows[:, None] * p - g_ent[rows, None] * p * (z - ez[rows, None]))
+            local = tgt[rows] - v0
+            hit = torch.nonzero((local >= 0) & (local < v1 - v0))[:, 0]
+            dz[hit, local[hit]] += g_rows[hit]
+            dz.mul_(lg.grad_scale)
+            if d is not None:
+                dz.mul_(d)
+            if need_dh:
+                dh.index_add_(0, rows, dz @ w32)
             if need_dw:
                 dw[v0:v1] += dz.t() @ h32
             if need_db:
@@ -559,55 +670,144 @@ def _torch_backward(h, w, b, tgt, lse, g, g_ent, ez, inv_temp, ignore_index, nee
 
 
 # --------------------------------------------------------------------------------------------
-# autograd + public API
+# autograd: an autograd.Function in eager mode (transparent to dispatch modes such as FlopCounterMode),
+# the same forward and backward as torch.library ops under torch.compile (opaque to tracing: the chunk loops,
+# the compaction and the kernel launches stay out of the graph)
 # --------------------------------------------------------------------------------------------
+PATHS = ("forward", "jacobian", "recompute")
+
+
+def _forward(h, w, b, tgt, lg, ignore_index, with_ent, impl, path):
+    """(logp, ent, lse, ez, jac): ent / ez are empty without entropy, jac is empty unless path == "jacobian"."""
+    forward_fn = _triton_forward if impl == "triton" else _torch_forward
+    logp, lse, ez, jac = forward_fn(h, w, b, tgt, lg, ignore_index, with_ent, path == "jacobian")
+    if with_ent:
+        ent = torch.where(tgt == ignore_index, 0.0, lse - ez)
+    else:
+        ent, ez = logp.new_empty(0), logp.new_empty(0)
+    return logp, ent, lse, ez, (jac if jac is not None else h.new_empty((0, h.shape[1]), dtype=torch.float32))
+
+
+def _backward_recompute(h, w, b, tgt, lse, ez, g_logp, g_ent, lg, ignore_index, impl, need_dh, need_dw, need_db):
+    """Path 3's gradients (dh, dw, db) in the inputs' dtypes, each None unless needed."""
+    g = g_logp.float().contiguous() if g_logp is not None else torch.zeros_like(lse)
+    g_ent = g_ent.float().contiguous() if g_ent is not None else None
+    backward_fn = _triton_backward if impl == "triton" else _torch_backward
+    dh, dw, db = backward_fn(h, w, b, tgt, lse, g, g_ent, ez if g_ent is not None else None, lg, ignore_index,
+                             need_dh, need_dw, need_db and b is not None)
+    return (dh.to(h.dtype) if dh is not None else None, dw.to(w.dtype) if dw is not None else None,
+            db.to(b.dtype) if db is not None else None)
+
+
+def _jacobian_grad(jac, tgt, g_logp, ignore_index, h_dtype):
+    """Path 2's d_hidden = g J (0 at ignored rows and without an upstream gradient)."""
+    if g_logp is None:
+        return torch.zeros(jac.shape, device=jac.device, dtype=h_dtype)
+    g = torch.where(tgt != ignore_index, g_logp.float(), 0.0)
+    return (g[:, None] * jac.float()).to(h_dtype)
+
+
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, b, tgt, temperature, ignore_index, with_ent, impl, path):
+    def forward(ctx, h, w, b, tgt, lg, ignore_index, with_ent, entropy_grad, impl, path, weight_context):
         """``path``: "forward" (no gradient will be asked), "jacobian" or "recompute" (module docstring)."""
-        inv_temp = 1.0 / temperature
-        forward_fn = _triton_forward if impl == "triton" else _torch_forward
-        logp, lse, ez, jac = forward_fn(h, w, b, tgt, inv_temp, ignore_index, with_ent, path == "jacobian")
-        ignored = tgt == ignore_index
-        ent = torch.where(ignored, 0.0, lse - ez) if with_ent else logp.new_empty(0)
-        if not with_ent:
+        logp, ent, lse, ez, jac = _forward(h, w, b, tgt, lg, ignore_index, with_ent, impl, path)
+        if not entropy_grad:
             ctx.mark_non_differentiable(ent)
         if path == "jacobian":
             ctx.save_for_backward(jac, tgt)
         elif path == "recompute":
             ctx.save_for_backward(h, w, b, tgt, lse, ez)
-        ctx.inv_temp, ctx.ignore_index, ctx.impl, ctx.with_ent, ctx.path = inv_temp, ignore_index, impl, with_ent, path
-        ctx.h_dtype = h.dtype
+        ctx.lg, ctx.ignore_index, ctx.impl, ctx.entropy_grad, ctx.path = lg, ignore_index, impl, entropy_grad, path
+        ctx.h_dtype, ctx.weight_context = h.dtype, weight_context
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]  # path "forward" never gets here: no grad asked
+        none = (None,) * 8
         if ctx.path == "jacobian":
             jac, tgt = ctx.saved_tensors
-            if g_logp is None:
-                return (torch.zeros_like(jac),) + (None,) * 8
-            g = torch.where(tgt != ctx.ignore_index, g_logp.float(), 0.0)
-            return ((g[:, None] * jac.float()).to(ctx.h_dtype),) + (None,) * 8
+            return (_jacobian_grad(jac, tgt, g_logp, ctx.ignore_index, ctx.h_dtype), None, None) + none
         h, w, b, tgt, lse, ez = ctx.saved_tensors
-        g = g_logp.float().contiguous() if g_logp is not None else torch.zeros_like(lse)
-        g_ent = g_ent.float().contiguous() if (ctx.with_ent and g_ent is not None) else None
-        backward_fn = _triton_backward if ctx.impl == "triton" else _torch_backward
-        dh, dw, db = backward_fn(h, w, b, tgt, lse, g, g_ent, ez if g_ent is not None else None,
-                                 ctx.inv_temp, ctx.ignore_index, need_dw, need_db and b is not None)
-        return (dh.to(h.dtype) if need_dh else None,
-                dw.to(w.dtype) if dw is not None else None,
-                db.to(b.dtype) if db is not None else None,
-                None, None, None, None, None, None)
+        with ctx.weight_context() if ctx.weight_context is not None else contextlib.nullcontext():
+            grads = _backward_recompute(h, w, b, tgt, lse, ez, g_logp, g_ent if ctx.entropy_grad else None, ctx.lg,
+                                        ctx.ignore_index, ctx.impl, need_dh, need_dw, need_db)
+        return grads + none
 
 
-def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index):
+@torch.library.custom_op("saga_kernels::linear_logprobs_forward", mutates_args=())
+def _forward_op(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tgt: torch.Tensor, scale: float,
+                cap: float | None, inv_temp: float, ignore_index: int, with_ent: bool, impl: str,
+                path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp, ent, lse, ez, jac) of ``_forward``, as an op torch.compile does not trace into."""
+    return _forward(h, w, b, tgt, LogitTransform(scale, cap, inv_temp), ignore_index, with_ent, impl, path)
+
+
+@_forward_op.register_fake
+def _(h, w, b, tgt, scale, cap, inv_temp, ignore_index, with_ent, impl, path):
+    n, hd = h.shape
+    vec = h.new_empty(n, dtype=torch.float32)
+    stat = h.new_empty(n if with_ent else 0, dtype=torch.float32)
+    return vec, stat, vec.clone(), stat.clone(), h.new_empty((n if path == "jacobian" else 0, hd), dtype=torch.float32)
+
+
+@torch.library.custom_op("saga_kernels::linear_logprobs_backward", mutates_args=())
+def _backward_op(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tgt: torch.Tensor, lse: torch.Tensor,
+                 ez: torch.Tensor, g_logp: torch.Tensor, g_ent: torch.Tensor | None, scale: float, cap: float | None,
+                 inv_temp: float, ignore_index: int, impl: str, need_dh: bool, need_dw: bool,
+                 need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Path 3's (dh, dw, db) as an op; a gradient not needed is an empty tensor."""
+    grads = _backward_recompute(h, w, b, tgt, lse, ez, g_logp, g_ent, LogitTransform(scale, cap, inv_temp),
+                                ignore_index, impl, need_dh, need_dw, need_db)
+    return tuple(g if g is not None else h.new_empty(0) for g in grads)
+
+
+@_backward_op.register_fake
+def _(h, w, b, tgt, lse, ez, g_logp, g_ent, scale, cap, inv_temp, ignore_index, impl, need_dh, need_dw, need_db):
+    return (torch.empty_like(h) if need_dh else h.new_empty(0), torch.empty_like(w) if need_dw else h.new_empty(0),
+            torch.empty_like(b) if need_db and b is not None else h.new_empty(0))
+
+
+def _setup_op_context(ctx, inputs, output):
+    h, w, b, tgt, scale, cap, inv_temp, ignore_index, with_ent, impl, path = inputs
+    _, _, lse, ez, jac = output
+    if path == "jacobian":
+        ctx.save_for_backward(jac, tgt)
+    elif path == "recompute":
+        ctx.save_for_backward(h, w, b, tgt, lse, ez)
+    ctx.transform, ctx.ignore_index, ctx.with_ent, ctx.impl, ctx.path = (scale, cap, inv_temp), ignore_index, \
+        with_ent, impl, path
+    ctx.h_dtype = h.dtype
+
+
+def _op_backward(ctx, g_logp, g_ent, *_):
+    need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+    none = (None,) * 8
+    if ctx.path == "jacobian":
+        jac, tgt = ctx.saved_tensors
+        return (_jacobian_grad(jac, tgt, g_logp, ctx.ignore_index, ctx.h_dtype), None, None) + none
+    h, w, b, tgt, lse, ez = ctx.saved_tensors
+    g_logp = g_logp if g_logp is not None else torch.zeros_like(lse)
+    dh, dw, db = _backward_op(h, w, b, tgt, lse, ez, g_logp, g_ent if ctx.with_ent else None, *ctx.transform,
+                              ctx.ignore_index, ctx.impl, need_dh, need_dw, need_db and b is not None)
+    return (dh if need_dh else None, dw if need_dw else None, db if need_db and b is not None else None) + none
+
+
+_forward_op.register_autograd(_op_backward, setup_context=_setup_op_context)
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+ENTROPY_MODES = (False, True, "detached")
+
+
+def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, logit_scale, softcap):
     check_tensor("hidden", hidden, dtypes=_HALF_OR_FLOAT)
     if hidden.dim() < 1:
         raise ValueError(f"hidden must have shape [..., H], got shape {tuple(hidden.shape)}")
-    check_tensor("weight", weight, ndim=2, shape=(None, hidden.shape[-1]))
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    check_tensor("weight", weight, ndim=2, shape=(None, hidden.shape[-1]), dtypes=_HALF_OR_FLOAT)
     check_tensor("targets", targets, dtypes=_INT_DTYPES, shape=tuple(hidden.shape[:-1]))
     if bias is not None:
         check_tensor("bias", bias, dtypes=_HALF_OR_FLOAT, shape=(weight.shape[0],))
@@ -615,32 +815,51 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index):
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
             math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not (math.isfinite(softcap) and softcap > 0)):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if 0 <= ignore_index < weight.shape[0]:
         raise ValueError(f"ignore_index must lie outside [0, V={weight.shape[0]}), got {ignore_index}")
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one vocabulary row, got shape [0, H]")
+    if not any(return_entropy is mode or (isinstance(mode, str) and return_entropy == mode)
+               for mode in ENTROPY_MODES):
+        raise ValueError(f"return_entropy must be False, True or 'detached', got {return_entropy!r}")
     check_index_range("targets", targets, weight.shape[0], ignore_index=ignore_index)
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                    return_entropy=False, impl=None):
-    """Per-token log pi(target) under softmax((hidden @ weight.T + bias) / temperature).
+                    return_entropy=False, logit_scale=1.0, softcap=None, weight_context=None, impl=None):
+    """Per-token log pi(target) under softmax(z), z = logit_scale * (hidden @ weight.T + bias) / temperature
+    (with ``softcap`` C: z = C * tanh(logit_scale * (hidden @ weight.T + bias) / C) / temperature).
 
-    hidden ``[..., H]`` (fp32/fp16/bf16), weight ``[V, H]`` (same dtype), bias ``[V]`` or None,
-    targets ``[...]`` int64/int32 in [0, V) or ``ignore_index``. Returns fp32 log-probs ``[...]`` (0 at
-    ignored tokens) and, with ``return_entropy=True``, also the fp32 entropy ``[...]`` of the
-    tempered softmax (0 at ignored tokens; differentiable: dH/dz_v = -p_v (z_v - E_p[z])).
+    hidden ``[..., H]`` and weight ``[V, H]`` in fp32 / fp16 / bf16 (they may differ: the matmuls run in the
+    hidden states' dtype, each weight tile cast on the fly as autocast would, never a V x H copy), bias ``[V]``
+    or None, targets ``[...]`` int64/int32 in [0, V) or ``ignore_index``. Returns fp32 log-probs ``[...]`` (0
+    at ignored tokens) and, with ``return_entropy``, also the fp32 entropy ``[...]`` of softmax(z) (0 at
+    ignored tokens): ``True`` differentiable (dH/dz_v = -p_v (z_v - E_p[z])), ``"detached"`` a value without
+    gradient, from the forward's streaming statistics (no extra matmul, and the cheapest path stays open: use
+    it whenever the entropy is only read, e.g. for metrics or an entropy mask).
+
     Gradients flow to hidden, and to weight/bias only when they require grad; an empty batch (no rows)
-    still gives zero gradients of the right shape. No [N, V] buffer is allocated; see the module
-    docstring for the three paths (2NHV forward only, 4NHV frozen head, 6NHV / 8NHV recompute) and their
-    memory. ``impl``: "triton" | "torch" | None (see saga_kernels._dispatch).
+    still gives zero gradients of the right shape. Ignored targets cost nothing on every path. No [N, V]
+    buffer is allocated; see the module docstring for the three paths (2NHV forward only, 4NHV frozen head,
+    6NHV differentiable entropy / 8NHV trained head) and their memory. ``logit_scale`` / ``softcap``: a
+    model's logit multiplier and final-logit softcap (transformers' config fields, e.g. Granite, Gemma 2).
+    ``weight_context``: a zero-argument callable returning a context manager entered around the backward's
+    reads of weight and bias (e.g. DeepSpeed ZeRO-3's gather), eager mode only. ``impl``: "triton" |
+    "torch" | None (see saga_kernels._dispatch). Works under ``torch.compile(fullgraph=True)`` (the kernels
+    are registered as torch.library ops).
 
     Raises TypeError / ValueError naming the argument for wrong dtypes, shapes, devices, temperature,
-    ignore_index, and for targets outside [0, V) (a value check: see ``saga_kernels.input_checks``).
+    logit_scale, softcap, return_entropy, ignore_index, and for targets outside [0, V) (a value check: see
+    ``saga_kernels.input_checks``).
     """
-    _check_inputs(hidden, weight, targets, bias, temperature, ignore_index)
+    _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, logit_scale, softcap)
     chosen = resolve_impl(impl, hidden, weight, targets, bias)
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -652,13 +871,24 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
     grad_on = torch.is_grad_enabled()
     need_dh = grad_on and hidden.requires_grad
     need_head = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    with_ent = return_entropy is not False
+    entropy_grad = return_entropy is True
     if not (need_dh or need_head):
         path = "forward"
-    elif need_dh and not need_head and not return_entropy and JACOBIAN_PATH:
+    elif need_dh and not need_head and not entropy_grad and JACOBIAN_PATH:
         path = "jacobian"
     else:
         path = "recompute"
-    logp, ent = _LinearLogprobs.apply(h, w, b, tgt, float(temperature), ignore_index, return_entropy, chosen, path)
-    if return_entropy:
+    lg = LogitTransform(float(logit_scale), None if softcap is None else float(softcap), 1.0 / float(temperature))
+    if torch.compiler.is_compiling():
+        if weight_context is not None:
+            raise ValueError("weight_context is not supported under torch.compile (it is entered in eager backward)")
+        logp, ent, *_ = _forward_op(h, w, b, tgt, *lg, ignore_index, with_ent, chosen, path)
+        if not entropy_grad:
+            ent = ent.detach()
+    else:
+        logp, ent = _LinearLogprobs.apply(h, w, b, tgt, lg, ignore_index, with_ent, entropy_grad, chosen, path,
+                                          weight_context)
+    if with_ent:
         return logp.reshape(lead), ent.reshape(lead)
     return logp.reshape(lead)

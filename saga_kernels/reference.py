@@ -10,14 +10,18 @@ import torch.nn.functional as F
 
 
 def linear_logprobs_reference(hidden, weight, targets, bias=None, temperature=1.0, ignore_index=-100,
-                              return_entropy=False):
-    """log softmax((hidden @ weight.T + bias) / T)[target] (0 where ignored), optionally the entropy.
+                              return_entropy=False, logit_scale=1.0, softcap=None):
+    """log softmax(z)[target] (0 where ignored), optionally the entropy of softmax(z), with
+    z = logit_scale * (hidden @ weight.T + bias) / T, or cap * tanh(logit_scale * (hidden @ weight.T + bias) / cap) / T.
 
-    The logits are formed in the inputs' dtype (float64 for the oracle; bf16 gives "eager bf16"),
-    then softmax runs in at least fp32.
+    The raw logits are formed in the inputs' dtype (float64 for the oracle; bf16 gives "eager bf16"),
+    then everything else runs in at least fp32.
     """
     logits = F.linear(hidden, weight, bias)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     ignored = targets == ignore_index
     safe = torch.where(ignored, torch.zeros_like(targets), targets)

@@ -1,4 +1,6 @@
 """linear_logprobs: both implementations against the float64 reference (values, entropy, gradients)."""
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -35,16 +37,21 @@ def make_inputs(dtype, device, *, n=N, h=H, v=V, bias=True, seed=0):
     return hidden, weight, b, targets
 
 
-def run(fn, hidden, weight, bias, targets, temperature, g_lp, g_ent, entropy, train_head=True):
+def run(fn, hidden, weight, bias, targets, temperature, g_lp, g_ent, entropy, train_head=True, **kw):
     """Forward + backward of sum(g_lp * logp [+ g_ent * entropy]); returns outputs and grads (those of
-    hidden, then of weight and bias when ``train_head``)."""
+    hidden, then of weight and bias when ``train_head``). ``entropy="detached"``: the entropy is returned but
+    adds nothing to the objective (the reference is asked for a differentiable one and it is detached)."""
     hidden = hidden.detach().clone().requires_grad_(True)
     weight = weight.detach().clone().requires_grad_(train_head)
     bias = bias.detach().clone().requires_grad_(train_head) if bias is not None else None
-    out = fn(hidden, weight, targets, bias=bias, temperature=temperature, return_entropy=entropy)
-    logp, ent = out if entropy else (out, None)
+    if entropy == "detached" and fn is linear_logprobs_reference:
+        logp, ent = fn(hidden, weight, targets, bias=bias, temperature=temperature, return_entropy=True, **kw)
+        ent = ent.detach()
+    else:
+        out = fn(hidden, weight, targets, bias=bias, temperature=temperature, return_entropy=entropy, **kw)
+        logp, ent = out if entropy is not False else (out, None)
     obj = (logp.double() * g_lp.double()).sum()
-    if entropy:
+    if entropy is True:
         obj = obj + (ent.double() * g_ent.double()).sum()
     obj.backward()
     grads = [hidden.grad] + ([weight.grad] + ([bias.grad] if bias is not None else []) if train_head else [])
@@ -152,25 +159,129 @@ def test_frozen_weight_does_no_weight_work(impl, device):
 
 @pytest.mark.parametrize("train_head,entropy,grad,fwd,bwd", [
     (False, False, False, 2, 0),  # path 1: forward only, 2NHV
+    (False, True, False, 2, 0),  # path 1 with the entropy: from the streaming statistics, no extra matmul
     (False, False, True, 4, 0),  # path 2: frozen head, the forward forms J: 4NHV, nothing in the backward
-    (False, True, True, 2, 4),  # path 3: entropy -> recompute in the backward: 6NHV
+    (False, "detached", True, 4, 0),  # path 2 with the entropy read (TRL's metrics, entropy masks): still 4NHV
+    (False, True, True, 2, 4),  # path 3: a differentiated entropy -> recompute in the backward: 6NHV
     (True, False, True, 2, 6),  # path 3 with a trained head: 8NHV
+    (True, "detached", True, 2, 6),  # ... the entropy read on the way: still 8NHV
 ])
 def test_flops_per_call_meet_the_floor(device, train_head, entropy, grad, fwd, bwd):
-    """Matmul flops of one forward + backward of the torch fallback, counted by torch's FlopCounterMode:
-    the forward costs fwd * N_active * H * V (ignored rows are compacted out), path 3's backward
-    bwd * N * H * V (it computes every row and masks the ignored ones)."""
+    """Matmul flops of one forward + backward of the torch fallback, counted by torch's FlopCounterMode: the
+    forward costs fwd * N_active * H * V and the backward bwd * N_active * H * V; ignored rows (prompt tokens)
+    cost nothing on any path."""
     from torch.utils.flop_counter import FlopCounterMode
 
     hidden, weight, _, targets = make_inputs(torch.float32, device, n=70)
     n_active = int((targets != -100).sum())
+    assert n_active < 70
     hidden.requires_grad_(grad)
     weight.requires_grad_(train_head)
     with FlopCounterMode(display=False) as counter:
         out = linear_logprobs(hidden, weight, targets, return_entropy=entropy, impl="torch")
         if grad:
-            (out[0].sum() + out[1].sum() if entropy else out.sum()).backward()
-    assert counter.get_total_flops() == (fwd * n_active + bwd * 70) * H * V
+            (out[0].sum() + out[1].sum() if entropy is not False else out.sum()).backward()
+    assert counter.get_total_flops() == (fwd + bwd) * n_active * H * V
+
+
+def test_detached_entropy(impl, device):
+    """return_entropy="detached": the entropy's value (equal to the differentiable one), no gradient, and the
+    hidden gradient of the run without entropy, bitwise (the same Jacobian path)."""
+    hidden, weight, b, targets = make_inputs(torch.float32, device)
+    g = torch.randn(N, device=device)
+
+    def ours(*a, **k):
+        return linear_logprobs(*a, impl=impl, **k)
+
+    lp_d, ent_d, grads_d = run(ours, hidden, weight, b, targets, 0.8, g, g, "detached", train_head=False)
+    lp_n, _, grads_n = run(ours, hidden, weight, b, targets, 0.8, g, g, False, train_head=False)
+    lp_t, ent_t, _ = run(ours, hidden, weight, b, targets, 0.8, g, g, True, train_head=False)
+    assert torch.equal(lp_d, lp_n) and torch.equal(grads_d[0], grads_n[0])
+    torch.testing.assert_close(ent_d, ent_t, rtol=0, atol=1e-5)
+    h = hidden.clone().requires_grad_(True)
+    lp, ent = linear_logprobs(h, weight, targets, bias=b, return_entropy="detached", impl=impl)
+    assert lp.requires_grad and not ent.requires_grad
+
+
+@pytest.mark.parametrize("hdtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("train_head,entropy", [(False, False), (False, True), (True, "detached")])
+def test_half_hidden_with_fp32_head(impl, device, hdtype, train_head, entropy):
+    """Half-precision hidden states with an fp32 head and bias (a model under autocast): no V x H copy is asked
+    of the caller; gradients come back in each input's dtype. Peer: what autocast computes (the head rounded to
+    the hidden dtype)."""
+    hidden, weight, b, targets = make_inputs(torch.float32, device)
+    hidden = hidden.to(hdtype)
+    g = torch.randn(N, device=device)
+
+    def ours(*a, **k):
+        return linear_logprobs(*a, impl=impl, **k)
+
+    lp, ent, grads = run(ours, hidden, weight, b, targets, 0.9, g, g, entropy, train_head)
+    gold = run(linear_logprobs_reference, hidden.double(), weight.double(), b.double(), targets, 0.9, g, g, entropy,
+               train_head)
+    peer = run(linear_logprobs_reference, hidden, weight.to(hdtype), b.to(hdtype), targets, 0.9, g, g, entropy,
+               train_head)
+    assert_rule(lp, gold[0], peer[0], slack=1e-3, what="logprobs")
+    if entropy:
+        assert_rule(ent, gold[1], peer[1], slack=1e-3, what="entropy")
+    assert grads[0].dtype == hdtype
+    if train_head:
+        assert grads[1].dtype == torch.float32 and grads[2].dtype == torch.float32
+    for name, o, gg, pp in zip(("hidden", "weight", "bias"), grads, gold[2], peer[2]):
+        assert_rule(o, gg, pp, rel_slack=1e-3, what=f"d_{name}")
+
+
+@pytest.mark.parametrize("scale,cap", [(0.3, None), (1.7, 5.0), (1.0, 2.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("train_head,entropy", [(False, False), (False, "detached"), (False, True), (True, True)])
+def test_logit_scale_and_softcap(impl, device, scale, cap, dtype, train_head, entropy):
+    """z = cap * tanh(scale * raw / cap) / T (Gemma 2's final_logit_softcapping; Granite's / Cohere's logit scale)
+    on every path, against the float64 reference; with cap 2 most logits sit in tanh's saturation."""
+    hidden, weight, b, targets = make_inputs(dtype, device)
+    g_lp, g_ent = torch.randn(N, device=device), torch.randn(N, device=device)
+    kw = dict(logit_scale=scale, softcap=cap)
+
+    def ours(*a, **k):
+        return linear_logprobs(*a, impl=impl, **k)
+
+    lp, ent, grads = run(ours, hidden, weight, b, targets, 0.7, g_lp, g_ent, entropy, train_head, **kw)
+    gold = run(linear_logprobs_reference, hidden.double(), weight.double(), b.double(), targets, 0.7, g_lp, g_ent,
+               entropy, train_head, **kw)
+    peer = run(linear_logprobs_reference, hidden, weight, b, targets, 0.7, g_lp, g_ent, entropy, train_head, **kw)
+    slack = 2e-5 if dtype == torch.float32 else 1e-3
+    assert_rule(lp, gold[0], peer[0], slack=slack, what="logprobs")
+    if entropy:
+        assert_rule(ent, gold[1], peer[1], slack=slack, what="entropy")
+    for name, o, gg, pp in zip(("hidden", "weight", "bias"), grads, gold[2], peer[2]):
+        assert_rule(o, gg, pp, rel_slack=slack, what=f"d_{name}")
+
+
+def test_weight_context_is_entered_around_the_backward_reads(impl, device):
+    """A head that is only materialized inside a context (DeepSpeed ZeRO-3's gather): the recompute path's
+    backward enters ``weight_context`` before it reads the head again, and gets the right gradient."""
+    hidden, weight, _, targets = make_inputs(torch.float32, device)
+    head = torch.nn.Parameter(torch.empty(0, H), requires_grad=False)
+    entered = []
+
+    @contextlib.contextmanager
+    def gathered():
+        head.data = weight.clone()
+        entered.append(True)
+        try:
+            yield
+        finally:
+            head.data = torch.empty(0, H, device=device)
+
+    h = hidden.clone().requires_grad_(True)
+    with gathered():
+        lp, ent = linear_logprobs(h, head, targets, return_entropy=True, weight_context=gathered, impl=impl)
+    assert head.numel() == 0
+    (lp.sum() + ent.sum()).backward()
+    assert len(entered) == 2
+    h64 = hidden.double().requires_grad_(True)
+    lp64, ent64 = linear_logprobs_reference(h64, weight.double(), targets, return_entropy=True)
+    (lp64.sum() + ent64.sum()).backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_jacobian_path_equals_recompute_path(impl, device, monkeypatch):
@@ -357,36 +468,42 @@ _CUDA = torch.device("cuda")
 _INTS = dict(row0="i32", R="i32", v_begin="i32", v_end="i32", vocab_per_split="i32", H="i32", V="i32")
 
 
-def _logprob_specs(dtype: str, dot, precision, cfgs=None):
+def _logprob_specs(dtype: str, dot, precision, cfgs=None, *, softcap=False, w_dtype=None):
+    """The three kernels for hidden states of ``dtype`` (and a head of ``w_dtype``, default the same)."""
+    w_dtype = w_dtype or dtype
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    cfg_s, cfg_e, cfg_d = cfgs or (logprob_mod.stats_config(_CUDA, torch_dtype),
-                                   logprob_mod.expect_config(_CUDA, torch_dtype),
-                                   logprob_mod.dlogits_config(_CUDA, torch_dtype))
+    torch_w = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[w_dtype]
+    cfg_s, cfg_e, cfg_d = cfgs or (logprob_mod.stats_config(_CUDA, torch_dtype, torch_w, softcap),
+                                   logprob_mod.expect_config(_CUDA, torch_dtype, torch_w),
+                                   logprob_mod.dlogits_config(_CUDA, torch_dtype, torch_w, softcap))
     warps = lambda c: dict(num_warps=c["num_warps"], num_stages=c["num_stages"])  # noqa: E731
     blocks = lambda c: {k: v for k, v in c.items() if k.startswith("BLOCK")}  # noqa: E731
     half = dtype != "fp32" or precision != "ieee"
     f32 = "*fp32"
+    label = dtype + (f" hidden, {w_dtype} head" if w_dtype != dtype else "") + (", softcap" if softcap else "")
     stats = Spec("saga_kernels.logprob", "_stats_kernel",
-                 dict(h_ptr="*" + dtype, w_ptr="*" + dtype, b_ptr="*" + dtype, tgt_ptr="*i64", order_ptr="*i64",
+                 dict(h_ptr="*" + dtype, w_ptr="*" + w_dtype, b_ptr="*" + dtype, tgt_ptr="*i64", order_ptr="*i64",
                       n_active_ptr="*i64", m_ptr=f32, s_ptr=f32, t_ptr=f32, zt_ptr=f32, sx_ptr=f32,
-                      p_ptr="*" + dtype, mt_ptr=f32, inv_temp="fp32", **_INTS),
-                 dict(SPLITS=16, FIRST=False, HAS_BIAS=False, WITH_ENT=False, WRITE_P=True, DOT_DTYPE=dot,
-                      PRECISION=precision, **blocks(cfg_s)),
-                 label=f"{dtype} path 2", expect_wgmma=half,
+                      p_ptr="*" + dtype, mt_ptr=f32, inv_temp="fp32", scale="fp32", cap="fp32", **_INTS),
+                 dict(SPLITS=16, FIRST=False, HAS_BIAS=False, WITH_ENT=True, WRITE_P=True, SOFTCAP=softcap,
+                      DOT_DTYPE=dot, PRECISION=precision, **blocks(cfg_s)),
+                 label=f"{label} path 2", expect_wgmma=half,
                  divisible=("row0", "R", "v_begin", "v_end", "vocab_per_split", "H", "V", "stride_h", "stride_w",
                             "stride_p", "stride_mt"), **warps(cfg_s))
     expect = Spec("saga_kernels.logprob", "_expect_kernel",
-                  dict(p_ptr="*" + dtype, mt_ptr=f32, w_ptr="*" + dtype, tgt_ptr="*i64", order_ptr="*i64",
+                  dict(p_ptr="*" + dtype, mt_ptr=f32, w_ptr="*" + w_dtype, tgt_ptr="*i64", order_ptr="*i64",
                        n_active_ptr="*i64", m_ptr=f32, mprev_ptr=f32, e_ptr=f32),
                   dict(FIRST=False, TILE_V=cfg_s["BLOCK_V"], DOT_DTYPE=dot, PRECISION=precision, **blocks(cfg_e)),
-                  label=dtype, expect_wgmma=half,
+                  label=label, expect_wgmma=half,
                   divisible=("row0", "R", "v_begin", "v_end", "H", "stride_p", "stride_mt", "stride_w", "stride_e"),
                   **warps(cfg_e))
     dlogits = Spec("saga_kernels.logprob", "_dlogits_kernel",
-                   dict(h_ptr="*" + dtype, w_ptr="*" + dtype, b_ptr="*" + dtype, tgt_ptr="*i64", lse_ptr=f32,
-                        g_ptr=f32, ge_ptr=f32, ez_ptr=f32, dz_ptr="*" + dtype, inv_temp="fp32"),
-                   dict(HAS_BIAS=False, WITH_ENT=True, DOT_DTYPE=dot, PRECISION=precision, **blocks(cfg_d)),
-                   label=f"{dtype} path 3", expect_wgmma=half,
+                   dict(h_ptr="*" + dtype, w_ptr="*" + w_dtype, b_ptr="*" + dtype, tgt_ptr="*i64", lse_ptr=f32,
+                        g_ptr=f32, ge_ptr=f32, ez_ptr=f32, dz_ptr="*" + dtype, inv_temp="fp32", scale="fp32",
+                        cap="fp32"),
+                   dict(HAS_BIAS=False, WITH_ENT=True, SOFTCAP=softcap, DOT_DTYPE=dot, PRECISION=precision,
+                        **blocks(cfg_d)),
+                   label=f"{label} path 3", expect_wgmma=half,
                    divisible=("N", "v_start", "v_stop", "H", "stride_h", "stride_w", "stride_dz"), **warps(cfg_d))
     return [stats, expect, dlogits]
 
@@ -394,7 +511,12 @@ def _logprob_specs(dtype: str, dot, precision, cfgs=None):
 def _aot_specs():
     import triton.language as tl
 
-    return _logprob_specs("bf16", tl.bfloat16, "tf32") + _logprob_specs("fp32", tl.float32, "tf32x3")
+    return (_logprob_specs("bf16", tl.bfloat16, "tf32") + _logprob_specs("fp32", tl.float32, "tf32x3")
+            # a bf16 model with an fp32 head (autocast), Gemma-2's logit softcap, and both
+            + _logprob_specs("bf16", tl.bfloat16, "tf32", w_dtype="fp32")
+            + _logprob_specs("bf16", tl.bfloat16, "tf32", softcap=True)
+            + _logprob_specs("fp32", tl.float32, "tf32x3", softcap=True)
+            + _logprob_specs("bf16", tl.bfloat16, "tf32", softcap=True, w_dtype="fp32"))
 
 
 AOT_SPECS = _aot_specs() if logprob_mod.triton.__class__.__name__ != "_MissingTriton" else []
