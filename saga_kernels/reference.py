@@ -34,12 +34,13 @@ def linear_logprobs_reference(hidden, weight, targets, bias=None, temperature=1.
 
 def grpo_loss_reference(logprobs, completion_mask, advantages, old_logprobs=None, ref_logprobs=None, beta=0.0,
                         epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", max_completion_length=None,
-                        importance_sampling_level="token"):
+                        importance_sampling_level="token", use_bias_correction_kl=False, token_weights=None):
     """TRL's GRPO-family loss on [B, T] log-probs (scalar).
 
-    per-token loss = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * k3(ref, logp),
+    per-token loss = -w min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + beta * k3(ref, logp) [* r],
     r = exp(logp - old) per token, or exp(masked mean over the sequence of (logp - old)) per sequence;
-    k3 = exp(ref - logp) - (ref - logp) - 1. Normalizations: grpo = mean over sequences of the
+    A per sequence [B] or per token [B, T], w the token weights (1 when None), the k3 term times r with
+    use_bias_correction_kl; k3 = exp(ref - logp) - (ref - logp) - 1. Normalizations: grpo = mean over sequences of the
     per-sequence token mean; bnpo and dapo = sum over tokens / number of tokens; dr_grpo = sum over
     tokens / (B * max_completion_length).
     """
@@ -49,13 +50,17 @@ def grpo_loss_reference(logprobs, completion_mask, advantages, old_logprobs=None
     if importance_sampling_level == "sequence":
         log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)
     ratio = torch.exp(log_ratio)
-    adv = advantages.to(logprobs.dtype).unsqueeze(-1)
+    adv = advantages.to(logprobs.dtype)
+    adv = adv.unsqueeze(-1) if adv.dim() == 1 else adv
     unclipped = ratio * adv
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
+    if token_weights is not None:
+        per_token = per_token * token_weights.to(logprobs.dtype)
     if beta != 0.0:
         d = ref_logprobs.to(logprobs.dtype) - logprobs
-        per_token = per_token + beta * (torch.exp(d) - d - 1)
+        kl = torch.exp(d) - d - 1
+        per_token = per_token + beta * (kl * ratio if use_bias_correction_kl else kl)
     per_token = per_token * mask
     batch = logprobs.shape[0]
     if loss_type == "grpo":

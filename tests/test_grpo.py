@@ -375,3 +375,115 @@ def test_num_items_in_batch_follows_trl_under_torch_distributed(tmp_path):
         torch.testing.assert_close(torch.tensor(got["ours"]["grad"]), torch.tensor(got["liger"]["grad"]),
                                    rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(torch.tensor(got["ours"]["grad"]), h.grad, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Options other RL code passes: TRL's bias-corrected KL, per-token advantages, per-token weights
+# ----------------------------------------------------------------------------------------------------
+def _per_token_inputs(seed=9):
+    logprobs, mask, adv, old, ref = make_batch(seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    adv_bt = adv[:, None] + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    weights = torch.rand(B, T, generator=g, dtype=torch.float64) * 1.5 + 0.25
+    return logprobs, mask, adv, adv_bt, weights, old, ref
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("per_token_adv,with_weights,bias_correction", [
+    (True, False, False), (False, True, False), (False, False, True), (True, True, True)])
+def test_per_token_options_match_reference(loss_type, level, per_token_adv, with_weights, bias_correction):
+    logprobs, mask, adv, adv_bt, weights, old, ref = _per_token_inputs()
+    kw = dict(old_logprobs=old, ref_logprobs=ref, beta=0.04, epsilon_high=0.28, loss_type=loss_type,
+              max_completion_length=T + 2, importance_sampling_level=level, use_bias_correction_kl=bias_correction,
+              token_weights=weights if with_weights else None)
+    advantages = adv_bt if per_token_adv else adv
+    lp1 = logprobs.clone().requires_grad_(True)
+    lp2 = logprobs.clone().requires_grad_(True)
+    loss, stats = grpo_loss(lp1, mask, advantages, **kw)
+    gold = grpo_loss_reference(lp2, mask, advantages, **kw)
+    loss.backward()
+    gold.backward()
+    torch.testing.assert_close(loss, gold, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lp1.grad, lp2.grad, rtol=1e-12, atol=1e-12)
+    assert torch.all(lp1.grad[mask == 0] == 0)
+
+
+def test_bias_correction_changes_the_kl_gradient_even_on_policy():
+    """Without old log-probs the ratio is 1 but its gradient is not 0: the corrected KL's gradient differs
+    (TRL's default; a route without it is off in gradient, not only in value)."""
+    logprobs, mask, adv, _, _, _, ref = _per_token_inputs(seed=10)
+    grads = []
+    for corrected in (False, True):
+        lp = logprobs.clone().requires_grad_(True)
+        loss, _ = grpo_loss(lp, mask, adv, ref_logprobs=ref, beta=0.04, use_bias_correction_kl=corrected)
+        loss.backward()
+        grads.append(lp.grad)
+    assert not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_bias_corrected_kl_and_token_weights_match_liger(impl, device, level, loss_type):
+    """Liger-Kernel's use_bias_correction_kl and vllm_is_ratio (TRL's importance_sampling_ratio) against ours."""
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    hidden, weight, ids, mask, adv, old, ref = _linear_inputs(device, seed=11)
+    weights = (torch.rand(B, T, generator=torch.Generator().manual_seed(3)) + 0.5).to(device)
+    liger = LigerFusedLinearGRPOLoss(beta=0.04, compiled=False, use_ref_model=True, loss_type=loss_type,
+                                     importance_sampling_level=level, temperature=0.9, epsilon_high=0.28,
+                                     use_bias_correction_kl=True)
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    out = liger(h1, w1, ids, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old, vllm_is_ratio=weights)
+    out[0].backward()
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, _ = linear_grpo_loss(h2, w2, ids, mask, adv, temperature=0.9, old_logprobs=old, ref_logprobs=ref,
+                               beta=0.04, epsilon_high=0.28, loss_type=loss_type, importance_sampling_level=level,
+                               use_bias_correction_kl=True, token_weights=weights, impl=impl)
+    loss.backward()
+    torch.testing.assert_close(loss, out[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("junk", JUNK)
+@pytest.mark.parametrize("where", ["advantages", "token_weights"])
+def test_junk_in_per_token_inputs_under_the_mask_never_leaks(junk, where):
+    logprobs, mask, _, adv_bt, weights, old, ref = _per_token_inputs(seed=12)
+    inputs = dict(advantages=adv_bt, token_weights=weights)
+
+    def run(values):
+        lp = logprobs.clone().requires_grad_(True)
+        loss, stats = grpo_loss(lp, mask, values["advantages"], old_logprobs=old, ref_logprobs=ref, beta=0.04,
+                                use_bias_correction_kl=True, token_weights=values["token_weights"])
+        loss.backward()
+        return loss.detach(), stats, lp.grad
+
+    clean = run(inputs)
+    dirty = run(dict(inputs, **{where: torch.where(mask.bool(), inputs[where], torch.full_like(logprobs, junk))}))
+    assert torch.equal(dirty[0], clean[0]) and torch.equal(dirty[2], clean[2])
+    assert all(torch.equal(dirty[1][k], clean[1][k]) for k in clean[1])
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(advantages=torch.zeros(B, T + 1)), ValueError, "advantages must have shape"),
+    (dict(advantages=torch.zeros(B, T, 1)), ValueError, "advantages must have 1 or 2 dims"),
+    (dict(token_weights=torch.ones(B, T - 1)), ValueError, "token_weights must have shape"),
+    (dict(token_weights=torch.ones(B, T, dtype=torch.long)), TypeError, "token_weights must have dtype"),
+])
+def test_per_token_bad_input(kwargs, exc, match):
+    logprobs, mask, adv, _, _ = make_batch()
+    args = dict(advantages=adv)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        grpo_loss(logprobs, mask, args.pop("advantages"), **args)
+
+
+@pytest.mark.parametrize("where", ["advantages", "token_weights"])
+def test_non_finite_per_token_values_at_kept_positions_raise(where):
+    logprobs, mask, _, adv_bt, weights, _, _ = _per_token_inputs()
+    inputs = dict(advantages=adv_bt.clone(), token_weights=weights.clone())
+    inputs[where][0, 0] = float("nan")  # mask[0] is all ones
+    with pytest.raises(ValueError, match=f"{where} contains 1 non-finite"):
+        grpo_loss(logprobs, mask, inputs["advantages"], token_weights=inputs["token_weights"])
