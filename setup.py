@@ -6,7 +6,9 @@ TRAIN = ["transformers>=4.57", "tokenizers", "safetensors", "tqdm", "pillow", "s
          "matplotlib"]
 # the tests also run the peers they compare against
 TEST = TRAIN + ["pytest", "pytest-benchmark", "liger-kernel==0.8.5", "cut-cross-entropy",
-                "pytorch-metric-learning==2.9.0"]
+                "pytorch-metric-learning==2.9.0", "trl==1.16.0"]
+# saga_kernels.integrations.trl serves TRL's fused-LM-head contract, which appeared in 1.15 (tested: 1.16.0)
+TRL = ["trl>=1.15,<1.17"]
 
 setup(
     name="saga-kernels",
@@ -20,6 +22,6 @@ setup(
     python_requires=">=3.10",
     # torch is deliberately unpinned from above: GPU users bring their own build.
     install_requires=["torch>=2.4", "triton>=3.2; platform_system == 'Linux'", "numpy"],
-    extras_require={"train": TRAIN, "test": TEST, "gpu": ["faiss-gpu", "flash-attn", "liger-kernel"]},
+    extras_require={"train": TRAIN, "test": TEST, "trl": TRL, "gpu": ["faiss-gpu", "flash-attn", "liger-kernel"]},
     entry_points={"console_scripts": ["saga-train=saga_train.__main__:main"]},
 )

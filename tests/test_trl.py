@@ -16,20 +16,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
+from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head
 
-trl = pytest.importorskip("trl")
-pytest.importorskip("datasets")
-from datasets import Dataset  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
-from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head  # noqa: E402
-
-import saga_kernels.integrations.trl as saga_trl  # noqa: E402
-from saga_kernels.integrations.trl import SagaGRPOTrainer, add_saga_lm_head  # noqa: E402
-from saga_kernels.reference import linear_logprobs_reference  # noqa: E402
-from saga_train.synthetic.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer  # noqa: E402
+import saga_kernels.integrations.trl as saga_trl
+from saga_kernels.integrations.trl import SagaGRPOTrainer, add_saga_lm_head
+from saga_kernels.reference import linear_logprobs_reference
+from saga_train.synthetic.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
 
 WORDS = "the a bird red blue green small large wing tail beak yes no same different describe image".split()
 PROMPTS = ["the red bird", "a small blue wing", "the large tail", "green beak same"]
