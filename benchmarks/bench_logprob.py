@@ -12,14 +12,21 @@ softmax(hidden @ W.T), then the (negligible) dapo GRPO loss with no old log-prob
 extra_info: peak extra memory of one call, the matmul flop floor (4 N H V frozen: the forward forms the
 Jacobian; 8 N H V trainable), the flops the provider's algorithm does, and the throughput of the median
 time against the floor.
+
+``test_trl_call_pattern``: TRL's fused head (trl.kernels.ChunkedLogProbFunction, as ``add_fused_lm_head`` calls it:
+prompt rows compacted out on CUDA, every row scored elsewhere) against saga's, in TRL's GRPO call pattern: B
+sequences of prompt + completion tokens with the prompt labels -100, log-probs and entropy asked for, the entropy
+read (metrics, entropy mask) or differentiated (entropy bonus), the head frozen or trained. extra_info adds the
+vocabulary matmul flops of one call, counted at dispatch, per N_live H V.
 """
 import pytest
 import torch
 from _memory import peak_memory
 from conftest import DEVICE, SIZE, record
+from utils import MatmulFlops
 
 import saga_kernels.logprob as logprob_mod
-from saga_kernels import grpo_loss, linear_grpo_loss
+from saga_kernels import grpo_loss, linear_grpo_loss, linear_logprobs
 from saga_kernels._dispatch import resolve_impl
 
 SHAPES = {  # (sequences B, tokens per sequence T, H, V, dtype)
@@ -131,3 +138,76 @@ def test_cpu_jacobian_vs_recompute_and_memory(benchmark):
           f"{eager_peak / 2**20:.0f} MiB ({saga_peak / eager_peak:.3f})")
     assert ratio <= 0.75
     assert saga_peak < eager_peak / 4
+
+
+TRL_SHAPES = {  # (sequences B, prompt tokens, completion tokens, H, V, dtype): N_live = 8192 at real size
+    "real": (8, 256, 1024, 4096, 151936, torch.bfloat16),
+    "small": (4, 32, 96, 128, 8191, torch.float32),
+}
+
+
+def _trl_inputs(b, prompt, completion, h, v, dtype, trained, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    hidden = torch.randn(b, prompt + completion, h, device=DEVICE, generator=g).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, h, device=DEVICE, generator=g) * h ** -0.5).to(dtype).requires_grad_(trained)
+    labels = torch.randint(0, v, (b, prompt + completion), device=DEVICE, generator=g)
+    labels[:, :prompt] = -100
+    return hidden, weight, labels
+
+
+def _trl_head_step(provider, hidden, weight, labels, entropy):
+    """One forward + backward of TRL's policy-loss shape: -mean log-prob over the completion tokens, minus an entropy
+    bonus when ``entropy == "differentiated"``; ``"read"`` computes the entropy without back-propagating it."""
+    mask = labels != -100
+    n_live = mask.sum()
+    bonus = entropy == "differentiated"
+    if provider == "saga":
+        def heads():
+            return linear_logprobs(hidden, weight, labels, return_entropy=True if bonus else "detached")
+    else:
+        chunked = pytest.importorskip("trl.kernels.chunked_logprob")
+        compact = chunked._use_triton(hidden.device)  # exactly what add_fused_lm_head decides
+
+        def heads():
+            h = hidden[mask] if compact else hidden.reshape(-1, hidden.shape[-1])
+            y = labels[mask] if compact else labels.clamp(min=0).reshape(-1)
+            lp, ent, *_ = chunked.ChunkedLogProbFunction.apply(h, weight, None, y, 1.0, 32768, None, 1.0,
+                                                               ("log_probs", "entropy"))
+            if compact:
+                return (x.new_zeros(mask.shape).masked_scatter(mask, x) for x in (lp, ent))
+            return (x.view(mask.shape).masked_fill(~mask, 0) for x in (lp, ent))
+
+    def step():
+        hidden.grad = None
+        weight.grad = None
+        lp, ent = heads()
+        loss = -lp.sum() / n_live
+        if bonus:
+            loss = loss - 0.01 * ent.sum() / n_live
+        loss.backward()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
+@pytest.mark.parametrize("entropy", ["read", "differentiated"])
+@pytest.mark.parametrize("head", ["frozen", "trained"])
+@pytest.mark.parametrize("provider", ["saga", "trl"])
+def test_trl_call_pattern(benchmark, provider, head, entropy):
+    b, prompt, completion, h, v, dtype = TRL_SHAPES[SIZE]
+    hidden, weight, labels = _trl_inputs(b, prompt, completion, h, v, dtype, head == "trained")
+    step = _trl_head_step(provider, hidden, weight, labels, entropy)
+    step()  # warm-up
+    with MatmulFlops(v) as counter:
+        step()
+    peak, how = peak_memory(step, DEVICE)
+    benchmark.pedantic(step, rounds=5 if SIZE == "small" else 10, iterations=1, warmup_rounds=1)
+    n_live = b * completion
+    trained = head == "trained"
+    floor = (8 if trained else 4) * n_live * h * v
+    record(benchmark, provider=provider, head=head, entropy=entropy, N_live=n_live, N_all=b * (prompt + completion),
+           H=h, V=v, dtype=str(dtype), peak_bytes=peak, peak_method=how, flop_floor=floor,
+           flops_counted=counter.flops, flops_per_NliveHV=counter.flops / (n_live * h * v),
+           tflops=floor / benchmark.stats.stats.median / 1e12,
+           saga_impl=resolve_impl(None, hidden) if provider == "saga" else None)

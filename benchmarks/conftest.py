@@ -6,6 +6,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # utils.py
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # "real" = the sizes named in the issues (GPU); "small" = CPU-friendly; default by device.

@@ -12,6 +12,7 @@ PEERS=(
   cut-cross-entropy==25.1.1        # needs torch, triton
   pytorch-metric-learning==2.9.0   # needs numpy, scikit-learn, torch, tqdm
   faiss-cpu==1.15.1                # needs numpy, packaging
+  trl==1.16.0                      # TRL's fused head (trl.kernels imports only torch, packaging, transformers)
   pytest-xdist==3.8.0 execnet==2.1.1  # not a peer: gpu_check.sh's tests compile their kernels on 8 workers
 )
 mkdir -p "$DEST"

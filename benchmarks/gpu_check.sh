@@ -3,15 +3,16 @@
 # benchmarks at real sizes, and a markdown table of ratios, in under ~8 minutes on one H100/H200.
 #   bash benchmarks/gpu_check.sh RESULTS_DIR
 # Peers missing on the GPU machine (liger-kernel, cut-cross-entropy, pytorch-metric-learning,
-# faiss) travel as wheels in .whl/ (benchmarks/fetch_peer_wheels.sh; .whl/ is git-ignored, so a
+# faiss, trl) travel as wheels in .whl/ (benchmarks/fetch_peer_wheels.sh; .whl/ is git-ignored, so a
 # device run must carry it); they are installed if present.
 # On a CPU it still runs, at small sizes (SAGA_BENCH_SIZE=small), which is how it is tested here.
 #
 # Every stage runs under its own time cap (SIGINT first, so pytest still reports and pytest-benchmark
 # still saves what finished; SIGKILL 20 s later) and a failing stage never stops the later ones.
-# GPU caps in seconds (sum 485, + ~20 of set-up: about 8.5 minutes even when every stage runs to its cap):
-#   tests 110 (kernel compilation, on up to 8 xdist workers), gpu_tests 45, bench_logprob 45 (saga,
-#   saga_recompute, torch, cce), bench_attention 30, bench_metric 50, bench_step 150 (the 8B model built once
+# GPU caps in seconds (sum 515, + ~20 of set-up: about 9 minutes even when every stage runs to its cap):
+#   tests 110 (kernel compilation, on up to 8 xdist workers), gpu_tests 45, bench_logprob 75 (saga,
+#   saga_recompute, torch, cce; and TRL's fused head in TRL's call pattern, entropy read / differentiated,
+#   frozen / trained head), bench_attention 30, bench_metric 50, bench_step 150 (the 8B model built once
 #   on the GPU; phase A, phase C saga / full / plain, phase B batched / per pair), bench_logprob_liger 45
 #   (mostly liger's torch.compile warm-up), bench_eval 10 (a CPU benchmark: on the GPU machine at its small
 #   size, as a smoke run of faiss/pml; its real size is a CPU-machine target). On a machine with 2+ GPUs also
@@ -33,7 +34,7 @@ import importlib, platform, torch
 print("python", platform.python_version())
 print("torch", torch.__version__, "cuda", torch.version.cuda)
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (no CUDA)")
-for mod in ("triton", "transformers", "liger_kernel", "cut_cross_entropy", "pytorch_metric_learning", "faiss"):
+for mod in ("triton", "transformers", "trl", "liger_kernel", "cut_cross_entropy", "pytorch_metric_learning", "faiss"):
     try:
         m = importlib.import_module(mod)
         print(mod, getattr(m, "__version__", "installed"))
@@ -50,7 +51,7 @@ else
   export SAGA_BENCH_SIZE="${SAGA_BENCH_SIZE:-small}"
 fi
 
-declare -A GPU_CAP=([tests]=110 [gpu_tests]=45 [bench_logprob]=45 [bench_attention]=30 [bench_metric]=50
+declare -A GPU_CAP=([tests]=110 [gpu_tests]=45 [bench_logprob]=75 [bench_attention]=30 [bench_metric]=50
                     [bench_step]=150 [bench_logprob_liger]=45 [bench_eval]=10 [torchrun_smoke]=90)
 cap() {  # cap STAGE -> seconds
   local override="CAP_$1"
@@ -77,12 +78,14 @@ stage() {  # stage NAME LOG COMMAND...: run under NAME's cap, log everything, sh
 }
 
 # Tests: everything that touches the kernels, the probe or a GPU; the CPU-only suites (data, prompts, trainer
-# loop, supervisor, retrieval, experiments) are left to CI. Compiling the kernels' ~100+ specializations
+# loop, supervisor, retrieval, experiments, the TRL trainers and the README, which need datasets / accelerate) are
+# left to CI. Compiling the kernels' ~100+ specializations
 # dominates on a fresh GPU machine, so the unmarked tests run on up to 8 pytest-xdist workers when it is
 # importable (.whl/ brings it); the gpu-marked ones (8B shapes, big buffers) then run alone.
 TEST_ARGS=(tests/ -q -p no:cacheprovider -rfEs --ignore-glob='tests/test_data*' --ignore-glob='tests/test_train*'
            --ignore-glob='tests/test_synthetic*' --ignore=tests/test_prompts.py
-           --ignore=tests/test_retrieve.py --ignore=tests/test_evaluate.py --ignore=tests/test_experiments.py)
+           --ignore=tests/test_retrieve.py --ignore=tests/test_evaluate.py --ignore=tests/test_experiments.py
+           --ignore=tests/test_trl.py --ignore=tests/test_readme.py)
 WORKERS=()
 if python3 -c "import xdist" 2>/dev/null; then
   n=$(nproc); WORKERS=(-n "$(( n < 8 ? n : 8 ))")

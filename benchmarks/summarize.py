@@ -5,7 +5,8 @@ Usage: python benchmarks/summarize.py [--out table.md] [--merged all.json] resul
 Benchmarks are parametrized by a provider (param named ``provider``); every other parameter
 forms the comparison group. For each group the table lists each provider's median time and
 peak memory (``extra_info["peak_bytes"]``) and its ratio to the ``saga`` provider's (no memory
-ratio against a CPU RSS-delta base under 1 MiB: page noise). A run that
+ratio against a CPU RSS-delta base under 1 MiB: page noise), and the vocabulary matmul flops counted in one call
+per N_live H V where the benchmark recorded them (``extra_info["flops_per_NliveHV"]``). A run that
 ran out of memory (``extra_info["oom"]`` set) shows OOM instead of a time. ``--merged`` writes
 the benchmarks of all inputs into one JSON file (machine info of the first input).
 """
@@ -41,8 +42,10 @@ def _measured(bench: dict | None) -> bool:
 
 def _row(key: str, provider: str, b: dict, base: dict | None) -> str:
     info = b.get("extra_info") or {}
+    flops = info.get("flops_per_NliveHV")
+    flops = f"{flops:.2f}" if flops is not None else "-"
     if info.get("oom"):
-        return f"| {key} | {provider} | OOM | - | OOM | - |"
+        return f"| {key} | {provider} | OOM | - | OOM | - | {flops} |"
     t = b["stats"]["median"]
     mem = info.get("peak_bytes")
     t_ratio = f"{t / base['stats']['median']:.2f}x" if _measured(base) else "-"
@@ -51,7 +54,7 @@ def _row(key: str, provider: str, b: dict, base: dict | None) -> str:
     if base_info.get("peak_method") == "cpu.VmHWM" and (base_mem or 0) < CPU_NOISE_BYTES:
         base_mem = None  # page-granular RSS deltas this small are noise, not a base for a ratio
     m_ratio = f"{mem / base_mem:.2f}x" if mem is not None and base_mem else "-"
-    return f"| {key} | {provider} | {t * 1e3:.3f} ms | {t_ratio} | {_fmt_bytes(mem)} | {m_ratio} |"
+    return f"| {key} | {provider} | {t * 1e3:.3f} ms | {t_ratio} | {_fmt_bytes(mem)} | {m_ratio} | {flops} |"
 
 
 def summarize(data: dict) -> str:
@@ -66,8 +69,8 @@ def summarize(data: dict) -> str:
         f"Machine: {machine.get('node', '?')}, {machine.get('cpu', {}).get('brand_raw', '?')}; "
         f"device: {', '.join(devices) or '?'}",
         "",
-        "| benchmark | provider | median time | time / saga | peak extra memory | memory / saga |",
-        "|---|---|---|---|---|---|",
+        "| benchmark | provider | median time | time / saga | peak extra memory | memory / saga | flops / N_live H V |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key in sorted(groups):
         runs = groups[key]

@@ -11,14 +11,12 @@ of one policy loss + backward are counted.
 """
 import contextlib
 import copy
-import math
 
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head
@@ -27,6 +25,7 @@ import saga_kernels.integrations.trl as saga_trl
 from saga_kernels.integrations.trl import SagaGRPOTrainer, add_saga_lm_head
 from saga_kernels.reference import linear_logprobs_reference
 from saga_train.synthetic.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
+from utils import MatmulFlops
 
 WORDS = "the a bird red blue green small large wing tail beak yes no same different describe image".split()
 PROMPTS = ["the red bird", "a small blue wing", "the large tail", "green beak same"]
@@ -211,25 +210,8 @@ def test_entropy_bonus_makes_the_trainer_differentiate_the_entropy(model_dirs, t
     assert trainer.saga_entropy_mode() == "differentiable"
 
 
-class _VocabMatmulFlops(TorchDispatchMode):
-    """Flops of the matmuls with a vocabulary-sized dimension (the LM head's), counted at dispatch."""
-
-    def __init__(self, vocab):
-        super().__init__()
-        self.vocab, self.flops = vocab, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        packet = func.overloadpacket
-        if packet in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm):
-            a, b = (args[1], args[2]) if packet in (torch.ops.aten.addmm, torch.ops.aten.addmm_) else args[:2]
-            dims = tuple(a.shape) + tuple(b.shape[-1:])
-            if self.vocab in dims:
-                self.flops += 2 * math.prod(a.shape) * b.shape[-1]
-        return func(*args, **(kwargs or {}))
-
-
 def _head_flops(trainer, model, inputs, vocab):
-    with _VocabMatmulFlops(vocab) as counter:
+    with MatmulFlops(vocab) as counter:
         _loss_and_grads(trainer, model, inputs)
     return counter.flops
 

@@ -12,9 +12,11 @@ with ``err(x) = max |x - gold|`` and ``size(gold) = max |gold|`` (``norm="max"``
 from __future__ import annotations
 
 import concurrent.futures
+import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _size(x: torch.Tensor, norm: str) -> float:
@@ -105,3 +107,23 @@ def assert_specs_parallel(specs) -> None:
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         list(pool.map(assert_specs, [specs[0::2], specs[1::2]]))
+
+
+class MatmulFlops(TorchDispatchMode):
+    """Flops (2 m k n) of every matrix product dispatched inside the block: mm, addmm, addmm_ (which torch's
+    FlopCounterMode misses: TRL's head accumulates with it), bmm. With ``dim``, only the products that have a
+    dimension of that size (``dim=V``: the LM head's). ``flops`` holds the count."""
+
+    _PACKETS = {torch.ops.aten.mm: 0, torch.ops.aten.bmm: 0, torch.ops.aten.addmm: 1, torch.ops.aten.addmm_: 1}
+
+    def __init__(self, dim: int | None = None):
+        super().__init__()
+        self.dim, self.flops = dim, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = self._PACKETS.get(func.overloadpacket)
+        if first is not None:
+            a, b = args[first], args[first + 1]
+            if self.dim is None or self.dim in tuple(a.shape) + tuple(b.shape[-1:]):
+                self.flops += 2 * math.prod(a.shape) * b.shape[-1]
+        return func(*args, **(kwargs or {}))
