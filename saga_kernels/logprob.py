@@ -440,7 +440,8 @@ def _combine(state):
     m_all = m.max(dim=0).values
     scale = torch.exp(m - m_all)
     total = (s * scale).sum(dim=0)
-    return m_all + torch.log(total), zt.sum(dim=0), (t * scale).sum(dim=0) / total, (sx * scale).sum(dim=0) / total, total
+    ez, rest = (t * scale).sum(dim=0) / total, (sx * scale).sum(dim=0) / total
+    return m_all + torch.log(total), zt.sum(dim=0), ez, rest, total
 
 
 def logprob_from_stats(zt, lse, rest):

@@ -245,6 +245,17 @@ def test_issue_minimal_case_masked_minus_inf():
     torch.testing.assert_close(lp.grad, torch.tensor([[want, 0.0]]))
 
 
+def _assert_junk_inert(run, inputs, where, mask, junk):
+    """``run(inputs)`` -> (loss, stats, gradient) is the same with ``junk`` at the masked positions of
+    ``inputs[where]``, and the gradient there is exactly 0."""
+    clean = run(inputs)
+    junked = torch.where(mask.bool(), inputs[where], torch.full_like(inputs[where], junk))
+    dirty = run(dict(inputs, **{where: junked}))
+    assert torch.equal(dirty[0], clean[0]) and torch.equal(dirty[2], clean[2])
+    assert all(torch.equal(dirty[1][k], clean[1][k]) for k in clean[1])
+    assert torch.all(dirty[2][mask == 0] == 0)
+
+
 @pytest.mark.parametrize("junk", JUNK)
 @pytest.mark.parametrize("where", ["logprobs", "old_logprobs", "ref_logprobs"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -264,11 +275,7 @@ def test_junk_at_masked_positions_never_leaks(junk, where, loss_type, level):
         loss.backward()
         return loss.detach(), stats, lp.grad
 
-    clean = run(inputs)
-    dirty = run(dict(inputs, **{where: torch.where(mask.bool(), inputs[where], torch.full_like(logprobs, junk))}))
-    assert torch.equal(dirty[0], clean[0]) and torch.equal(dirty[2], clean[2])
-    assert all(torch.equal(dirty[1][k], clean[1][k]) for k in clean[1])
-    assert torch.all(dirty[2][mask == 0] == 0)
+    _assert_junk_inert(run, inputs, where, mask, junk)
 
 
 def test_log_softmax_logprobs_with_masked_minus_inf_keep_hidden_gradients_finite():
@@ -460,10 +467,7 @@ def test_junk_in_per_token_inputs_under_the_mask_never_leaks(junk, where):
         loss.backward()
         return loss.detach(), stats, lp.grad
 
-    clean = run(inputs)
-    dirty = run(dict(inputs, **{where: torch.where(mask.bool(), inputs[where], torch.full_like(logprobs, junk))}))
-    assert torch.equal(dirty[0], clean[0]) and torch.equal(dirty[2], clean[2])
-    assert all(torch.equal(dirty[1][k], clean[1][k]) for k in clean[1])
+    _assert_junk_inert(run, inputs, where, mask, junk)
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [

@@ -446,7 +446,8 @@ def test_gpu_large_vocab_memory_and_accuracy():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     logits_bytes = n * v * 4
-    assert extra < logits_bytes / 10, f"extra peak {extra / 2**20:.0f} MiB vs fp32 logits {logits_bytes / 2**20:.0f} MiB"
+    assert extra < logits_bytes / 10, (f"extra peak {extra / 2**20:.0f} MiB vs fp32 logits "
+                                       f"{logits_bytes / 2**20:.0f} MiB")
     ours_grad = hidden.grad.clone()
 
     hid32 = hidden.detach().float().requires_grad_(True)

@@ -67,7 +67,8 @@ def install():
     try:
         module = importlib.import_module(VERL_MODULE)
     except ImportError as exc:
-        raise ImportError(f"saga_kernels.integrations.verl.install() needs verl ({VERL_MODULE} did not import)") from exc
+        raise ImportError(f"saga_kernels.integrations.verl.install() needs verl ({VERL_MODULE} did not "
+                          "import)") from exc
     previous = module.linear_cross_entropy
     module.linear_cross_entropy = linear_cross_entropy
     return previous
