@@ -22,6 +22,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head
 
 import saga_kernels.integrations.trl as saga_trl
+import saga_kernels.logprob as logprob_mod
 from saga_kernels.integrations.trl import SagaGRPOTrainer, add_saga_lm_head
 from saga_kernels.reference import linear_logprobs_reference
 from saga_train.synthetic.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
@@ -226,7 +227,10 @@ def test_vocabulary_matmul_flops_meet_the_floor(model_dirs, tmp_path, tokenizer,
     inputs = _apply(trainer, _generation_batch(trainer), "dapo", 0.0, True, "token", 1,
                     "bonus" if entropy == "differentiable" else "none")
     vocab, hidden = len(tokenizer), 32
+    # the products of the head are the ones with a V-sized side: V is unlike every other size here, and smaller
+    # than the torch fallback's vocabulary chunk (so no product of the head is split along V)
     assert vocab not in (16, 32, 64) and vocab not in inputs["completion_ids"].shape
+    assert vocab <= logprob_mod._TORCH_VOCAB_PER_CHUNK
     n_live = int(inputs["completion_mask"].sum())
     n_all = inputs["completion_ids"].shape[0] * (inputs["prompt_ids"].shape[1] + inputs["completion_ids"].shape[1] - 1)
     counts = {}
