@@ -65,7 +65,7 @@ from saga_train.losses import build_metric_loss, grpo_loss, kl_loss, teacher_map
 from saga_train.model import Embedder, freeze_language_model, resolve_kl_layer  # noqa: E402
 from saga_train.pooler import build_pooler  # noqa: E402
 from saga_train.prompts import ITEM_KEYS  # noqa: E402
-from saga_train.train import apply_cuda_speedups, autocast  # noqa: E402
+from saga_train.components import apply_cuda_speedups, autocast  # noqa: E402
 
 # The shapes: Qwen3-VL-8B-Instruct (METHOD.md) and a tiny CPU stand-in.
 MODEL = {
@@ -549,18 +549,19 @@ def test_providers_agree():
 # ------------------------------------------------------------------------------------- script: side by side
 def _trainer_setup(name: str):
     """(components, plan, batch) of the trainer for the side-by-side configs (see the module docstring)."""
-    from saga_train import train as trainer
+    from saga_train import components, step as trainer
+    from saga_train.data import stream
     from saga_train.config import make_config, parse_args
 
     if name == "default":
         cfg = make_config(parse_args([]), progress=False, eval_before=False, threads=1)
-        comps = trainer.build_components(cfg)
+        comps = components.build_components(cfg)
     elif name == "mid":
         from saga_train.synthetic.tiny import build_tiny_qwen3vl
 
         cfg = make_config(model="tiny-random", progress=False, eval_before=False, threads=1, pairs_per_step=8,
                           group_size=8, contributing_pairs=8, max_pair_draws=8, max_new_tokens=MID["max_new_tokens"])
-        comps = trainer.build_components(cfg)
+        comps = components.build_components(cfg)
         model = build_tiny_qwen3vl(comps.processor.tokenizer, image_size=cfg.image_size, seed=cfg.seed,
                                    **{k: v for k, v in MID.items() if k != "max_new_tokens"})
         model.generation_config.eos_token_id = []  # random weights: every completion runs to max_new_tokens
@@ -571,8 +572,8 @@ def _trainer_setup(name: str):
     else:
         raise ValueError(f"unknown config {name!r} (default, mid)")
     torch.set_num_threads(1)
-    index = trainer.epoch_batches(cfg, comps.train_set, 0, 1)[0]
-    return comps, trainer.step_plan(comps), trainer.collate_batch([comps.train_set[i] for i in index])
+    index = stream.epoch_batches(cfg, comps.train_set, 0, 1)[0]
+    return comps, trainer.step_plan(comps), stream.collate_batch([comps.train_set[i] for i in index])
 
 
 def _timed(fn):
@@ -601,7 +602,7 @@ def _zero(modules):
 
 def side_by_side(name: str, repeats: int, log=print) -> dict:
     """Old and new phase B and C of the trainer, alternating which runs first; medians over ``repeats``."""
-    from saga_train import train as trainer
+    from saga_train import step as trainer
     from saga_train.data.samplers import sample_pairs
     from saga_train.model import square_rgb
 

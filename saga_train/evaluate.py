@@ -14,6 +14,7 @@ Queries whose class has no other member cannot be answered and are left out of R
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -162,3 +163,17 @@ def evaluate(embeddings, labels, ks: Sequence[int] = (1, 2, 4, 8), *, nmi: bool 
         out["MAP@R"] = float(ap_sum / num_queries)
     return out
 
+
+def evaluate_embedder(embedder, dataset, *, max_images: int = 0, workers: int = 0,
+                      autocast=contextlib.nullcontext) -> dict:
+    """:func:`evaluate` of ``embedder``'s embeddings of ``dataset``'s first ``max_images`` images (0: all), decoded by
+    ``workers`` DataLoader processes and embedded in batches of 64 inside the ``autocast()`` context."""
+    from .data.stream import data_loader
+
+    n = len(dataset) if not max_images else min(len(dataset), max_images)
+    chunks, labels = [], []
+    with autocast():
+        for batch in data_loader(torch.utils.data.Subset(dataset, range(n)), workers, batch_size=64):
+            chunks.append(embedder.embed_images(batch.images))
+            labels.extend(batch.labels)
+    return evaluate(torch.cat(chunks).float(), torch.tensor(labels))

@@ -6,13 +6,13 @@ differentiable, so GRPO gradients pass through them into the tower).
 """
 import json
 import os
-import tempfile
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from .checkpoints import atomic_save_file, atomic_write_text
 from .pooler import build_pooler
 
 QWEN3VL_MODEL_TYPES = ("qwen3_vl",)
@@ -172,28 +172,3 @@ def load_embedder(path: str, device: str = "cpu") -> Embedder:
     embedder = Embedder(visual, pooler, image_processor, meta["image_size"], meta["pooler"])
     embedder.load_state_dict(load_file(os.path.join(path, EMBEDDER_WEIGHTS)))
     return embedder.to(device).eval()
-
-
-def atomic_save_file(tensors: dict, path: str, metadata: dict | None = None) -> None:
-    """safetensors ``save_file`` through a temp file in the same directory + ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

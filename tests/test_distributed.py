@@ -22,7 +22,7 @@ import torch.distributed.fsdp  # noqa: F401 -- imported once here, not in every 
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from saga_train import distributed as dist_lib, rollout, train as train_lib
+from saga_train import checkpoints, components, distributed as dist_lib, rollout, step as step_lib, train as train_lib
 from saga_train.config import make_config
 from saga_train.data.samplers import ClassBalancedBatchSampler
 
@@ -65,7 +65,7 @@ def _worker(rank, world, port, configs, out_dir):
     torch.set_num_threads(1)
     fakes.install()
     replayed = []  # groups this rank replays, per step
-    phase_c, build = train_lib.phase_c, train_lib.build_components
+    phase_c, build = step_lib.phase_c, train_lib.build_components
 
     def counting_phase_c(comps, plan, groups):
         replayed.append(len(groups))
@@ -78,7 +78,7 @@ def _worker(rank, world, port, configs, out_dir):
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         return comps
 
-    train_lib.phase_c, train_lib.build_components = counting_phase_c, build_components
+    step_lib.phase_c, train_lib.build_components = counting_phase_c, build_components
     report = {}
     for name, cfg in configs.items():
         replayed.clear()
@@ -97,7 +97,7 @@ def run_ranks(world: int, configs: dict, out_dir) -> list:
 
 
 def trained(cfg: dict) -> dict:
-    state = load_file(os.path.join(cfg["run_dir"], train_lib.CHECKPOINT))
+    state = load_file(os.path.join(cfg["run_dir"], checkpoints.CHECKPOINT))
     return {k: v for k, v in state.items() if k.startswith(("embedder.", "metric."))}
 
 
@@ -211,8 +211,8 @@ def test_seeded_sampling_is_the_tempered_top_p_distribution():
 
 
 def test_a_pairs_completions_do_not_depend_on_the_other_pairs_of_the_call(tmp_path):
-    comps = train_lib.build_components(make_config(**dict(SMALL, **GRPO, run_dir=str(tmp_path / "run"))))
-    plan = train_lib.step_plan(comps)
+    comps = components.build_components(make_config(**dict(SMALL, **GRPO, run_dir=str(tmp_path / "run"))))
+    plan = step_lib.step_plan(comps)
     ds = comps.train_set
     inputs = [rollout.pair_inputs(comps.model, comps.processor, plan.prompt, ds[i][0], ds[j][0])
               for i, j in ((0, 1), (2, 5), (3, 6))]
@@ -230,8 +230,8 @@ def _sharded_generation_worker(rank, world, port, cfg, out_dir):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    comps = train_lib.build_components(make_config(**cfg), dist_lib.init_distributed("cpu"))
-    plan = train_lib.step_plan(comps)
+    comps = components.build_components(make_config(**cfg), dist_lib.init_distributed("cpu"))
+    plan = step_lib.step_plan(comps)
     assert plan.sampling.synced_gpus and plan.lockstep
     texts = _sample(comps, plan, rank, dataclasses.replace(plan.sampling, max_new_tokens=2 if rank == 0 else 10))
     with open(os.path.join(out_dir, f"texts{rank}.json"), "w") as f:
@@ -252,8 +252,8 @@ def test_generation_on_sharded_layers_when_ranks_stop_at_different_steps(tmp_pat
     import dataclasses
 
     cfg = dict(SMALL, **GRPO, shard_llm=True, run_dir=str(tmp_path / "run"))
-    comps = train_lib.build_components(make_config(**dict(cfg, shard_llm=False)))  # first: the ranks inherit imports
-    plan = train_lib.step_plan(comps)
+    comps = components.build_components(make_config(**dict(cfg, shard_llm=False)))  # first: the ranks inherit imports
+    plan = step_lib.step_plan(comps)
     want = [_sample(comps, plan, rank, dataclasses.replace(plan.sampling, max_new_tokens=tokens))
             for rank, tokens in ((0, 2), (1, 10))]
     mp.start_processes(_sharded_generation_worker, args=(2, free_port(), cfg, str(tmp_path)), nprocs=2, join=True,

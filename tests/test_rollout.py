@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from saga_train import rollout, train as train_lib
+from saga_train import components, rollout, runlog, step as step_lib
+from saga_train.data import stream
 from saga_train.config import make_config
 from saga_train.prompts import pair_prompt, prompt_spec
 from saga_train.synthetic.supervisor import vocabulary
@@ -77,7 +78,7 @@ def test_rollout_stats_fields_listed_once():
                                                                                                             2, 1)
     assert set(rollout.RolloutStats.counts()) == set(stats.as_dict()) - {"reward_rate", "unparseable_rate"}
     assert stats.as_dict()["reward_rate"] == pytest.approx(1 / 3)
-    assert set(rollout.RolloutStats.counts()) <= set(train_lib.RunLog.SUMMED)
+    assert set(rollout.RolloutStats.counts()) <= set(runlog.RunLog.SUMMED)
 
 
 def small(tmp_path, **kw):
@@ -88,8 +89,8 @@ def small(tmp_path, **kw):
 
 
 def first_batch(comps):
-    index = train_lib.epoch_batches(comps.cfg, comps.train_set, 0, 1)[0]
-    return train_lib.collate_batch([comps.train_set[i] for i in index])
+    index = stream.epoch_batches(comps.cfg, comps.train_set, 0, 1)[0]
+    return stream.collate_batch([comps.train_set[i] for i in index])
 
 
 @pytest.mark.parametrize("verdict, expect_kept", [("mixed", True), ("never", False)])
@@ -101,11 +102,11 @@ def test_phase_b_draws_until_k_groups_or_the_cap(tmp_path, monkeypatch, verdict,
     cycle = itertools.cycle([True, False, None])
     parse = {"mixed": lambda text, key: next(cycle), "never": lambda text, key: None}[verdict]
     monkeypatch.setattr(rollout.verdict_lib, "parse_verdict", parse)
-    comps = train_lib.build_components(small(tmp_path, pairs_per_step=2, contributing_pairs=2, max_pair_draws=5))
+    comps = components.build_components(small(tmp_path, pairs_per_step=2, contributing_pairs=2, max_pair_draws=5))
     counter = Counter(comps.model)
-    plan = train_lib.step_plan(comps)
+    plan = step_lib.step_plan(comps)
     torch.manual_seed(0)  # the trainer seeds every step (generate samples from the global RNG)
-    groups, stats = train_lib.phase_b(comps, plan, first_batch(comps), step=0)
+    groups, stats = step_lib.phase_b(comps, plan, first_batch(comps), step=0)
     assert stats.generate_calls == len(counter.generate_sequences) == math.ceil(stats.pairs_drawn / 2)
     assert all(n == 3 * 2 for n in counter.generate_sequences[:-1])  # full draws; the last may be cut by the cap
     assert stats.completions == 3 * stats.pairs_drawn == sum(counter.generate_sequences)
@@ -119,7 +120,7 @@ def test_phase_b_draws_until_k_groups_or_the_cap(tmp_path, monkeypatch, verdict,
     # the same step draws the same pairs and samples the same completions
     torch.manual_seed(0)
     cycle = itertools.cycle([True, False, None])
-    again, _ = train_lib.phase_b(comps, plan, first_batch(comps), step=0)
+    again, _ = step_lib.phase_b(comps, plan, first_batch(comps), step=0)
     assert [g.texts for g in again] == [g.texts for g in groups]
 
 

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import saga_kernels
-from saga_train import rollout, train as train_lib
+from saga_train import components, rollout, step as step_lib, train as train_lib
+from saga_train.data import stream
 from saga_train.__main__ import main
 from saga_train.config import ConfigError, make_config
 from saga_train.model import load_embedder
@@ -52,22 +53,22 @@ def first_group(comps, same=False, need_item_masks=False):
 
 
 def first_batch(comps):
-    index = train_lib.epoch_batches(comps.cfg, comps.train_set, 0, 1)[0]
-    return train_lib.collate_batch([comps.train_set[i] for i in index])
+    index = stream.epoch_batches(comps.cfg, comps.train_set, 0, 1)[0]
+    return stream.collate_batch([comps.train_set[i] for i in index])
 
 
 def test_grpo_gradient_reaches_tower_and_llm_never_changes(tmp_path, signal):
     # no warm-up: transformers' schedule runs a warm-up's first step at lr 0, and this test takes one step
-    comps = train_lib.build_components(small(tmp_path, lambda_dml=0.0, lambda_kl=0.0, warmup_fraction=0.0))
+    comps = components.build_components(small(tmp_path, lambda_dml=0.0, lambda_kl=0.0, warmup_fraction=0.0))
     model = comps.model
     assert all(not p.requires_grad for n, p in model.named_parameters() if not n.startswith("model.visual."))
     assert all(p.requires_grad for p in model.model.visual.parameters())
     before_llm = llm_state(model)
     before_tower = [p.detach().clone() for p in model.model.visual.parameters()]
-    optimizer, scheduler = train_lib.build_optimizer(comps, total_steps=4)
-    plan = train_lib.step_plan(comps)
-    groups, stats = train_lib.phase_b(comps, plan, first_batch(comps), 0)
-    losses = train_lib.phase_c(comps, plan, groups)
+    optimizer, scheduler = components.build_optimizer(comps, total_steps=4)
+    plan = step_lib.step_plan(comps)
+    groups, stats = step_lib.phase_b(comps, plan, first_batch(comps), 0)
+    losses = step_lib.phase_c(comps, plan, groups)
     assert stats.groups_kept >= 1 and losses["loss_grpo"] != 0.0
     tower_grads = [p.grad for p in model.model.visual.parameters()]
     assert all(g is not None for g in tower_grads)
@@ -81,7 +82,7 @@ def test_grpo_gradient_reaches_tower_and_llm_never_changes(tmp_path, signal):
 
 
 def test_replayed_logprobs_equal_generate(tmp_path):
-    comps = train_lib.build_components(small(tmp_path, temperature=0.7, group_size=4, max_new_tokens=12))
+    comps = components.build_components(small(tmp_path, temperature=0.7, group_size=4, max_new_tokens=12))
     ds, model = comps.train_set, comps.model
     spec = prompt_spec("synthetic", ds)
     inputs = rollout.pair_inputs(model, comps.processor, pair_prompt(comps.processor, spec), ds[0][0], ds[7][0])
@@ -106,7 +107,7 @@ def test_replayed_logprobs_equal_generate(tmp_path):
 
 
 def test_kl_gradient_reaches_only_the_pooler(tmp_path, signal):
-    comps = train_lib.build_components(small(tmp_path, group_size=4, max_new_tokens=16))
+    comps = components.build_components(small(tmp_path, group_size=4, max_new_tokens=16))
     group = first_group(comps, need_item_masks=True)
     assert group.contributes and group.item_token_masks["item 1"].any()
     # make the pooler's query non-zero so that every pooler weight gets a KL gradient
@@ -162,7 +163,7 @@ def test_whole_loop_with_all_three_losses(tmp_path, signal):
     assert set(result["phase_share"]) == {"a", "b", "c", "opt"}
     # the final embedder loads for the retrieval tool and embeds unit vectors
     embedder = load_embedder(os.path.join(cfg.run_dir, "embedder"))
-    images = [train_lib.build_datasets(cfg)[1][i][0] for i in range(3)]
+    images = [components.build_datasets(cfg)[1][i][0] for i in range(3)]
     z = embedder.embed_images(images)
     assert z.shape == (3, 16)
     torch.testing.assert_close(z.norm(dim=-1), torch.ones(3))
@@ -172,7 +173,7 @@ def test_whole_loop_with_all_three_losses(tmp_path, signal):
 
 
 def test_embedder_rejects_non_images(tmp_path):
-    comps = train_lib.build_components(small(tmp_path))
+    comps = components.build_components(small(tmp_path))
     with pytest.raises(TypeError, match=r"images\[1\]"):
         comps.embedder.embed_images([comps.test_set[0][0], "not-an-image.png"])
 
@@ -227,10 +228,10 @@ def test_lambda_zero_equals_plain_metric_learning(tmp_path):
     trained = load_file(os.path.join(cfg.run_dir, "checkpoint.safetensors"))
 
     # plain metric learning, written out: embed the batch, SupCon, clip, AdamW, cosine schedule
-    comps = train_lib.build_components(cfg)
-    optimizer, scheduler = train_lib.build_optimizer(comps, total_steps=3)
+    comps = components.build_components(cfg)
+    optimizer, scheduler = components.build_optimizer(comps, total_steps=3)
     params = comps.trainable_parameters()
-    batches = train_lib.epoch_batches(cfg, comps.train_set, 0, 2) + train_lib.epoch_batches(cfg, comps.train_set, 1, 2)
+    batches = stream.epoch_batches(cfg, comps.train_set, 0, 2) + stream.epoch_batches(cfg, comps.train_set, 1, 2)
     for batch in batches[:3]:
         optimizer.zero_grad(set_to_none=True)
         images = [comps.train_set[i][0] for i in batch]
@@ -266,7 +267,7 @@ def test_two_gloo_ranks_keep_identical_parameters(tmp_path):
     cfg = small(tmp_path, max_steps=1, contributing_pairs=2, group_size=4, max_new_tokens=12, eval_every_epoch=False,
                 warmup_fraction=0.0)  # one step: without warm-up (transformers' warm-up starts at lr 0)
     # built here first: the digest of the initialization, and the forked children inherit the imports
-    init = train_lib.parameter_digest(train_lib.build_components(cfg).trainable_parameters())
+    init = train_lib.parameter_digest(components.build_components(cfg).trainable_parameters())
     mp.start_processes(_ddp_worker, args=(2, port, cfg.to_dict(), str(tmp_path)), nprocs=2, join=True,
                        start_method="fork")
     digests = [json.load(open(tmp_path / f"rank{r}.json"))["digest"] for r in range(2)]
@@ -279,7 +280,7 @@ def test_local_checkpoint_directory_trains(tmp_path, signal):
     from saga_train.synthetic.supervisor import vocabulary
     from saga_train.synthetic.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
 
-    ds = train_lib.build_datasets(small(tmp_path))[0]
+    ds = components.build_datasets(small(tmp_path))[0]
     tokenizer = build_tokenizer(vocabulary(prompt_spec("synthetic", ds), ds))
     build_tiny_qwen3vl(tokenizer, image_size=32, seed=5).save_pretrained(tmp_path / "ckpt")
     build_processor(tokenizer, 32).save_pretrained(tmp_path / "ckpt")
@@ -351,10 +352,10 @@ def test_workers_decode_the_same_batches(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
     # the default (-1): workers for images on disk, none for the in-memory synthetic world
     comps_device = torch.device("cpu")
-    train_set = train_lib.build_datasets(in_process)[0]
+    train_set = components.build_datasets(in_process)[0]
     cpus = len(os.sched_getaffinity(0))
-    assert train_lib.data_workers(make_config(in_process, workers=-1), train_set, comps_device) == min(2, cpus - 1)
-    assert train_lib.data_workers(small(tmp_path), train_lib.build_datasets(small(tmp_path))[0], comps_device) == 0
+    assert stream.data_workers(make_config(in_process, workers=-1), train_set, comps_device) == min(2, cpus - 1)
+    assert stream.data_workers(small(tmp_path), components.build_datasets(small(tmp_path))[0], comps_device) == 0
 
 
 def test_real_model_path_never_imports_the_synthetic_world(tmp_path):

@@ -100,18 +100,18 @@ def r_at_1_curve(run_dir) -> list:
 
 def run_arm(cfg, arm: str) -> dict:
     """Train (or, for ``untrained``, only build) one configuration; its metrics, curve, hits and probes."""
-    from saga_train import train as trainer
+    from saga_train import components, train as trainer
     from saga_train.evaluate import evaluate
     from saga_train.model import load_embedder
 
     start = time.perf_counter()
     if ARMS[arm] is None:
-        comps = trainer.build_components(cfg)
+        comps = components.build_components(cfg)
         embedder, test_set, out = comps.embedder, comps.test_set, {}
     else:
         result = trainer.train(cfg, log=lambda *_: None)
         embedder = load_embedder(str(Path(cfg.run_dir) / "embedder"))
-        test_set = trainer.build_datasets(cfg)[1]
+        test_set = components.build_datasets(cfg)[1]
         out = {"curve": r_at_1_curve(cfg.run_dir), "seconds_per_step": result["seconds_per_step"],
                "steps": result["steps"]}
         if "reward_rate" in result:  # runs with rollouts
@@ -158,7 +158,7 @@ def probe_means(runs: dict) -> dict:
 
 def markdown(record: dict) -> str:
     """The arm table, the paired differences, the probe table and the supervisor's accuracy."""
-    summary, meta, runs = record["summary"], record["meta"], record["runs"]
+    summary, meta = record["summary"], record["meta"]
 
     def cell(stats, key, digits=3):
         s = stats.get(key)
