@@ -180,7 +180,7 @@ def _group(size, cfg, generator, device) -> rollout.Group:
     ids = _text_ids(size, g * t, generator).view(g, t).to(device)
     return rollout.Group(same=True, inputs=inputs, completion_ids=ids, completion_mask=mask.to(device),
                          texts=[""] * g, verdicts=[True] * g, rewards=rewards,
-                         advantages=rollout.group_advantages(rewards),
+                         advantages=rollout.group_advantages(rewards), temperature=cfg.temperature,
                          item_token_masks={k: v.to(device) for k, v in item_masks.items()})
 
 
@@ -290,7 +290,7 @@ def full_replay_group(model, group, options: replay.ReplayOptions, counts: repla
     want_kl = options.lambda_kl > 0 and bool(items) and counts.kl_rollouts > 0
     hidden, patches, maps = full_forward(model, group, options.kl_layer if want_kl else None)
     grpo, _ = grpo_loss(hidden, model.lm_head.weight, group.completion_ids, mask, group.advantages.to(hidden.device),
-                        temperature=options.temperature, num_tokens=counts.completion_tokens)
+                        temperature=group.temperature, num_tokens=counts.completion_tokens)
     loss = options.lambda_lm * grpo
     kl = torch.zeros(())
     if want_kl:
@@ -385,8 +385,8 @@ def _step_fn(setup, phase, provider):
     """A closure running one phase (forward + backward for A and C); returns the detached loss (None for B)."""
     cfg, model, group, device = setup.cfg, setup.model, setup.group, setup.device
     counts = replay.local_counts([group])
-    options = replay.ReplayOptions(temperature=cfg.temperature, lambda_lm=cfg.lambda_lm, lambda_kl=cfg.lambda_kl,
-                                   kl_layer=setup.kl_layer, replay_tokens=cfg.replay_tokens)
+    options = replay.ReplayOptions(lambda_lm=cfg.lambda_lm, lambda_kl=cfg.lambda_kl, kl_layer=setup.kl_layer,
+                                   replay_tokens=cfg.replay_tokens)
     loss_mod = setup.metric_loss
 
     def phase_a():

@@ -27,7 +27,7 @@ What each rank holds and does (single process: every call here is a no-op and th
   embedding, final norm and LM head stay replicated (the replay reads ``lm_head.weight`` and calls
   ``embed_tokens`` outside the text model's forward). Every forward of a sharded layer is a collective,
   so in this mode the ranks run the LLM in lockstep: ``generate(synced_gpus=True)``, one generate call
-  per draw on every rank, and the same number of replay passes (``ReplayOptions.lockstep``).
+  per draw on every rank, and the same replay passes (``replay.replay_plan`` in lockstep).
 
 Why the gradients are synchronized by ``GradientSync`` (flattened buckets, one all-reduce each, after
 the last backward of the step) and not by DDP: a SAGA step runs a variable number of backward calls per

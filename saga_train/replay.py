@@ -40,21 +40,21 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from . import distributed as dist_lib
 from .losses import grpo_loss, kl_loss
 from .prompts import ITEM_KEYS
-from .rollout import Group, pair_inputs
+from .rollout import Group
 
 
 @dataclass(frozen=True)
 class ReplayOptions:
-    """How phase C replays a group (fixed for a run)."""
+    """How phase C replays a group (fixed for a run). The log-probs are taken under the temperature each group
+    was sampled at (``Group.temperature``)."""
 
-    temperature: float  # the sampling temperature: log pi = log_softmax(logits / temperature)
     lambda_lm: float = 1.0  # weight of L_GRPO (0: no gradient through the LLM)
     lambda_kl: float = 0.0  # weight of L_KL (0: no attention probe)
     kl_layer: int = 0  # LLM layer whose attention teaches the pooler
     replay_tokens: int = 0  # completion tokens per forward (rows x longest completion); 0 = a whole group
-    lockstep: bool = False  # sharded LLM: no group skipped, every micro-batch forwards >= 1 completion token
 
 
 @dataclass(frozen=True)
@@ -232,49 +232,77 @@ def _run_language_model(lm, cache_layers, **inputs):
 def micro_batches(lengths: torch.Tensor, budget: int, count: int = 0) -> list:
     """Row index lists of the completion micro-batches: longest first, each holding at most ``budget``
     tokens counted as rows x its longest completion (at least one row); ``budget`` 0 = all rows.
-    ``count``: at least that many micro-batches (the one with the most rows is halved until there are;
-    lockstep replay, where every rank runs as many as the rank that needs the most)."""
+    ``count``: at least that many micro-batches (``split_batches``)."""
     if count > len(lengths):
         raise ValueError(f"count={count} micro-batches of {len(lengths)} rows")
-    if budget <= 0 and count <= 1:
-        return [torch.arange(len(lengths))]
+    if budget <= 0:
+        return split_batches([torch.arange(len(lengths))], count)
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
     batches, current = [], []
     for row in order:
         longest = int(lengths[current[0]]) if current else int(lengths[row])
-        if current and budget > 0 and (len(current) + 1) * longest > budget:
-            batches.append(current)
+        if current and (len(current) + 1) * longest > budget:
+            batches.append(torch.tensor(current))
             current = []
         current.append(row)
-    batches.append(current)
+    batches.append(torch.tensor(current))
+    return split_batches(batches, count)
+
+
+def split_batches(batches: list, count: int) -> list:
+    """``batches`` with the one holding the most rows halved until there are at least ``count`` (lockstep replay,
+    where every rank runs as many micro-batches as the rank that needs the most). Splitting keeps every batch
+    within the token budget it met."""
+    batches = list(batches)
+    if count > sum(len(b) for b in batches):
+        raise ValueError(f"count={count} micro-batches of {sum(len(b) for b in batches)} rows")
     while len(batches) < count:
         k = max(range(len(batches)), key=lambda i: len(batches[i]))
         half = (len(batches[k]) + 1) // 2
         batches[k:k + 1] = [batches[k][:half], batches[k][half:]]
-    return [torch.tensor(b) for b in batches]
+    return batches
 
 
-def filler_group(model, processor, prompt: str, group_size: int, image_size: int) -> Group:
-    """A group that teaches nothing (zero advantages and rewards) but runs the passes of a real one: blank
-    images, the run's prompt, G two-token completions. Lockstep replay gives it to a rank short of groups."""
-    from PIL import Image
+@dataclass
+class ReplayWork:
+    """One group of a rank's replay and its completion micro-batches (row index tensors). ``teaches`` is False for
+    a lockstep filler: its passes run, its losses are not counted."""
 
-    blank = Image.new("RGB", (image_size, image_size))
-    eos = processor.tokenizer.eos_token_id
-    zeros = torch.zeros(group_size)
-    return Group(same=False, inputs=pair_inputs(model, processor, prompt, blank, blank),
-                 completion_ids=torch.full((group_size, 2), eos, device=model.device),
-                 completion_mask=torch.ones(group_size, 2, dtype=torch.bool, device=model.device),
-                 texts=[""] * group_size, verdicts=[None] * group_size, rewards=zeros, advantages=zeros)
+    group: Group
+    batches: list
+    teaches: bool = True
 
 
-def replay_group(model, group, options: ReplayOptions, counts: StepCounts, pooler=None,
-                 micro_count: int = 0) -> ReplayResult:
+def replay_plan(groups: list, replay_tokens: int, *, dist=None, slots: int = 0, filler=None) -> list:
+    """What this rank replays: each group with its micro-batches (``micro_batches`` with the ``replay_tokens``
+    budget).
+
+    Lockstep (``dist`` given: the LLM's decoder layers are sharded over its ranks, so every pass is a collective):
+    every rank replays as many groups as the rank with the most (at most ``slots``), the k-th split into as many
+    micro-batches as the most any rank needs for its k-th; a rank short of groups replays ``filler()`` groups
+    (zero advantages: the same passes, no gradient), built once and only when needed.
+    """
+    natural = [micro_batches(g.completion_mask.sum(-1).cpu(), replay_tokens) for g in groups]
+    if dist is None:
+        return [ReplayWork(g, b) for g, b in zip(groups, natural)]
+    counts = [n for n in dist_lib.all_max([len(b) for b in natural] + [0] * (slots - len(groups)), dist) if n]
+    work = [ReplayWork(g, split_batches(b, n)) for g, b, n in zip(groups, natural, counts)]
+    if len(counts) > len(groups):
+        spare = filler()
+        rows = torch.arange(spare.completion_mask.shape[0])
+        work += [ReplayWork(spare, split_batches([rows], n), teaches=False) for n in counts[len(groups):]]
+    return work
+
+
+def replay_group(model, group, options: ReplayOptions, counts: StepCounts, pooler=None, batches=None,
+                 lockstep: bool = False) -> ReplayResult:
     """``lambda_lm L_GRPO + lambda_kl L_KL`` of one group, back-propagated (gradients accumulate).
 
     L_GRPO's token terms are divided by ``counts.completion_tokens`` and L_KL's rollout terms by
     ``counts.kl_rollouts`` (each over the whole step), so summing the groups gives the step's losses.
-    ``micro_count``: split the completions into at least that many micro-batches (lockstep replay).
+    ``batches``: the completion micro-batches (``replay_plan``; default ``micro_batches`` with
+    ``options.replay_tokens``). ``lockstep``: the LLM is sharded, so the passes run even when nothing is learned
+    and every micro-batch forwards at least one completion token.
     """
     ids, mask = group.completion_ids, group.completion_mask.bool()
     device = ids.device
@@ -284,12 +312,13 @@ def replay_group(model, group, options: ReplayOptions, counts: StepCounts, poole
     want_kl = (options.lambda_kl > 0 and pooler is not None and counts.kl_rollouts > 0 and bool(item_masks)
                and bool((rewarded & torch.stack([m.any(-1) for m in item_masks.values()]).any(0)).any()))
     want_lm = options.lambda_lm > 0 and counts.completion_tokens > 0
-    if not (want_lm or want_kl or options.lockstep):
+    if not (want_lm or want_kl or lockstep):
         return ReplayResult(0.0, 0.0, 0, 0)
     with torch.set_grad_enabled(want_lm):
         prefix = forward_prefix(model, group.inputs)
     grpo_total, kl_total, tokens = 0.0, 0.0, prefix.length
-    batches = micro_batches(mask.sum(-1).cpu(), options.replay_tokens, micro_count)
+    if batches is None:
+        batches = micro_batches(mask.sum(-1).cpu(), options.replay_tokens)
     for rows in batches:
         rows = rows.to(device)
         length = int(mask[rows].sum(-1).max())
@@ -300,14 +329,14 @@ def replay_group(model, group, options: ReplayOptions, counts: StepCounts, poole
         # the last token predicts nothing: forwarded only when its attention row teaches the pooler (or, in
         # lockstep, when it is the only token: every rank then runs one completion pass per micro-batch)
         last = (probe and any(bool((m[:, -1] & kl_rows).any()) for m in b_items.values())) or (
-            options.lockstep and length == 1)
+            lockstep and length == 1)
         with torch.set_grad_enabled(want_lm):
             hidden, maps = completion_states(model, prefix, b_ids, b_mask, forward_last=last,
                                              kl_layer=options.kl_layer if probe else None)
         loss = hidden.new_zeros((), dtype=torch.float32)
         if want_lm:
             grpo, value = grpo_loss(hidden, model.lm_head.weight, b_ids, b_mask, group.advantages.to(device)[rows],
-                                    temperature=options.temperature, num_tokens=counts.completion_tokens)
+                                    temperature=group.temperature, num_tokens=counts.completion_tokens)
             loss = loss + options.lambda_lm * grpo
             grpo_total += value
         if probe:

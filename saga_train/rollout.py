@@ -45,7 +45,6 @@ class SamplingOptions:
     max_new_tokens: int
     verdict_key: str  # the JSON key holding "yes" / "no"
     item_masks: bool = False  # find the tokens describing item 1 / item 2 (for L_KL) in r = 1 rollouts
-    synced_gpus: bool = False  # every rank decodes until all ranks are done (the LLM's layers are sharded)
 
 
 @dataclass
@@ -60,6 +59,7 @@ class Group:
     verdicts: list  # True / False / None (unparseable)
     rewards: torch.Tensor  # [G] float
     advantages: torch.Tensor  # [G] float
+    temperature: float = 1.0  # of the distribution the completions were sampled from (replay scores them under it)
     item_token_masks: dict = field(default_factory=dict)  # "item 1" -> [G, T] bool (r = 1 rollouts only)
 
     @property
@@ -301,11 +301,13 @@ class SeededSampling(LogitsProcessor):
 
 
 @torch.no_grad()
-def sample_groups(model, tokenizer, pair_inputs_list, sames, options: SamplingOptions, seeds=None) -> list:
+def sample_groups(model, tokenizer, pair_inputs_list, sames, options: SamplingOptions, seeds=None,
+                  synced_gpus: bool = False) -> list:
     """One ``generate`` call for all pairs: ``len(pairs) x G`` sequences -> one Group per pair (in order).
 
     ``seeds``: one int per pair; completion g of pair p then samples from its own generator seeded with
     ``mix_seed("completion", seeds[p], g)`` (see the module docstring). None: the global RNG.
+    ``synced_gpus``: every rank keeps decoding until all ranks are done (the LLM's layers are sharded).
     """
     if len(pair_inputs_list) != len(sames) or (seeds is not None and len(seeds) != len(sames)):
         raise ValueError(f"pair_inputs_list has {len(pair_inputs_list)} pairs, sames {len(sames)}"
@@ -327,7 +329,7 @@ def sample_groups(model, tokenizer, pair_inputs_list, sames, options: SamplingOp
         out = model.generate(
             **batch, **sampling, max_new_tokens=options.max_new_tokens, num_return_sequences=G,
             suppress_tokens=suppressed_token_ids(model), eos_token_id=stops, pad_token_id=pad,
-            synced_gpus=options.synced_gpus)
+            synced_gpus=synced_gpus)
     completions = out[:, batch["input_ids"].shape[1]:]
     masks = completion_mask(completions, stops)
     return [_make_group(tokenizer, inputs, same, completions[p * G:(p + 1) * G], masks[p * G:(p + 1) * G], options)
@@ -343,7 +345,8 @@ def _make_group(tokenizer, inputs: dict, same: bool, completion_ids, mask, optio
     verdicts = [verdict_lib.parse_verdict(t, options.verdict_key) for t in texts]
     rewards = torch.tensor([float(v is not None and v == same) for v in verdicts])
     group = Group(same=same, inputs=inputs, completion_ids=completion_ids, completion_mask=mask, texts=texts,
-                  verdicts=verdicts, rewards=rewards, advantages=group_advantages(rewards))
+                  verdicts=verdicts, rewards=rewards, advantages=group_advantages(rewards),
+                  temperature=options.temperature)
     if options.item_masks:
         item_masks = {item: torch.zeros_like(mask, device="cpu") for item in ITEM_KEYS}
         for g, (r, text) in enumerate(zip(rows, texts)):
@@ -352,3 +355,18 @@ def _make_group(tokenizer, inputs: dict, same: bool, completion_ids, mask, optio
                     item_masks[item][g, : len(r)] = m
         group.item_token_masks = {item: m.to(mask.device) for item, m in item_masks.items()}
     return group
+
+
+def filler_group(model, processor, prompt: str, options: SamplingOptions, image_size: int) -> Group:
+    """A group that teaches nothing (zero advantages and rewards) but runs the passes of a real one: blank
+    images, the run's prompt, G two-token completions. Lockstep replay gives it to a rank short of groups."""
+    from PIL import Image
+
+    blank = Image.new("RGB", (image_size, image_size))
+    eos = processor.tokenizer.eos_token_id
+    g = options.group_size
+    zeros = torch.zeros(g)
+    return Group(same=False, inputs=pair_inputs(model, processor, prompt, blank, blank),
+                 completion_ids=torch.full((g, 2), eos, device=model.device),
+                 completion_mask=torch.ones(g, 2, dtype=torch.bool, device=model.device),
+                 texts=[""] * g, verdicts=[None] * g, rewards=zeros, advantages=zeros, temperature=options.temperature)

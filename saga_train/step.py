@@ -16,8 +16,8 @@ from .data.samplers import sample_pairs
 from .data.stream import Batch
 from .model import llm_num_layers, resolve_kl_layer, square_rgb
 from .prompts import pair_prompt, prompt_spec
-from .replay import ReplayOptions, StepCounts, filler_group, local_counts, micro_batches, replay_group
-from .rollout import RolloutStats, SamplingOptions, mix_seed, pair_inputs, sample_groups
+from .replay import ReplayOptions, StepCounts, local_counts, replay_group, replay_plan
+from .rollout import RolloutStats, SamplingOptions, filler_group, mix_seed, pair_inputs, sample_groups
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -53,11 +53,9 @@ def step_plan(comps: Components) -> StepPlan | None:
     return StepPlan(
         prompt=pair_prompt(comps.processor, spec, cfg.prompt),
         sampling=SamplingOptions(group_size=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 max_new_tokens=cfg.max_new_tokens, verdict_key=spec.verdict_key, item_masks=kl,
-                                 synced_gpus=lockstep),
-        replay=ReplayOptions(temperature=cfg.temperature, lambda_lm=cfg.lambda_lm,
-                             lambda_kl=cfg.lambda_kl if kl else 0.0, kl_layer=kl_layer,
-                             replay_tokens=cfg.replay_tokens, lockstep=lockstep),
+                                 max_new_tokens=cfg.max_new_tokens, verdict_key=spec.verdict_key, item_masks=kl),
+        replay=ReplayOptions(lambda_lm=cfg.lambda_lm, lambda_kl=cfg.lambda_kl if kl else 0.0, kl_layer=kl_layer,
+                             replay_tokens=cfg.replay_tokens),
         want=cfg.contributing_pairs, max_draws=cfg.max_pair_draws, lockstep=lockstep)
 
 
@@ -112,7 +110,8 @@ def phase_b(comps: Components, plan: StepPlan, batch: Batch, step: int):
                       for p in todo]
             with autocast(comps.device, cfg):
                 groups = sample_groups(model, comps.processor.tokenizer, inputs, [pairs[p][2] for p in todo],
-                                       plan.sampling, seeds=[pair_seed(cfg.seed, step, drawn + p) for p in todo])
+                                       plan.sampling, seeds=[pair_seed(cfg.seed, step, drawn + p) for p in todo],
+                                       synced_gpus=plan.lockstep)
         if mine:
             stats.add(groups)
         contributes = [0] * len(pairs)
@@ -132,28 +131,25 @@ def phase_b(comps: Components, plan: StepPlan, batch: Batch, step: int):
 def phase_c(comps: Components, plan: StepPlan, groups: list) -> dict:
     """Replay this rank's contributing groups with gradients (each prefix once): lambda_lm L_GRPO + lambda_kl L_KL.
 
-    Lockstep (``--shard-llm``: every pass through a sharded layer is a collective): every rank replays as many
-    groups as the rank with the most, the k-th split into as many micro-batches as the most any rank needs
-    for its k-th; a rank short of groups replays fillers (zero advantages: the same passes, no gradient).
+    The normalizers count every rank's groups; in lockstep (``--shard-llm``) ``replay.replay_plan`` gives every rank
+    the same passes (fillers where a rank is short of groups).
     """
     counts = dist_lib.all_sum(dataclasses.asdict(local_counts(groups)), comps.dist)  # over every rank's groups
     counts = StepCounts(**{k: int(v) for k, v in counts.items()})
     comps.model.train()
-    work = [(group, 0) for group in groups]
     if plan.lockstep:
-        natural = [len(micro_batches(g.completion_mask.sum(-1).cpu(), plan.replay.replay_tokens)) for g in groups]
-        slots = [n for n in dist_lib.all_max(natural + [0] * (plan.want - len(groups)), comps.dist) if n]
-        filler = (filler_group(comps.model, comps.processor, plan.prompt, comps.cfg.group_size, comps.cfg.image_size)
-                  if len(slots) > len(groups) else None)
-        work = [(groups[k] if k < len(groups) else filler, n) for k, n in enumerate(slots)]
+        work = replay_plan(groups, plan.replay.replay_tokens, dist=comps.dist, slots=plan.want,
+                           filler=lambda: filler_group(comps.model, comps.processor, plan.prompt, plan.sampling,
+                                                       comps.cfg.image_size))
+    else:
+        work = replay_plan(groups, plan.replay.replay_tokens)
     grpo = kl = 0.0
     tokens = micro = 0
-    for k, (group, micro_count) in enumerate(work):
-        # a filler's 2-token completions fit any micro-batch: it is split into exactly micro_count of them
-        options = plan.replay if k < len(groups) else dataclasses.replace(plan.replay, replay_tokens=0)
+    for item in work:
         with autocast(comps.device, comps.cfg):
-            result = replay_group(comps.model, group, options, counts, comps.embedder.pooler, micro_count)
-        if k < len(groups):
+            result = replay_group(comps.model, item.group, plan.replay, counts, comps.embedder.pooler, item.batches,
+                                  lockstep=plan.lockstep)
+        if item.teaches:
             grpo, kl = grpo + result.grpo, kl + result.kl
             tokens, micro = tokens + result.tokens, micro + result.micro_batches
     return {"loss_grpo": grpo, "loss_kl": kl, "kl_rollouts": counts.kl_rollouts, "tokens_replayed": tokens,

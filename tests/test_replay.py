@@ -66,7 +66,7 @@ def make_group(model, processor, prompt, rng, lengths, rewards, gen):
         items[item] = m & mask
     return rollout.Group(same=True, inputs=inputs, completion_ids=ids, completion_mask=mask, texts=[""] * G,
                          verdicts=[True] * G, rewards=rewards, advantages=rollout.group_advantages(rewards),
-                         item_token_masks=items)
+                         temperature=TEMPERATURE, item_token_masks=items)
 
 
 @contextlib.contextmanager
@@ -171,8 +171,8 @@ def world():
 
 
 def new_replay(model, pooler, groups, counts, replay_tokens=0, lambda_lm=1.0, lambda_kl=1.0):
-    options = replay.ReplayOptions(temperature=TEMPERATURE, lambda_lm=lambda_lm, lambda_kl=lambda_kl,
-                                   kl_layer=KL_LAYER, replay_tokens=replay_tokens)
+    options = replay.ReplayOptions(lambda_lm=lambda_lm, lambda_kl=lambda_kl, kl_layer=KL_LAYER,
+                                   replay_tokens=replay_tokens)
     model.train()
     return [replay.replay_group(model, group, options, counts, pooler) for group in groups]
 

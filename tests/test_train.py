@@ -115,7 +115,7 @@ def test_kl_gradient_reaches_only_the_pooler(tmp_path, signal):
         comps.embedder.pooler.query.normal_()
     counts = local_counts([group])
     assert counts.kl_rollouts >= 1
-    options = ReplayOptions(temperature=1.0, lambda_lm=0.0, lambda_kl=1.0, kl_layer=1)
+    options = ReplayOptions(lambda_lm=0.0, lambda_kl=1.0, kl_layer=1)
     result = replay_group(comps.model, group, options, counts, comps.embedder.pooler)  # back-propagates
     assert result.kl > 0 and result.grpo == 0.0
     assert comps.embedder.pooler.query.grad.abs().sum() > 0
