@@ -2,28 +2,16 @@
 import os
 import sys
 
-from .config import ConfigError, parse_args
-from .data import DatasetError
-from .experiments.plot import plot_run
-from .model import ModelLoadError
+from .config import parse_args
+from .errors import UserError
 from .train import format_metrics, train
-
-
-def user_errors() -> tuple:
-    """The errors reported as ``error: ...`` (exit code 2) instead of a traceback. The synthetic supervisor's
-    cache error counts only when that module was loaded: the real-model path never imports it."""
-    errors = (ConfigError, ModelLoadError, DatasetError, FileNotFoundError)
-    supervisor = sys.modules.get(f"{__package__}.synthetic.supervisor")
-    return errors + ((supervisor.SupervisorCacheError,) if supervisor is not None else ())
 
 
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
         result = train(cfg)
-    except Exception as e:  # noqa: BLE001 -- re-raised unless it is a user error
-        if not isinstance(e, user_errors()):
-            raise
+    except UserError as e:  # what the user can fix; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     if result["rank"] != 0:  # torchrun: rank 0 reports
@@ -41,9 +29,11 @@ def main(argv=None) -> int:
               f"shortfall against K: {int(r['shortfall'])}")
         shares = ", ".join(f"{k} {v:.0%}" for k, v in result["phase_share"].items())
         print(f"{result['seconds_per_step']:.2f} s/step ({shares}); wall {result['wall_seconds']:.0f} s")
-    if "RANDOM INIT" in result["model"]:
+    if result["random_init"]:
         print("The supervisor MLLM was randomly initialized: its verdicts are noise, so no GRPO or attention "
               "signal was meaningful in this run.")
+    from .experiments.plot import plot_run  # matplotlib, only once a run is done
+
     print(f"R@1, reward rate and losses over training: {os.path.abspath(plot_run(result['run_dir']))}")
     print(f"run directory: {os.path.abspath(result['run_dir'])}")
     return 0

@@ -3,7 +3,6 @@ metric loss and proxies, the gradient sync over ranks, the optimizer and its sch
 import contextlib
 import importlib.util
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -11,10 +10,11 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from . import distributed as dist_lib
-from .config import SYNTHETIC_MODELS, Config, ConfigError
+from .config import Config, ConfigError
 from .losses import build_metric_loss
-from .model import Embedder, fix_image_resolution, freeze_language_model, load_qwen3vl
+from .model import Embedder, LoadedModel, fix_image_resolution, freeze_language_model
 from .pooler import build_pooler
+from .sources import load_model, load_splits
 
 
 def resolve_device(cfg: Config) -> torch.device:
@@ -25,46 +25,14 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(cfg.device)
 
 
-def build_datasets(cfg: Config):
-    """(train split, test split) of ``cfg.dataset`` (zero-shot: disjoint classes)."""
-    from .data.registry import load_dataset
-
-    train_kw = test_kw = {"image_size": cfg.image_size}
-    if cfg.dataset == "synthetic":
-        common = dict(train_kw, seed=cfg.world_seed, train_classes=cfg.synthetic_train_classes,
-                      test_classes=cfg.synthetic_test_classes)
-        train_kw = dict(common, images_per_class=cfg.synthetic_images_per_class)
-        test_kw = dict(common, images_per_class=cfg.synthetic_test_images_per_class)
-    try:
-        return (load_dataset(cfg.dataset, cfg.data_root, split="train", **train_kw),
-                load_dataset(cfg.dataset, cfg.data_root, split="test", **test_kw))
-    except ValueError as e:
-        raise ConfigError(f"dataset={cfg.dataset!r} (data_root={cfg.data_root!r}): {e}") from e
-
-
-def resolve_model(cfg: Config, dataset, device: torch.device, dist: dist_lib.DistInfo | None = None):
-    """``(model, processor, description)`` for ``cfg.model``; the one place model sources are resolved.
-
-    A name in ``SYNTHETIC_MODELS`` ("synthetic-supervisor", "tiny-random"): the synthetic world's model
-    (``saga_train.synthetic.load``). Anything else: a local Qwen3-VL checkpoint directory; one holding a synthetic
-    supervisor's ``SUPERVISOR.json`` is first checked against its recorded sha256 (only then is the synthetic
-    package imported on this path). With ``cfg.shard_llm`` the LLM's decoder layers are sharded over the ranks
-    (FSDP2) before the model moves to ``device``: only shards reach the device.
-    """
+def resolve_model(cfg: Config, dataset, device: torch.device, dist: dist_lib.DistInfo | None = None) -> LoadedModel:
+    """The run's MLLM (``sources.load_model``), wired for training: its image resolution fixed, the LLM frozen, and
+    with ``cfg.shard_llm`` the LLM's decoder layers sharded over the ranks (FSDP2) before the model moves to
+    ``device`` (only shards reach the device); bf16 autocast and the CUDA speed-ups on CUDA."""
     bf16 = device.type == "cuda" and cfg.bf16
-    if cfg.model in SYNTHETIC_MODELS:
-        from . import synthetic
-
-        model, processor, description = synthetic.load(cfg, dataset,
-                                                       attn_implementation=attention_implementation(device))
-    else:
-        if os.path.isfile(os.path.join(cfg.model, "SUPERVISOR.json")):  # a synthetic supervisor's directory
-            from .synthetic.supervisor import verify_supervisor
-
-            verify_supervisor(cfg.model)  # its files against their recorded sha256
-        model, processor = load_qwen3vl(cfg.model, dtype=torch.bfloat16 if bf16 else None,
-                                        attn_implementation=attention_implementation(device))
-        description = f"Qwen3-VL from {cfg.model}"
+    loaded = load_model(cfg, dataset, dtype=torch.bfloat16 if bf16 else None,
+                        attn_implementation=attention_implementation(device))
+    model, processor = loaded.model, loaded.processor
     try:
         fix_image_resolution(processor, cfg.image_size)
     except ValueError as e:
@@ -79,7 +47,7 @@ def resolve_model(cfg: Config, dataset, device: torch.device, dist: dist_lib.Dis
         model.model.visual.float()  # trainable weights stay fp32; compute runs under bf16 autocast
     if device.type == "cuda":
         apply_cuda_speedups(model, cfg)
-    return model, processor, description
+    return loaded
 
 
 def attention_implementation(device: torch.device) -> str:
@@ -117,6 +85,7 @@ class Components:
     metric_loss: torch.nn.Module
     model_description: str
     dist: dist_lib.DistInfo = field(default_factory=dist_lib.DistInfo)
+    random_init: bool = False  # the MLLM is randomly initialized (sources.load_model): its verdicts are noise
     sync: dist_lib.GradientSync = None  # the gradient average over ranks (built with the components)
 
     def param_groups(self) -> dict:
@@ -135,8 +104,8 @@ def build_components(cfg: Config, dist: dist_lib.DistInfo | None = None) -> Comp
     device = resolve_device(cfg)
     if device.type == "cuda" and dist.enabled:
         device = torch.device("cuda", dist.local_rank)
-    train_set, test_set = build_datasets(cfg)
-    model, processor, description = resolve_model(cfg, train_set, device, dist)
+    train_set, test_set = load_splits(cfg)
+    model, processor, description, random_init = resolve_model(cfg, train_set, device, dist)
     hidden = model.config.text_config.hidden_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
@@ -144,7 +113,8 @@ def build_components(cfg: Config, dist: dist_lib.DistInfo | None = None) -> Comp
         metric_loss = build_metric_loss(cfg.dml, len(train_set.class_names), cfg.embedding_size,
                                         cfg.proxies_per_class, pf_alpha=cfg.pf_alpha, pf_delta=cfg.pf_delta).to(device)
     embedder = Embedder(model.model.visual, pooler, processor.image_processor, cfg.image_size, cfg.pooler)
-    comps = Components(cfg, device, train_set, test_set, model, processor, embedder, metric_loss, description, dist)
+    comps = Components(cfg, device, train_set, test_set, model, processor, embedder, metric_loss, description, dist,
+                       random_init=random_init)
     dist_lib.broadcast_parameters(comps.trainable_parameters(), dist)
     comps.sync = dist_lib.GradientSync(comps.trainable_parameters(), dist)
     return comps

@@ -10,17 +10,13 @@ import json
 import typing
 from dataclasses import dataclass
 
+from .errors import ConfigError
+from .prompts import PROMPT_STYLES
+
 POOLERS = ("attention", "mean")
 DML_LOSSES = ("potential_field", "proxy_anchor", "multi_similarity", "supcon")
-PROMPTS = ("dataset", "generic")
 DEVICES = ("auto", "cpu", "cuda")
-CHOICES = {"pooler": POOLERS, "dml": DML_LOSSES, "prompt": PROMPTS, "device": DEVICES}
-# model names served by the synthetic world (saga_train.synthetic.load); anything else is a checkpoint directory
-SYNTHETIC_MODELS = ("synthetic-supervisor", "tiny-random")
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that does not exist or cannot be used."""
+CHOICES = {"pooler": POOLERS, "dml": DML_LOSSES, "prompt": PROMPT_STYLES, "device": DEVICES}
 
 
 @dataclass(frozen=True)
@@ -93,7 +89,7 @@ class Config:
     def __post_init__(self):
         _check_choice("pooler", self.pooler, POOLERS)
         _check_choice("dml", self.dml, DML_LOSSES)
-        _check_choice("prompt", self.prompt, PROMPTS)
+        _check_choice("prompt", self.prompt, PROMPT_STYLES)
         _check_choice("device", self.device, DEVICES)
         for name in ("image_size", "embedding_size", "epochs", "classes_per_batch", "images_per_class",
                      "pairs_per_step", "group_size", "contributing_pairs", "max_pair_draws", "max_new_tokens",

@@ -6,6 +6,7 @@ differentiable, so GRPO gradients pass through them into the tower).
 """
 import json
 import os
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .checkpoints import atomic_save_file, atomic_write_text
+from .errors import MissingFileError, UserError
 from .pooler import build_pooler
 
 QWEN3VL_MODEL_TYPES = ("qwen3_vl",)
@@ -20,8 +22,18 @@ EMBEDDER_WEIGHTS = "embedder.safetensors"
 EMBEDDER_CONFIG = "embedder.json"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """A model source that cannot be used (missing, not Qwen3-VL, unreadable)."""
+
+
+class LoadedModel(NamedTuple):
+    """A run's MLLM as its source gives it: ``random_init`` is True for a randomly initialized model (its verdicts
+    are noise: no GRPO or attention signal in a run means anything)."""
+
+    model: object
+    processor: object
+    description: str
+    random_init: bool = False
 
 
 def load_qwen3vl(path: str, *, dtype=None, attn_implementation: str | None = None):
@@ -65,6 +77,13 @@ def freeze_language_model(model) -> None:
         p.requires_grad_(False)
     for p in model.model.visual.parameters():
         p.requires_grad_(True)
+
+
+def suppressed_token_ids(model) -> list:
+    """Image / video / vision-delimiter tokens of a Qwen3-VL config: never sampled in an answer."""
+    cfg = model.config
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return sorted({getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None})
 
 
 def llm_num_layers(model) -> int:
@@ -163,7 +182,7 @@ def load_embedder(path: str, device: str = "cpu") -> Embedder:
 
     config_path = os.path.join(path, EMBEDDER_CONFIG)
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{path!r} is not a saved SAGA embedder: {EMBEDDER_CONFIG} is missing")
+        raise MissingFileError(f"{path!r} is not a saved SAGA embedder: {EMBEDDER_CONFIG} is missing")
     with open(config_path, encoding="utf-8") as f:
         meta = json.load(f)
     visual = Qwen3VLVisionModel(Qwen3VLVisionConfig(**meta["vision_config"]))

@@ -24,6 +24,7 @@ AIRCRAFT_ATTRIBUTES = (
     "fuselage length/proportions", "nose shape", "cockpit window layout", "cabin window count/spacing",
     "landing gear layout", "overall size class", "apparent era", "livery and markings",
 )
+PROMPT_STYLES = ("dataset", "generic")  # the dataset's expert prompt; the generic one (ablation)
 ITEM_KEYS = ("item 1", "item 2")
 
 

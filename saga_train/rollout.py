@@ -30,6 +30,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import verdict as verdict_lib
+from .model import suppressed_token_ids
 from .prompts import ITEM_KEYS
 
 ADVANTAGE_EPS = 1e-4
@@ -105,13 +106,6 @@ class RolloutStats:
 def group_advantages(rewards: torch.Tensor, eps: float = ADVANTAGE_EPS) -> torch.Tensor:
     """``(r - mean(r)) / (std(r) + eps)`` over the last dim (unbiased std, as TRL's GRPO)."""
     return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + eps)
-
-
-def suppressed_token_ids(model) -> list:
-    """Image / video / vision-delimiter tokens: never sampled in a completion."""
-    cfg = model.config
-    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    return sorted({getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None})
 
 
 def stop_token_ids(model, tokenizer) -> list:

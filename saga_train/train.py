@@ -21,6 +21,7 @@ from . import distributed as dist_lib
 from .checkpoints import CHECKPOINT, atomic_write_text, load_checkpoint, save_checkpoint
 from .components import autocast, build_components, build_optimizer, resolve_device
 from .data.stream import StepBatches, data_loader, data_workers, steps_per_epoch
+from .errors import MissingFileError
 from .evaluate import evaluate_embedder
 from .runlog import RunLog
 from .step import step_plan, step_seed, train_step
@@ -35,7 +36,7 @@ def train(cfg, log=print) -> dict:
     t_start = time.perf_counter()
     ckpt_path = os.path.join(cfg.run_dir, CHECKPOINT)
     if cfg.resume and not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        raise MissingFileError(f"--resume: no checkpoint at {ckpt_path}")
     probe_device = resolve_device(cfg)
     if probe_device.type == "cpu" and cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -63,13 +64,13 @@ def train(cfg, log=print) -> dict:
         log(f"LLM parameters on rank 0: decoder layers {llm_bytes['decoder_layers'] / 2**20:.1f} MiB of "
             f"{llm_bytes['decoder_layers_total'] / 2**20:.1f} MiB ({'sharded' if cfg.shard_llm else 'replicated'} "
             f"over {dist.world_size} rank(s)), embedding + norm + LM head {llm_bytes['replicated'] / 2**20:.1f} MiB")
-        if cfg.model == "tiny-random":
+        if comps.random_init:
             log(RANDOM_INIT_NOTICE)
 
     stop = min(total, cfg.stop_after) if cfg.stop_after else total
     run_log = RunLog(metrics_path, dist, start=start, stop=stop, progress=cfg.progress, log=log)
     result = {"run_dir": cfg.run_dir, "steps": total, "model": comps.model_description, "rank": dist.rank,
-              "llm_parameter_bytes": llm_bytes}
+              "random_init": comps.random_init, "llm_parameter_bytes": llm_bytes}
     if start == 0 and cfg.eval_before and main:
         result["before"] = evaluate_run(comps)
         run_log.evaluation("before", 0, result["before"])

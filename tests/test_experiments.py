@@ -40,7 +40,7 @@ def fake_runs(monkeypatch, tmp_path):
     monkeypatch.setattr("saga_train.synthetic.supervisor.shipped_or_cached", lambda cfg, log=print: tmp_path / "sup")
     sup_metrics = {"heldout": {"verdict_accuracy": 0.97, "attribute_accuracy": 0.99,
                                "verdict_accuracy_by_kind": {"same": 0.95, "one_attribute": 0.98, "random": 1.0}}}
-    monkeypatch.setattr("saga_train.synthetic.supervisor.read_marker", lambda path: {"metrics": sup_metrics})
+    monkeypatch.setattr("saga_train.synthetic.store.read_marker", lambda path: {"metrics": sup_metrics})
 
 
 def test_summary_leaves_out_values_a_run_did_not_have():

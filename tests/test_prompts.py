@@ -5,7 +5,7 @@ import pytest
 
 from saga_train.prompts import (AIRCRAFT_ATTRIBUTES, BIRD_ATTRIBUTES, CAR_ATTRIBUTES, instruction, pair_messages,
                                 pair_prompt, prompt_spec)
-from saga_train.synthetic.supervisor import vocabulary
+from saga_train.synthetic.answers import vocabulary
 from saga_train.verdict import item_span, parse_verdict
 
 

@@ -16,7 +16,7 @@ from saga_train import replay, rollout
 from saga_train.losses import teacher_map
 from saga_train.pooler import AttentionPooler
 from saga_train.prompts import ITEM_KEYS, pair_prompt, prompt_spec
-from saga_train.synthetic.supervisor import vocabulary
+from saga_train.synthetic.answers import vocabulary
 from saga_train.synthetic.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
 from utils import assert_rule
 

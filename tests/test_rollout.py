@@ -12,7 +12,7 @@ from saga_train import components, rollout, runlog, step as step_lib
 from saga_train.data import stream
 from saga_train.config import make_config
 from saga_train.prompts import pair_prompt, prompt_spec
-from saga_train.synthetic.supervisor import vocabulary
+from saga_train.synthetic.answers import vocabulary
 from saga_train.synthetic.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
 
 IMAGE_SIZE = 32  # 16 patches per image

@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from saga_train.synthetic import supervisor as sup
+from saga_train import prompts as prompt_lib
+from saga_train.synthetic import __main__ as synthetic_cli, answers, store, supervisor as sup
 from saga_train.synthetic.world import ATTRIBUTE_NAMES, num_differences
 from saga_train.verdict import item_span, parse_verdict
 
@@ -27,7 +28,7 @@ def world():
 
 
 def test_answer_round_trip_and_verdict():
-    same, diff = sup.build_answer(A, A, NAMES), sup.build_answer(A, B, NAMES)
+    same, diff = answers.build_answer(A, A, NAMES), answers.build_answer(A, B, NAMES)
     data = json.loads(diff)
     assert list(data) == ["item 1", "item 2", "differences", "confidence", "reasoning", "same_species"]
     assert data["item 1"] == ("red body color, blue wing color, green head color, striped wing pattern, "
@@ -38,29 +39,29 @@ def test_answer_round_trip_and_verdict():
     assert data["reasoning"] == "2 of 6 attributes differ" and data["same_species"] == "no"
     assert json.loads(same)["same_species"] == "yes"
     for text, (a, b), verdict in ((same, (A, A), True), (diff, (A, B), False)):
-        got = sup.parse_answer(text, NAMES)
+        got = answers.parse_answer(text, NAMES)
         differences = {n: "match" if a[n] == b[n] else "differ" for n in NAMES}
         assert got == {"item 1": a, "item 2": b, "differences": differences, "verdict": verdict}
-        assert parse_verdict(text, sup.VERDICT_KEY) is verdict  # the trainer's reward reads it the same way
+        assert parse_verdict(text, answers.VERDICT_KEY) is verdict  # the trainer's reward reads it the same way
         start, end = item_span(text, "item 1")  # the span L_KL uses
-        assert json.loads(text[start:end]) == sup.describe(a, NAMES)
+        assert json.loads(text[start:end]) == answers.describe(a, NAMES)
     with pytest.raises(KeyError, match="missing"):
-        sup.build_answer(A, {"body color": "red"}, NAMES)
+        answers.build_answer(A, {"body color": "red"}, NAMES)
 
 
 def test_parse_answer_tolerates_broken_text():
-    text = sup.build_answer(A, B, NAMES)
+    text = answers.build_answer(A, B, NAMES)
     cut = text[:text.index('"differences"') + 40]  # truncated inside the differences block
-    got = sup.parse_answer("Sure! " + cut, NAMES)
+    got = answers.parse_answer("Sure! " + cut, NAMES)
     assert got["item 1"] == A and got["item 2"] == B
     assert got["verdict"] is None and all(v is None for v in got["differences"].values())
     spaced = text.replace('": "', '" : "').replace(", ", " , ")  # a decode that spaces out punctuation
-    assert sup.parse_answer(spaced, NAMES)["item 2"] == B
+    assert answers.parse_answer(spaced, NAMES)["item 2"] == B
     shuffled = '{"item 1": "fan tail shape, red body color, red body color, oops", "same_species": "yes"}'
-    got = sup.parse_answer(shuffled, NAMES)
+    got = answers.parse_answer(shuffled, NAMES)
     assert got["item 1"] == dict(dict.fromkeys(NAMES), **{"tail shape": "fan", "body color": "red"})
     assert got["verdict"] is True
-    nothing = sup.parse_answer("no json here", NAMES)
+    nothing = answers.parse_answer("no json here", NAMES)
     assert nothing["verdict"] is None and nothing["item 1"] == dict.fromkeys(NAMES)
 
 
@@ -73,7 +74,7 @@ def test_vocabulary_covers_prompt_and_every_answer(world):
     rng = random.Random(0)
     for _ in range(30):
         a, b = rng.randrange(len(train_set.combinations)), rng.randrange(len(train_set.combinations))
-        answer = sup.build_answer(train_set.attributes(a), train_set.attributes(b), spec.attributes)
+        answer = answers.build_answer(train_set.attributes(a), train_set.attributes(b), spec.attributes)
         ids = tokenizer(answer)["input_ids"]
         assert tokenizer.unk_token_id not in ids
         assert tokenizer.decode(ids) == answer
@@ -83,10 +84,10 @@ def test_shipped_supervisor_is_intact_and_reads_every_attribute(world):
     """The package ships the supervisor of ``SupervisorConfig()``: every file matches its recorded sha256, the code
     still builds its tokenizer (same words, same ids), and its recorded held-out metrics meet the bar."""
     cfg = sup.SupervisorConfig()
-    path = sup.shipped_dir(cfg)
-    assert path is not None, f"no supervisor shipped for SupervisorConfig() (hash {sup.config_hash(cfg)})"
-    marker = sup.verify_supervisor(path, cfg)
-    _, processor = sup.load_supervisor(path)
+    path = store.shipped_dir(cfg)
+    assert path is not None, f"no supervisor shipped for SupervisorConfig() (hash {store.config_hash(cfg)})"
+    marker = store.verify_supervisor(path, cfg)
+    _, processor = store.load_supervisor(path)
     assert processor.tokenizer.get_vocab() == world[3].tokenizer.get_vocab()  # MICRO: the default's seed and split
     for key in ("heldout", "heldout_generic"):
         held = marker["metrics"][key]
@@ -99,12 +100,12 @@ def test_shipped_supervisor_answers_held_out_pairs():
     from saga_train.prompts import pair_prompt, prompt_spec
 
     cfg = sup.SupervisorConfig()
-    model, processor = sup.load_supervisor(sup.shipped_dir(cfg))
+    model, processor = store.load_supervisor(store.shipped_dir(cfg))
     train_set, test_set = sup.synthetic_splits(cfg)
     spec = prompt_spec("synthetic", train_set)
     pairs = sup.eval_pairs(cfg, test_set)[::16]  # 8 same-class, 4 one-attribute, 4 random pairs
     assert [p[0] for p in pairs].count("same") == 8
-    for style in sup.PROMPT_STYLES:
+    for style in prompt_lib.PROMPT_STYLES:
         scores = sup.evaluate_supervisor(model, processor, pair_prompt(processor, spec, style), test_set, pairs, spec,
                                          batch=16)
         assert scores["verdict_accuracy"] >= 14 / 16 and scores["attribute_accuracy"] >= 0.9, (style, scores)
@@ -140,12 +141,12 @@ def test_sft_batch_labels_only_the_answer(world):
         labelled = batch["labels"][row][batch["labels"][row] != -100]
         text = tokenizer.decode(labelled)
         assert text.endswith(tokenizer.eos_token)
-        answer = sup.parse_answer(text[:-len(tokenizer.eos_token)], NAMES)
+        answer = answers.parse_answer(text[:-len(tokenizer.eos_token)], NAMES)
         assert None not in answer["item 1"].values() and answer["verdict"] is not None
         first = (batch["labels"][row] != -100).nonzero()[0, 0]
         prompt = tokenizer.decode(batch["input_ids"][row, :first], skip_special_tokens=False)
         assert prompt.endswith("<|im_start|>assistant\n")
-        styles.append(next(style for style in prompts if sup.instruction(spec, style) in prompt))
+        styles.append(next(style for style in prompts if prompt_lib.instruction(spec, style) in prompt))
     assert set(styles) == {"dataset", "generic"}  # MICRO: half the pairs are asked with the generic prompt
     with pytest.raises(ValueError, match="one prompt and two images per answer"):
         sup.sft_batch(processor, [prompts["dataset"]], [], ["{}"])
@@ -173,7 +174,7 @@ def test_stage1_is_cached_apart_from_stage2(tmp_path, monkeypatch):
     assert sup.stage1_path(dataclasses.replace(cfg, tower_lr=5e-4)) != sup.stage1_path(cfg)
     reused, _, again = sup.train_supervisor(other_sft, progress=False, evaluate=False)
     assert again["stage1"].pop("cached") == str(sup.stage1_path(cfg)) and again["stage1"] == metrics["stage1"]
-    monkeypatch.setenv(sup.CACHE_ENV, str(tmp_path / "fresh"))  # from scratch: the same weights as with the cache
+    monkeypatch.setenv(store.CACHE_ENV, str(tmp_path / "fresh"))  # from scratch: the same weights as with the cache
     scratch, _, _ = sup.train_supervisor(other_sft, progress=False, evaluate=False)
     assert all(torch.equal(p, q) for p, q in zip(reused.parameters(), scratch.parameters()))
 
@@ -203,14 +204,14 @@ def test_evaluate_scores_answers(world):
     prompt = prompts["dataset"]
     pairs = sup.eval_pairs(dataclasses.replace(MICRO, eval_pairs=6), test_set)
     attrs = [(test_set.attributes(a), test_set.attributes(b)) for _, a, _, b, _ in pairs]
-    truths = [sup.answer_dict(a, b, NAMES) for a, b in attrs]
+    truths = [answers.answer_dict(a, b, NAMES) for a, b in attrs]
     perfect = _OracleModel(processor.tokenizer, [json.dumps(t) for t in truths], model.config)
     scores = sup.evaluate_supervisor(perfect, processor, prompt, test_set, pairs, spec, batch=4)
     assert scores["verdict_accuracy"] == scores["attribute_accuracy"] == scores["exact_match"] == 1.0
     assert scores["differences_accuracy"] == scores["parse_rate"] == 1.0
     flipped = [dict(t, same_species="no" if t["same_species"] == "yes" else "yes") for t in truths]
     for t, (_, b) in zip(flipped, attrs):
-        t["item 2"] = sup.describe(dict(b, **{"tail shape": "none"}), NAMES)
+        t["item 2"] = answers.describe(dict(b, **{"tail shape": "none"}), NAMES)
     scores = sup.evaluate_supervisor(_OracleModel(processor.tokenizer, [json.dumps(t) for t in flipped], model.config),
                                      processor, prompt, test_set, pairs, spec, batch=4)
     assert scores["verdict_accuracy"] == 0.0 and scores["exact_match"] == 0.0
@@ -231,25 +232,25 @@ def test_cache_refuses_foreign_directories(tmp_path, monkeypatch):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "weights.bin").write_text("precious")
-    with pytest.raises(sup.SupervisorCacheError, match="refusing to overwrite"):
+    with pytest.raises(store.SupervisorCacheError, match="refusing to overwrite"):
         sup.ensure_supervisor(cfg, foreign, progress=False)
-    with pytest.raises(sup.SupervisorCacheError):
+    with pytest.raises(store.SupervisorCacheError):
         sup.ensure_supervisor(cfg, foreign, force=True, progress=False)
     assert (foreign / "weights.bin").read_text() == "precious"
-    assert sup.main(["--out", str(foreign), "--steps", "2"]) == 2
+    assert synthetic_cli.main(["--out", str(foreign), "--steps", "2"]) == 2
 
-    monkeypatch.setenv(sup.CACHE_ENV, str(tmp_path / "cache"))
-    target = sup.supervisor_dir(cfg)
+    monkeypatch.setenv(store.CACHE_ENV, str(tmp_path / "cache"))
+    target = store.supervisor_dir(cfg)
     assert target.parent == tmp_path / "cache" and target.name.startswith("supervisor-")
-    assert sup.supervisor_dir(dataclasses.replace(cfg, threads=2)) == target
-    assert sup.supervisor_dir(dataclasses.replace(cfg, seed=1)) != target
+    assert store.supervisor_dir(dataclasses.replace(cfg, threads=2)) == target
+    assert store.supervisor_dir(dataclasses.replace(cfg, seed=1)) != target
     path = sup.ensure_supervisor(cfg, progress=False)
     assert path == target and not target.with_name(target.name + ".partial").exists()
-    marker = sup.read_marker(path)
-    assert marker["complete"] and marker["hash"] == sup.config_hash(cfg)
+    marker = store.read_marker(path)
+    assert marker["complete"] and marker["hash"] == store.config_hash(cfg)
     assert {"heldout", "heldout_generic", "stage1"} <= set(marker["metrics"])
     assert set(marker["sha256"]) >= {"model.safetensors", "config.json", "tokenizer.json", "metrics.json"}
-    model, processor = sup.load_supervisor(path)
+    model, processor = store.load_supervisor(path)
     assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
     def no_training(*args, **kwargs):
@@ -258,21 +259,21 @@ def test_cache_refuses_foreign_directories(tmp_path, monkeypatch):
     monkeypatch.setattr(sup, "train_supervisor", no_training)
     assert sup.ensure_supervisor(cfg, progress=False) == path
     other = dataclasses.replace(cfg, seed=3)
-    with pytest.raises(sup.SupervisorCacheError, match="another config"):
+    with pytest.raises(store.SupervisorCacheError, match="another config"):
         sup.ensure_supervisor(other, path, progress=False)
     (path / "metrics.json").write_text("{}")  # a file changed after it was written: refused, not used
-    with pytest.raises(sup.SupervisorCacheError, match=r"changed since it was written: changed \[.metrics.json.\]"):
+    with pytest.raises(store.SupervisorCacheError, match=r"changed since it was written: changed \[.metrics.json.\]"):
         sup.ensure_supervisor(cfg, progress=False)
 
 
 def test_nothing_is_written_into_the_package_and_nothing_half_written_stays(tmp_path, monkeypatch):
-    shipped = sup.shipped_dir(sup.SupervisorConfig())
-    before = sup.file_digests(shipped)
+    shipped = store.shipped_dir(sup.SupervisorConfig())
+    before = store.file_digests(shipped)
     for out in (shipped, shipped.parent / "supervisor-other"):
-        with pytest.raises(sup.SupervisorCacheError, match="refusing to write into the package"):
+        with pytest.raises(store.SupervisorCacheError, match="refusing to write into the package"):
             sup.ensure_supervisor(MICRO, out, force=True, progress=False)
-        assert sup.main(["--out", str(out), "--force", "--steps", "2"]) == 2
-    assert sup.file_digests(shipped) == before and not (shipped.parent / "supervisor-other").exists()
+        assert synthetic_cli.main(["--out", str(out), "--force", "--steps", "2"]) == 2
+    assert store.file_digests(shipped) == before and not (shipped.parent / "supervisor-other").exists()
 
     def broken(*args, **kwargs):
         raise ValueError("heads=3 does not divide text_hidden=32")
@@ -284,6 +285,6 @@ def test_nothing_is_written_into_the_package_and_nothing_half_written_stays(tmp_
 
 
 def test_corrupt_marker_is_named(tmp_path):
-    (tmp_path / sup.MARKER).write_text('{"hash": "abc", "compl')
-    with pytest.raises(sup.SupervisorCacheError, match="SUPERVISOR.json is corrupt"):
-        sup.verify_supervisor(tmp_path)
+    (tmp_path / store.MARKER).write_text('{"hash": "abc", "compl')
+    with pytest.raises(store.SupervisorCacheError, match="SUPERVISOR.json is corrupt"):
+        store.verify_supervisor(tmp_path)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import saga_kernels
-from saga_train import components, rollout, step as step_lib, train as train_lib
+from saga_train import components, rollout, sources, step as step_lib, train as train_lib
 from saga_train.data import stream
 from saga_train.__main__ import main
 from saga_train.config import ConfigError, make_config
@@ -163,7 +163,7 @@ def test_whole_loop_with_all_three_losses(tmp_path, signal):
     assert set(result["phase_share"]) == {"a", "b", "c", "opt"}
     # the final embedder loads for the retrieval tool and embeds unit vectors
     embedder = load_embedder(os.path.join(cfg.run_dir, "embedder"))
-    images = [components.build_datasets(cfg)[1][i][0] for i in range(3)]
+    images = [sources.load_splits(cfg)[1][i][0] for i in range(3)]
     z = embedder.embed_images(images)
     assert z.shape == (3, 16)
     torch.testing.assert_close(z.norm(dim=-1), torch.ones(3))
@@ -277,10 +277,10 @@ def test_two_gloo_ranks_keep_identical_parameters(tmp_path):
 
 def test_local_checkpoint_directory_trains(tmp_path, signal):
     """A saved Qwen3-VL directory (here a tiny one, as the synthetic supervisor is saved) loads by --model DIR."""
-    from saga_train.synthetic.supervisor import vocabulary
+    from saga_train.synthetic.answers import vocabulary
     from saga_train.synthetic.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
 
-    ds = components.build_datasets(small(tmp_path))[0]
+    ds = sources.load_splits(small(tmp_path))[0]
     tokenizer = build_tokenizer(vocabulary(prompt_spec("synthetic", ds), ds))
     build_tiny_qwen3vl(tokenizer, image_size=32, seed=5).save_pretrained(tmp_path / "ckpt")
     build_processor(tokenizer, 32).save_pretrained(tmp_path / "ckpt")
@@ -313,7 +313,7 @@ def test_poolers():
 
 
 def test_item_token_masks_select_the_item_values():
-    from saga_train.synthetic.supervisor import vocabulary
+    from saga_train.synthetic.answers import vocabulary
     from saga_train.synthetic.tiny import build_tokenizer
 
     spec = prompt_spec("cub")
@@ -352,10 +352,10 @@ def test_workers_decode_the_same_batches(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
     # the default (-1): workers for images on disk, none for the in-memory synthetic world
     comps_device = torch.device("cpu")
-    train_set = components.build_datasets(in_process)[0]
+    train_set = sources.load_splits(in_process)[0]
     cpus = len(os.sched_getaffinity(0))
     assert stream.data_workers(make_config(in_process, workers=-1), train_set, comps_device) == min(2, cpus - 1)
-    assert stream.data_workers(small(tmp_path), components.build_datasets(small(tmp_path))[0], comps_device) == 0
+    assert stream.data_workers(small(tmp_path), sources.load_splits(small(tmp_path))[0], comps_device) == 0
 
 
 def test_real_model_path_never_imports_the_synthetic_world(tmp_path):
@@ -364,7 +364,7 @@ def test_real_model_path_never_imports_the_synthetic_world(tmp_path):
     import subprocess
     import sys
 
-    from saga_train.synthetic.supervisor import vocabulary
+    from saga_train.synthetic.answers import vocabulary
     from saga_train.synthetic.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
 
     data = _image_folder(tmp_path / "data")

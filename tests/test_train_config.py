@@ -79,7 +79,7 @@ def test_non_qwen3vl_model_dir_is_refused(tmp_path, capsys):
 
 def test_supervisor_cache_error_is_reported_plainly(monkeypatch, capsys):
     import saga_train.__main__ as entry
-    from saga_train.synthetic.supervisor import SupervisorCacheError
+    from saga_train.synthetic.store import SupervisorCacheError
 
     def refuse(cfg):
         raise SupervisorCacheError("refusing to overwrite /somewhere")

@@ -7,8 +7,10 @@ from typing import Sequence
 
 from PIL import Image
 
+from ..errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """A dataset on disk is missing a file or has a malformed entry; the message names the file."""
 
 

@@ -100,7 +100,7 @@ def r_at_1_curve(run_dir) -> list:
 
 def run_arm(cfg, arm: str) -> dict:
     """Train (or, for ``untrained``, only build) one configuration; its metrics, curve, hits and probes."""
-    from saga_train import components, train as trainer
+    from saga_train import components, sources, train as trainer
     from saga_train.evaluate import evaluate
     from saga_train.model import load_embedder
 
@@ -111,7 +111,7 @@ def run_arm(cfg, arm: str) -> dict:
     else:
         result = trainer.train(cfg, log=lambda *_: None)
         embedder = load_embedder(str(Path(cfg.run_dir) / "embedder"))
-        test_set = components.build_datasets(cfg)[1]
+        test_set = sources.load_splits(cfg)[1]
         out = {"curve": r_at_1_curve(cfg.run_dir), "seconds_per_step": result["seconds_per_step"],
                "steps": result["steps"]}
         if "reward_rate" in result:  # runs with rollouts
@@ -243,7 +243,8 @@ def build_record(runs: dict, meta: dict, supervisor: dict) -> dict:
 
 def run_ablation(base, seeds, arms, run_root, out_dir, log=print) -> dict:
     """Every (arm, seed); writes ``ablation.json``, ``ablation.md`` and ``ablation-curves.png`` into ``out_dir``."""
-    from saga_train.synthetic.supervisor import SupervisorConfig, read_marker, shipped_or_cached
+    from saga_train.synthetic.store import read_marker
+    from saga_train.synthetic.supervisor import SupervisorConfig, shipped_or_cached
     from saga_train.synthetic.world import ATTRIBUTE_NAMES
 
     supervisor_path = None  # the synthetic supervisor, only when the arms use it (else its metrics are not reported)

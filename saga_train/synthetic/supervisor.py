@@ -29,43 +29,29 @@ supervisor of another config); nothing is ever written into the package's ``weig
 verified directory there). ``python -m saga_train.synthetic.supervisor`` retrains from scratch into the cache and
 prints its metrics next to the shipped ones.
 """
-import argparse
 import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from ..config import add_dataclass_flags
-from ..model import load_qwen3vl
-from ..prompts import ITEM_KEYS, instruction, pair_messages, pair_prompt, prompt_spec
-from ..rollout import suppressed_token_ids
-from ..verdict import parse_verdict
+from ..model import suppressed_token_ids
+from ..prompts import ITEM_KEYS, PROMPT_STYLES, pair_prompt, prompt_spec
+from .answers import DIFFER, FORMAT_VERSION, MATCH, build_answer, parse_answer, vocabulary
+from .store import (SupervisorCacheError, cache_root, check_writable, config_hash, read_marker, shipped_dir,
+                    supervisor_dir, verify_supervisor, write_marker)
 
-FORMAT_VERSION = 4
-VERDICT_KEY = "same_species"
-MATCH, DIFFER = "match", "differ"
 PAIR_KINDS = ("same", "one_attribute", "random")
-PROMPT_STYLES = ("dataset", "generic")
 EVAL_MIX = (0.5, 0.25, 0.25)  # held-out evaluation pairs: same class, one attribute apart, random classes
-MARKER = "SUPERVISOR.json"
-CACHE_ENV = "SAGA_CACHE"
-SHIPPED_ROOT = Path(__file__).with_name("weights")  # supervisors shipped in the package, one directory per config
-
-
-class SupervisorCacheError(RuntimeError):
-    """The output directory holds something this module did not write (or a different supervisor)."""
 
 
 @dataclass(frozen=True)
@@ -128,89 +114,6 @@ class SupervisorConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# The answer format (pure functions, shared with the trainer's prompt/verdict code)
-# ---------------------------------------------------------------------------------------------
-
-def describe(attrs: dict, attribute_names) -> str:
-    """One item's description: ``"<value> <attribute>, ..."``, e.g. ``"red body color, long beak shape"``."""
-    return ", ".join(f"{attrs[n]} {n}" for n in attribute_names)
-
-
-def answer_dict(attrs_a: dict, attrs_b: dict, attribute_names, verdict_key: str = VERDICT_KEY) -> dict:
-    """The target answer as a dict: both items described, match/differ per attribute, the verdict.
-
-    Verdict "yes" iff every listed attribute agrees (a synthetic class IS its attribute combination).
-    Values are short strings (not nested objects) to keep the answer near 140 word-level tokens. The
-    differences block repeats both values next to each other ("wing color red vs blue differ") so
-    match/differ is decided from adjacent tokens, not from two lists far apart.
-    """
-    names = list(attribute_names)
-    missing = [n for n in names if n not in attrs_a or n not in attrs_b]
-    if missing:
-        raise KeyError(f"attributes {missing} are missing from attrs_a or attrs_b")
-    same = [attrs_a[n] == attrs_b[n] for n in names]
-    return {
-        ITEM_KEYS[0]: describe(attrs_a, names),
-        ITEM_KEYS[1]: describe(attrs_b, names),
-        "differences": ", ".join(f"{n} {attrs_a[n]} vs {attrs_b[n]} {MATCH if ok else DIFFER}"
-                                 for n, ok in zip(names, same)),
-        "confidence": "high",
-        "reasoning": f"{same.count(False)} of {len(names)} attributes differ",
-        verdict_key: "yes" if all(same) else "no",
-    }
-
-
-def build_answer(attrs_a: dict, attrs_b: dict, attribute_names, verdict_key: str = VERDICT_KEY) -> str:
-    """The target answer text: ``json.dumps(answer_dict(...))``."""
-    return json.dumps(answer_dict(attrs_a, attrs_b, attribute_names, verdict_key))
-
-
-def _string_after(text: str, key: str) -> str:
-    """The quoted string after ``"key":`` (whitespace-tolerant), or ""."""
-    match = re.search(r'"\s*' + re.escape(key) + r'\s*"\s*:\s*"([^"]*)"', text)
-    return match.group(1) if match else ""
-
-
-def _split_named(text: str, attribute_names, name_last: bool) -> dict:
-    """``{attribute: word}`` from ``"<word> <attribute>, ..."`` (or ``"<attribute> <word>, ..."``)."""
-    names = sorted(attribute_names, key=len, reverse=True)  # longest first: "wing color" before "color"
-    found = dict.fromkeys(attribute_names)
-    for part in (p.strip() for p in text.split(",")):
-        for name in names:
-            if name_last and part.endswith(" " + name):
-                word = part[:-len(name)]
-            elif not name_last and part.startswith(name + " "):
-                word = part[len(name):]
-            else:
-                continue
-            if found[name] is None:  # the first mention counts
-                found[name] = word.strip()
-            break
-    return found
-
-
-def _last_word(text, allowed):
-    """The last word of ``text`` when it is one of ``allowed``, else None."""
-    words = (text or "").split()
-    return words[-1] if words and words[-1] in allowed else None
-
-
-def parse_answer(text: str, attribute_names, verdict_key: str = VERDICT_KEY) -> dict:
-    """Read an answer back, tolerating broken JSON: ``{"item 1": {attr: value | None}, "item 2": ...,
-    "differences": {attr: "match" | "differ" | None}, "verdict": True | False | None}``.
-
-    Each field is searched for on its own, so a truncated or garbled completion still scores on
-    what it got right. The verdict is read by ``saga_train.verdict.parse_verdict``, as the SAGA
-    reward reads it.
-    """
-    out = {key: _split_named(_string_after(text, key), attribute_names, name_last=True) for key in ITEM_KEYS}
-    compared = _split_named(_string_after(text, "differences"), attribute_names, name_last=False)
-    out["differences"] = {n: _last_word(v, (MATCH, DIFFER)) for n, v in compared.items()}
-    out["verdict"] = parse_verdict(text, verdict_key)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # The world: datasets, prompt, vocabulary, pairs
 # ---------------------------------------------------------------------------------------------
 
@@ -221,23 +124,6 @@ def synthetic_splits(cfg: SupervisorConfig):
     common = dict(seed=cfg.seed, images_per_class=1, image_size=cfg.image_size, test_classes=cfg.test_classes,
                   noise=cfg.noise, cache=False)
     return SyntheticBirds("train", train_classes="open", **common), SyntheticBirds("test", **common)
-
-
-def vocabulary(spec, dataset=None) -> list:
-    """Every text the tiny model reads or writes for ``spec`` (the words of its word-level tokenizer): both
-    prompt styles, the attribute values of ``dataset`` (when it has any) and the answer format of ``build_answer``.
-
-    The tokenizer numbers words in order of first appearance, so this order fixes the supervisor's token ids.
-    """
-    texts = [instruction(spec, "dataset"), instruction(spec, "generic")]
-    texts += [part.get("text", "") for m in pair_messages(spec) for part in m["content"]]
-    texts += [" ".join(values) for values in (getattr(dataset, "attribute_values", None) or {}).values()]
-    classes = getattr(dataset, "class_attributes", None) or [{}]
-    texts += [" ".join(attrs.values()) for attrs in classes]
-    example = {name: classes[0].get(name, "") for name in spec.attributes}
-    texts.append(build_answer(example, example, spec.attributes, spec.verdict_key))
-    texts += [MATCH, DIFFER, "yes no high medium low"]
-    return texts
 
 
 class PairSampler:
@@ -536,110 +422,6 @@ def train_supervisor(cfg: SupervisorConfig, log_path=None, progress: bool = True
     return model, processor, metrics
 
 
-# ---------------------------------------------------------------------------------------------
-# The cache: where a supervisor lives, and the refusal to overwrite what we did not write
-# ---------------------------------------------------------------------------------------------
-
-def config_hash(cfg: SupervisorConfig) -> str:
-    """12 hex digits over the config fingerprint, the answer format version and both prompts' text."""
-    from .world import ATTRIBUTE_NAMES
-
-    world = SimpleNamespace(attribute_names=list(ATTRIBUTE_NAMES))  # all the prompt reads from a dataset
-    texts = [instruction(prompt_spec("synthetic", world), style) for style in PROMPT_STYLES]
-    blob = json.dumps({"config": cfg.fingerprint(), "format": FORMAT_VERSION, "prompts": texts}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def cache_root() -> Path:
-    """``$SAGA_CACHE``, else ``~/.cache/saga_kernels``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "saga_kernels")
-
-
-def supervisor_dir(cfg: SupervisorConfig) -> Path:
-    """The cache directory of the supervisor trained with ``cfg``."""
-    return cache_root() / f"supervisor-{config_hash(cfg)}"
-
-
-def read_marker(path) -> dict:
-    """The marker of a supervisor directory, or None when there is none; a marker that is not a JSON object
-    raises ``SupervisorCacheError`` naming it."""
-    marker = Path(path) / MARKER
-    if not marker.is_file():
-        return None
-    try:
-        record = json.loads(marker.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SupervisorCacheError(f"{marker} is corrupt (not JSON: {e})") from e
-    if not isinstance(record, dict):
-        raise SupervisorCacheError(f"{marker} is corrupt (not a JSON object)")
-    return record
-
-
-def shipped_dir(cfg: SupervisorConfig):
-    """The supervisor of ``cfg`` shipped inside the package (``saga_train/synthetic/weights/supervisor-<hash>``), or
-    None when none is shipped for this config."""
-    path = SHIPPED_ROOT / f"supervisor-{config_hash(cfg)}"
-    return path if (path / MARKER).is_file() else None
-
-
-def file_digests(path) -> dict:
-    """``{file name: sha256 hex}`` of every file in a supervisor directory but the marker (which records them)."""
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(Path(path).iterdir()) if f.is_file() and f.name != MARKER}
-
-
-def verify_supervisor(path, cfg: SupervisorConfig = None) -> dict:
-    """The marker of a complete supervisor directory whose files match their recorded sha256 (and, given ``cfg``,
-    whose config hash is ``cfg``'s); raises ``SupervisorCacheError`` naming what is missing, different or corrupt."""
-    marker = read_marker(path)
-    if marker is None or not marker.get("complete"):
-        raise SupervisorCacheError(f"{path} is not a complete supervisor (no complete {MARKER})")
-    if cfg is not None and marker.get("hash") != config_hash(cfg):
-        raise SupervisorCacheError(f"{path} holds the supervisor of config {marker.get('hash')}, not {config_hash(cfg)}")
-    recorded, found = marker.get("sha256") or {}, file_digests(path)
-    if not recorded:
-        raise SupervisorCacheError(f"{path}: {MARKER} records no sha256")
-    kinds = {"missing": sorted(set(recorded) - set(found)), "added": sorted(set(found) - set(recorded)),
-             "changed": sorted(n for n in set(recorded) & set(found) if recorded[n] != found[n])}
-    if any(kinds.values()):
-        raise SupervisorCacheError(f"{path}: files changed since it was written: "
-                                   + "; ".join(f"{kind} {names}" for kind, names in kinds.items() if names))
-    return marker
-
-
-def check_writable(path, cfg: SupervisorConfig, force: bool = False) -> str:
-    """What to do with ``path``: "reuse" (a complete supervisor of this config), or "train".
-
-    Raises ``SupervisorCacheError`` when ``path`` is a non-empty directory (or a file) without our
-    marker, or holds a supervisor of another config and ``force`` is False.
-    """
-    path = Path(path)
-    if path.resolve().is_relative_to(SHIPPED_ROOT.resolve()):
-        raise SupervisorCacheError(f"refusing to write into the package's shipped weights ({path}); train into the "
-                                   "cache (the default --out), then copy the directory into "
-                                   f"{SHIPPED_ROOT} to ship it")
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-        return "train"
-    marker = read_marker(path) if path.is_dir() else None
-    if marker is None:
-        raise SupervisorCacheError(f"refusing to overwrite {path}: it exists and was not written by "
-                                   f"saga_train.synthetic.supervisor (no {MARKER})")
-    same = marker.get("hash") == config_hash(cfg)
-    if same and marker.get("complete") and not force:
-        return "reuse"
-    if not same and marker.get("complete") and not force:
-        raise SupervisorCacheError(f"{path} holds a supervisor of another config (hash {marker.get('hash')}, "
-                                   f"wanted {config_hash(cfg)}); pass force=True (--force) to replace it")
-    return "train"
-
-
-def _write_marker(path: Path, cfg: SupervisorConfig, complete: bool, metrics: dict = None) -> None:
-    record = {"written_by": "saga_train.synthetic.supervisor", "format": FORMAT_VERSION, "hash": config_hash(cfg),
-              "complete": complete, "config": dataclasses.asdict(cfg), "metrics": metrics,
-              "sha256": file_digests(path) if complete else None}
-    (path / MARKER).write_text(json.dumps(record, indent=2))
-
-
 def ensure_supervisor(cfg: SupervisorConfig = None, out_dir=None, *, force: bool = False,
                       progress: bool = True) -> Path:
     """The directory of a trained supervisor for ``cfg``; trains and saves it on first use.
@@ -659,13 +441,13 @@ def ensure_supervisor(cfg: SupervisorConfig = None, out_dir=None, *, force: bool
             raise SupervisorCacheError(f"refusing to overwrite {partial}: not written by saga_train.synthetic.supervisor")
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    _write_marker(partial, cfg, complete=False)
+    write_marker(partial, cfg, complete=False)
     try:
         model, processor, metrics = train_supervisor(cfg, log_path=partial / "train_log.jsonl", progress=progress)
         model.save_pretrained(partial)
         processor.save_pretrained(partial)
         (partial / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        _write_marker(partial, cfg, complete=True, metrics=metrics)
+        write_marker(partial, cfg, complete=True, metrics=metrics)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)  # ours: nothing half-written stays behind
         raise
@@ -688,65 +470,3 @@ def shipped_or_cached(cfg: SupervisorConfig, progress: bool = True, log=print) -
         log(f"no supervisor is shipped for this config (hash {config_hash(cfg)}): training it once, {total} steps "
             f"(cached in {path}; about 45 minutes on 2 CPU cores)")
     return ensure_supervisor(cfg, path, progress=progress)
-
-
-def load_supervisor(path, attn_implementation: str = None):
-    """``(model, processor)`` of a saved supervisor directory (offline; a Qwen3-VL checkpoint like any other)."""
-    return load_qwen3vl(str(path), attn_implementation=attn_implementation)
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m saga_train.synthetic.supervisor",
-                                     description="Train (or reuse) the synthetic-world supervisor.")
-    add_dataclass_flags(parser, SupervisorConfig)
-    parser.add_argument("--out", default=None, help=f"output directory (default: <cache>/supervisor-<config hash>, "
-                                                    f"<cache> = ${CACHE_ENV} or ~/.cache/saga_kernels); never "
-                                                    "inside the package")
-    parser.add_argument("--force", action="store_true", help="retrain even if a complete supervisor is cached")
-    return parser
-
-
-def describe_metrics(metrics: dict) -> str:
-    """One line per prompt style: verdict accuracy (per pair kind) and per-attribute accuracy on held-out pairs."""
-    lines = []
-    for key, style in (("heldout", "dataset prompt"), ("heldout_generic", "generic prompt")):
-        held = metrics.get(key)
-        if not held:
-            continue
-        kinds = held["verdict_accuracy_by_kind"]
-        lines.append(f"{style}: verdict {held['verdict_accuracy']:.3f} (same {kinds.get('same', float('nan')):.2f}, "
-                     f"one attribute {kinds.get('one_attribute', float('nan')):.2f}, random "
-                     f"{kinds.get('random', float('nan')):.2f}; chance 0.5), attributes "
-                     + ", ".join(f"{n} {v:.2f}" for n, v in held["attribute_accuracy_by_name"].items())
-                     + f" ({held['pairs']} held-out-class pairs)")
-    return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    out, force = args.pop("out"), args.pop("force")
-    try:
-        cfg = SupervisorConfig(**args)
-        target = Path(out) if out else supervisor_dir(cfg)
-        reused = check_writable(target, cfg, force) == "reuse"
-        path = ensure_supervisor(cfg, target, force=force)
-    except (SupervisorCacheError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    metrics = read_marker(path)["metrics"]
-    print(json.dumps(metrics, indent=2))
-    print(f"supervisor {'reused from' if reused else 'saved to'} {path} (trained {metrics['train_seconds']} s)")
-    print(describe_metrics(metrics))
-    shipped = shipped_dir(cfg)
-    if shipped is not None and shipped.resolve() != path.resolve():
-        print(f"the shipped supervisor of this config ({shipped}), for comparison:")
-        print(describe_metrics(read_marker(shipped)["metrics"]))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
