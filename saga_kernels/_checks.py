@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
+import numbers
 import os
 from collections.abc import Iterable
 
@@ -42,13 +44,37 @@ def check_tensor(
 
 
 def check_same_device(**tensors) -> torch.device:
-    """All given (non-None) tensors share one device; return it. The error lists every argument's device."""
+    """All given (non-None) tensors share one device, which holds values (not "meta"); return it. The error lists
+    every argument's device."""
     present = {k: v for k, v in tensors.items() if v is not None}
     devices = {v.device for v in present.values()}
     if len(devices) > 1:
         listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
-    return next(iter(devices))
+    device = next(iter(devices))
+    if device.type == "meta":
+        raise ValueError(f"{', '.join(present)} are on the meta device: they hold no values to compute with")
+    return device
+
+
+def check_number(name: str, value, *, minimum: float | None = None, strict: bool = False) -> None:
+    """``value`` is a real number (a Python or numpy scalar, not a bool), finite, and ``>= minimum`` (``> minimum``
+    with ``strict``); ValueError naming ``name`` otherwise. Not checked while torch.compile traces: a dynamic-shape
+    trace turns Python numbers into symbols."""
+    if torch.compiler.is_compiling():
+        return
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    """``value`` is a bool; TypeError naming ``name`` otherwise (a string such as "yes" is not silently true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -119,6 +145,24 @@ def check_finite(name: str, t: torch.Tensor, where: torch.Tensor | None = None) 
         if count is None:
             return f"{name} contains non-finite value(s) (NaN or inf){at}"
         return f"{name} contains {int((~finite).sum())} non-finite value(s) (NaN or inf){at}"
+
+    _assert_values(finite.all(), describe)
+
+
+def check_finite_rows(name: str, t: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """Raise ValueError if a row (last dimension) of ``t`` holds NaN or +-inf, among the rows where the bool ``rows``
+    (``t.shape[:-1]``) is True, if given. One fp32 sum per row (no copy of ``t``); a row of finite values so large
+    that their sum overflows fp32 counts as non-finite too."""
+    if t.numel() == 0 or check_mode(t) == "off":
+        return
+    finite = torch.isfinite(t.detach().sum(-1, dtype=torch.float32))
+    if rows is not None:
+        finite = finite | ~rows
+    at = "" if rows is None else " at rows that are used"
+
+    def describe(sync):
+        count = "" if sync is None else f"{int((~finite).sum())} row(s) with "
+        return f"{name} contains {count}non-finite value(s) (NaN or inf){at}"
 
     _assert_values(finite.all(), describe)
 

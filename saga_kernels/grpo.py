@@ -40,11 +40,10 @@ that of the advantage-weighted NLL -sum m A lp / norm (SAGA's L_GRPO with "dapo"
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from ._checks import check_finite, check_index_range, check_same_device, check_tensor, check_values
+from ._checks import (check_bool, check_finite, check_index_range, check_number, check_same_device, check_tensor,
+                      check_values)
 from .logprob import linear_logprobs
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -52,15 +51,16 @@ IS_LEVELS = ("token", "sequence")
 _LOGPROB_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _check_options(beta, epsilon_low, epsilon_high, loss_type, max_completion_length, importance_sampling_level):
+def _check_options(beta, epsilon_low, epsilon_high, loss_type, max_completion_length, importance_sampling_level,
+                   use_bias_correction_kl=False):
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if importance_sampling_level not in IS_LEVELS:
         raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got {importance_sampling_level!r}")
     for name, value in (("beta", beta), ("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if loss_type == "dr_grpo":
+        check_number(name, value, minimum=0)
+    check_bool("use_bias_correction_kl", use_bias_correction_kl)
+    if loss_type == "dr_grpo" and not torch.compiler.is_compiling():
         if isinstance(max_completion_length, bool) or not isinstance(max_completion_length, int) \
                 or max_completion_length <= 0:
             raise ValueError(f"max_completion_length must be a positive int for loss_type='dr_grpo', "
@@ -82,12 +82,10 @@ def _check_num_items(num_items_in_batch, loss_type):
             raise ValueError(f"num_items_in_batch must be a scalar, got shape {list(num_items_in_batch.shape)}")
         if num_items_in_batch.is_complex() or num_items_in_batch.dtype == torch.bool:
             raise TypeError(f"num_items_in_batch must be a real number, got dtype {num_items_in_batch.dtype}")
-        check_values("num_items_in_batch", torch.isfinite(num_items_in_batch) & (num_items_in_batch > 0),
-                     "be a finite number > 0")
+        check_values("num_items_in_batch", torch.isfinite(num_items_in_batch) & (num_items_in_batch >= 0),
+                     "be a finite number >= 0")
         return
-    value = num_items_in_batch
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"num_items_in_batch must be a number > 0, got {num_items_in_batch!r}")
+    check_number("num_items_in_batch", num_items_in_batch, minimum=0)
 
 
 def _check_per_token(advantages, token_weights, completion_mask, b, t):
@@ -174,7 +172,11 @@ def _grpo_core(logprobs, completion_mask, advantages, old_logprobs, ref_logprobs
         loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / max(batch, 1)
     elif loss_type == "dr_grpo":
         loss = masked.sum() / (batch * max_completion_length)
-    elif loss_type == "dapo" and num_items_in_batch is not None:
+    elif loss_type == "dapo" and num_items_in_batch is not None:  # clamped at 1 as TRL does (no tokens: loss 0)
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.clamp(min=1)
+        else:
+            num_items_in_batch = max(num_items_in_batch, 1)
         loss = masked.sum() / (num_items_in_batch / _world_size())
     else:  # bnpo, dapo
         loss = masked.sum() / mask.sum().clamp(min=1)
@@ -205,8 +207,8 @@ def grpo_loss(logprobs, completion_mask, advantages, *, old_logprobs=None, ref_l
     verl's ``rollout_is_weights``), ``use_bias_correction_kl`` (the k3 KL times the importance ratio, TRL's
     definition; TRL's GRPOConfig turns it on by default, here it is off as in Liger). ``beta > 0``
     needs ref_logprobs; "dr_grpo" needs max_completion_length; ``num_items_in_batch`` (dapo only; a
-    number or a scalar tensor) replaces this call's token count as the divisor, for gradient
-    accumulation: the token count of the whole generation batch, divided by the world size under
+    number or a scalar tensor >= 0, clamped at 1 as TRL does) replaces this call's token count as the divisor,
+    for gradient accumulation: the token count of the whole generation batch, divided by the world size under
     torch.distributed (TRL's convention, module docstring). Masked positions may hold anything; non-finite
     values at kept positions raise ValueError naming the argument. Returns ``(loss, stats)``: a scalar
     in at least fp32, and detached scalars "kl" (masked mean k3 KL to ref; 0 without ref),
@@ -214,7 +216,8 @@ def grpo_loss(logprobs, completion_mask, advantages, *, old_logprobs=None, ref_l
     objective is clipped, TRL's definition), "ratio_mean" and "num_tokens". With ``use_bias_correction_kl`` the
     "kl" statistic is the corrected one, as TRL logs it.
     """
-    _check_options(beta, epsilon_low, epsilon_high, loss_type, max_completion_length, importance_sampling_level)
+    _check_options(beta, epsilon_low, epsilon_high, loss_type, max_completion_length, importance_sampling_level,
+                   use_bias_correction_kl)
     _check_ref(beta, ref_logprobs)
     _check_num_items(num_items_in_batch, loss_type)
     _check_batch(logprobs, completion_mask, advantages, old_logprobs, ref_logprobs, token_weights)
@@ -234,7 +237,8 @@ def linear_grpo_loss(hidden, weight, completion_ids, completion_mask, advantages
     there). Masked positions are passed to it as ignored tokens: their ids are never read, they cost
     nothing, and their hidden-state gradient is exactly 0. Returns ``(loss, stats)`` like ``grpo_loss``.
     """
-    _check_options(beta, epsilon_low, epsilon_high, loss_type, max_completion_length, importance_sampling_level)
+    _check_options(beta, epsilon_low, epsilon_high, loss_type, max_completion_length, importance_sampling_level,
+                   use_bias_correction_kl)
     _check_ref(beta, ref_logprobs)
     _check_num_items(num_items_in_batch, loss_type)
     check_tensor("hidden", hidden, ndim=3)
@@ -264,13 +268,15 @@ class LinearGRPOLoss(torch.nn.Module):
     """
 
     def __init__(self, *, beta=0.0, epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", max_completion_length=None,
-                 importance_sampling_level="token", temperature=1.0, use_bias_correction_kl=False, impl=None):
+                 importance_sampling_level="token", temperature=1.0, use_bias_correction_kl=False, logit_scale=1.0,
+                 softcap=None, impl=None):
         super().__init__()
-        _check_options(beta, epsilon_low, epsilon_high, loss_type, max_completion_length, importance_sampling_level)
+        _check_options(beta, epsilon_low, epsilon_high, loss_type, max_completion_length, importance_sampling_level,
+                       use_bias_correction_kl)
         self.beta, self.epsilon_low, self.epsilon_high = beta, epsilon_low, epsilon_high
         self.loss_type, self.max_completion_length = loss_type, max_completion_length
         self.importance_sampling_level, self.temperature, self.impl = importance_sampling_level, temperature, impl
-        self.use_bias_correction_kl = use_bias_correction_kl
+        self.use_bias_correction_kl, self.logit_scale, self.softcap = use_bias_correction_kl, logit_scale, softcap
 
     def forward(self, hidden, weight, completion_ids, completion_mask, advantages, bias=None, old_logprobs=None,
                 ref_logprobs=None, num_items_in_batch=None, token_weights=None):
@@ -281,9 +287,11 @@ class LinearGRPOLoss(torch.nn.Module):
                                 importance_sampling_level=self.importance_sampling_level,
                                 num_items_in_batch=num_items_in_batch,
                                 use_bias_correction_kl=self.use_bias_correction_kl, token_weights=token_weights,
-                                impl=self.impl)
+                                logit_scale=self.logit_scale, softcap=self.softcap, impl=self.impl)
 
     def extra_repr(self):
         return (f"loss_type={self.loss_type!r}, beta={self.beta}, epsilon=({self.epsilon_low}, {self.epsilon_high}), "
                 f"importance_sampling_level={self.importance_sampling_level!r}, temperature={self.temperature}, "
-                f"use_bias_correction_kl={self.use_bias_correction_kl}")
+                f"use_bias_correction_kl={self.use_bias_correction_kl}"
+                + (f", logit_scale={self.logit_scale}" if self.logit_scale != 1.0 else "")
+                + (f", softcap={self.softcap}" if self.softcap is not None else ""))

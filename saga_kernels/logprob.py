@@ -26,20 +26,22 @@ Three paths, chosen per call from what needs a gradient (flops for N_active rows
    backward recomputes logit tiles and forms dlogits chunk by chunk. 6NHV (8NHV with a trained head).
 
 Rows whose target is ``ignore_index`` (prompt tokens, padding) get log-prob 0, entropy 0 and an exactly zero
-gradient, and cost nothing on any path. In the forwards (paths 1 and 2) a stable sort puts the active rows
-first, kernels read rows through that order and programs past the active count (a device scalar) exit at
-once: no host sync. Path 3's backward gathers the active rows (one host sync on CUDA, for the matmul sizes;
-every row, masked, while a CUDA graph is being captured).
+gradient, and cost nothing on any path, in flops or in saved memory. In the forwards a stable sort puts the live
+rows first, kernels read rows through that order and programs past the live count (a device scalar) exit at
+once; path 1 needs no host sync, path 2 reads the live count once (one host sync on CUDA, as TRL's head's
+``hidden[mask]``) to keep J of the live rows only. Path 3's backward gathers the live rows (one host sync on CUDA,
+for the matmul sizes). While a CUDA graph is being captured, no sync: every row, the ignored ones zeroed.
 
-Memory (beyond inputs and outputs): path 1 keeps a few fp32 numbers per row and vocab split. Path 2 saves
-J ([N, H] fp32: one rounding less than a half-precision J, so d_hidden = g J is rounded once, like eager's)
-instead of the hidden states, and works on one row chunk at a time (``_JAC_ROWS`` rows): an fp32 [rows, H]
-accumulator and the probability tile of one vocab segment ([rows, ``_JAC_SEGMENT``] in the hidden dtype),
-about 50 MiB at H = 4096. Path 3 writes dlogits for at most ``_DZ_CHUNK_BYTES`` at a time.
+Memory (beyond inputs and outputs): path 1 keeps a few fp32 numbers per row and vocab split. Path 2 saves J of
+the live rows ([N_live, H] fp32: one rounding less than a half-precision J, so d_hidden = g J is rounded once,
+like eager's) instead of the hidden states, and works on one row chunk at a time (``_JAC_ROWS`` rows): an fp32
+[rows, H] accumulator and the probability tile of one vocab segment ([rows, ``_JAC_SEGMENT``] in the hidden
+dtype), about 50 MiB at H = 4096. Path 3 writes dlogits for at most ``_DZ_CHUNK_BYTES`` at a time.
 
-Dtypes: hidden and head may differ (a half-precision model under autocast with an fp32 head): the matmuls run
-in the hidden states' dtype, each weight tile converted as it is loaded (never a V x H copy; path 3's cuBLAS
-products convert one vocab chunk at a time).
+Dtypes: hidden and head may differ (a half-precision model under autocast with an fp32 head): on CUDA the matmuls
+run in the hidden states' dtype, each weight tile converted as it is loaded (never a V x H copy; path 3's cuBLAS
+products convert one vocab chunk at a time); the CPU fallback computes in fp32. An enclosing autocast region
+(forward or backward) does not change any of it.
 
 Triton kernels (sm_90 tiles: 128 rows x 128 vocab x 64 hidden, 8 warps, fp32 accumulation; half inputs
 on the tensor cores as they are, fp32 per ``_tl_utils.dot_config``; smaller tiles with a softcap or an fp32
@@ -61,13 +63,13 @@ modes (FlopCounterMode) see into.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
-from ._checks import check_index_range, check_same_device, check_tensor
+from ._checks import check_finite_rows, check_index_range, check_number, check_same_device, check_tensor
 from ._dispatch import resolve_impl
 from ._tl_utils import cdiv, dot_config, mm_fp32, on_device, softcap_logits, tile_dot
 from ._triton import tl, triton
@@ -450,14 +452,16 @@ def logprob_from_stats(zt, lse, rest):
 
 
 def _triton_forward(h, w, b, tgt, lg, ignore_index, with_ent, jacobian):
-    """Returns (logp, lse, ez-or-None, J-or-None) in original row order; logp/lse/ez fp32 [N] (0 at
-    ignored rows), J [N, H] fp32 (path 2, zeros at ignored rows)."""
+    """Returns (logp, lse, ez-or-None, J-or-None, J's rows-or-None): logp/lse/ez fp32 [N] in original row order (0
+    at ignored rows); path 2's J [L, H] fp32 for the L live rows, ``rows`` [L] their indices (``_live_count``)."""
     n, hd = h.shape
     v = w.shape[0]
     if n == 0:
         empty = torch.zeros(0, device=h.device, dtype=torch.float32)
-        return empty, empty.clone(), (empty.clone() if with_ent else None), (torch.zeros_like(h) if jacobian else None)
+        jac = (h.new_zeros((0, hd), dtype=torch.float32), tgt.new_zeros(0)) if jacobian else (None, None)
+        return (empty, empty.clone(), (empty.clone() if with_ent else None)) + jac
     order, n_active = _compact(tgt, ignore_index)
+    jac_rows = None
     scfg = stats_config(h.device, h.dtype, w.dtype, lg.cap is not None)
     if not jacobian:
         splits = _num_splits(cdiv(n, scfg["BLOCK_N"]), cdiv(v, scfg["BLOCK_V"]))
@@ -467,18 +471,20 @@ def _triton_forward(h, w, b, tgt, lg, ignore_index, with_ent, jacobian):
         lse_c, zt, ez_c, rest, _ = _combine(state)
         logp_c, jac = logprob_from_stats(zt, lse_c, rest), None
     else:
-        lse_c, logp_c, ez_c = (torch.empty(n, device=h.device, dtype=torch.float32) for _ in range(3))
-        jac = torch.zeros((n, hd), device=h.device, dtype=torch.float32)
+        live = _live_count(n_active, n)
+        lse_c, logp_c, ez_c = (torch.zeros(n, device=h.device, dtype=torch.float32) for _ in range(3))
+        jac = torch.zeros((live, hd), device=h.device, dtype=torch.float32)
+        jac_rows = order[:live]
         ecfg = expect_config(h.device, h.dtype, w.dtype)
-        rows_per_chunk = min(n, _JAC_ROWS)
+        rows_per_chunk = max(1, min(live, _JAC_ROWS))
         segment = min(v, _JAC_SEGMENT)
         splits = _num_splits(cdiv(rows_per_chunk, scfg["BLOCK_N"]), cdiv(segment, scfg["BLOCK_V"]))
         p = torch.empty((rows_per_chunk, segment), device=h.device, dtype=h.dtype)
         mt = torch.empty((rows_per_chunk, cdiv(segment, scfg["BLOCK_V"])), device=h.device, dtype=torch.float32)
         acc = torch.empty((rows_per_chunk, hd), device=h.device, dtype=torch.float32)
         dot_dtype, precision = dot_config(h.dtype, h.device)
-        for r0 in range(0, n, rows_per_chunk):
-            rows = min(rows_per_chunk, n - r0)
+        for r0 in range(0, live, rows_per_chunk):
+            rows = min(rows_per_chunk, live - r0)
             state = torch.empty((5, splits, rows), device=h.device, dtype=torch.float32)
             m_prev = None
             for v0 in range(0, v, segment):
@@ -500,24 +506,34 @@ def _triton_forward(h, w, b, tgt, lg, ignore_index, with_ent, jacobian):
             lse_rows, zt, ez_rows, rest, total = _combine(state)
             lse_c[r0:r0 + rows], logp_c[r0:r0 + rows] = lse_rows, logprob_from_stats(zt, lse_rows, rest)
             ez_c[r0:r0 + rows] = ez_rows
-            _finish_jacobian(jac, w, tgt, order[r0:r0 + rows], n_active, r0, rest, acc[:rows] / total[:, None], zt, lg)
+            _finish_jacobian(jac[r0:r0 + rows], w, tgt, order[r0:r0 + rows], n_active, r0, rest,
+                             acc[:rows] / total[:, None], zt, lg)
     active_c = torch.arange(n, device=h.device) < n_active
     out = [torch.zeros(n, device=h.device, dtype=torch.float32) for _ in range(3 if with_ent else 2)]
     for buf, val in zip(out, (logp_c, lse_c) + ((ez_c,) if with_ent else ())):
         buf[order] = torch.where(active_c, val, 0.0)
-    return out[0], out[1], (out[2] if with_ent else None), jac
+    return out[0], out[1], (out[2] if with_ent else None), jac, jac_rows
 
 
-def _finish_jacobian(jac, w, tgt, order_rows, n_active, r0, rest, expect_rest, zt, lg):
-    """jac[rows] = (scale / T) ((1 - p_y) d_y W_y - sum_{v != y} p_v d_v W_v) for the chunk's compacted rows,
+def _live_count(n_active, n: int) -> int:
+    """The number of live rows as a Python int, for path 2's J of the live rows only: one host sync on CUDA (as
+    TRL's head's ``hidden[mask]``). While a CUDA graph is being captured (no sync allowed) every row: J then also
+    holds the ignored rows, as zeros."""
+    if n_active.is_cuda and torch.cuda.is_current_stream_capturing():
+        return n
+    return int(n_active)
+
+
+def _finish_jacobian(jac_chunk, w, tgt, order_rows, n_active, r0, rest, expect_rest, zt, lg):
+    """``jac_chunk`` = (scale / T) ((1 - p_y) d_y W_y - sum_{v != y} p_v d_v W_v) for the chunk's compacted rows,
     with ``rest`` = 1 - p_y, ``expect_rest`` [rows, H] fp32 = the sum without the target column (d_v already
-    folded in), ``zt`` the target logits (d = the softcap factor, 1 without one)."""
-    ok = (torch.arange(r0, r0 + order_rows.numel(), device=jac.device) < n_active)[:, None]
+    folded in), ``zt`` the target logits (d = the softcap factor, 1 without one); 0 at ignored rows."""
+    ok = (torch.arange(r0, r0 + order_rows.numel(), device=jac_chunk.device) < n_active)[:, None]
     y = torch.where(ok[:, 0], tgt[order_rows], 0)
     d_y = lg.target_factor(zt)
     coef = rest if d_y is None else rest * d_y
     j = (torch.where(ok, coef[:, None], 0.0) * w[y].float() - torch.where(ok, expect_rest, 0.0))
-    jac[order_rows] = torch.where(ok, j * lg.grad_scale, 0.0).to(jac.dtype)
+    jac_chunk.copy_(torch.where(ok, j * lg.grad_scale, 0.0))
 
 
 def _triton_backward(h, w, b, tgt, lse, g, g_ent, ez, lg, ignore_index, need_dh, need_dw, need_db):
@@ -588,14 +604,15 @@ def _chunk_logits(h32, w, b, v0, v1, lg):
 
 
 def _torch_forward(h, w, b, tgt, lg, ignore_index, with_ent, jacobian):
-    """Returns (logp, lse, ez-or-None, J-or-None) like ``_triton_forward``; only active rows are computed."""
+    """Returns (logp, lse, ez-or-None, J-or-None, J's rows-or-None) like ``_triton_forward``; only live rows are
+    computed."""
     n, hd = h.shape
     v = w.shape[0]
     idx = torch.nonzero(tgt != ignore_index)[:, 0]
     lse = torch.zeros(n, device=h.device, dtype=torch.float32)
     logp = torch.zeros_like(lse)
     ez = torch.zeros_like(lse) if with_ent else None
-    jac = torch.zeros((n, hd), device=h.device, dtype=torch.float32) if jacobian else None
+    jac = torch.zeros((idx.numel(), hd), device=h.device, dtype=torch.float32) if jacobian else None
     for c0 in range(0, idx.numel(), _TORCH_ROWS_PER_CHUNK):
         rows = idx[c0:c0 + _TORCH_ROWS_PER_CHUNK]
         h32 = h[rows].float()
@@ -631,8 +648,8 @@ def _torch_forward(h, w, b, tgt, lg, ignore_index, with_ent, jacobian):
         if jacobian:
             d_y = lg.target_factor(z_y)
             j = (rest if d_y is None else rest * d_y)[:, None] * w[y].float() - acc / s[:, None]
-            jac[rows] = j * lg.grad_scale
-    return logp, lse, ez, jac
+            jac[c0:c0 + rows.numel()] = j * lg.grad_scale
+    return logp, lse, ez, jac, (idx if jacobian else None)
 
 
 def _torch_backward(h, w, b, tgt, lse, g, g_ent, ez, lg, ignore_index, need_dh, need_dw, need_db):
@@ -678,15 +695,27 @@ def _torch_backward(h, w, b, tgt, lse, g, g_ent, ez, lg, ignore_index, need_dh, 
 PATHS = ("forward", "jacobian", "recompute")
 
 
+def _no_autocast(device: torch.device):
+    """The kernels and the fallback choose their own precision: an enclosing autocast region (forward or backward)
+    must not turn their fp32 products into half ones."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _forward(h, w, b, tgt, lg, ignore_index, with_ent, impl, path):
-    """(logp, ent, lse, ez, jac): ent / ez are empty without entropy, jac is empty unless path == "jacobian"."""
+    """(logp, ent, lse, ez, jac, jac_rows): ent / ez are empty without entropy; path 2's J [L, H] fp32 of the L
+    live rows and their indices [L] (both empty on other paths)."""
     forward_fn = _triton_forward if impl == "triton" else _torch_forward
-    logp, lse, ez, jac = forward_fn(h, w, b, tgt, lg, ignore_index, with_ent, path == "jacobian")
-    if with_ent:
-        ent = torch.where(tgt == ignore_index, 0.0, lse - ez)
-    else:
-        ent, ez = logp.new_empty(0), logp.new_empty(0)
-    return logp, ent, lse, ez, (jac if jac is not None else h.new_empty((0, h.shape[1]), dtype=torch.float32))
+    with _no_autocast(h.device):
+        logp, lse, ez, jac, jac_rows = forward_fn(h, w, b, tgt, lg, ignore_index, with_ent, path == "jacobian")
+        if with_ent:
+            ent = torch.where(tgt == ignore_index, 0.0, lse - ez)
+        else:
+            ent, ez = logp.new_empty(0), logp.new_empty(0)
+    if jac is None:
+        jac, jac_rows = h.new_empty((0, h.shape[1]), dtype=torch.float32), tgt.new_empty(0)
+    return logp, ent, lse, ez, jac, jac_rows
 
 
 def _backward_recompute(h, w, b, tgt, lse, ez, g_logp, g_ent, lg, ignore_index, impl, need_dh, need_dw, need_db):
@@ -694,33 +723,35 @@ def _backward_recompute(h, w, b, tgt, lse, ez, g_logp, g_ent, lg, ignore_index, 
     g = g_logp.float().contiguous() if g_logp is not None else torch.zeros_like(lse)
     g_ent = g_ent.float().contiguous() if g_ent is not None else None
     backward_fn = _triton_backward if impl == "triton" else _torch_backward
-    dh, dw, db = backward_fn(h, w, b, tgt, lse, g, g_ent, ez if g_ent is not None else None, lg, ignore_index,
-                             need_dh, need_dw, need_db and b is not None)
+    with _no_autocast(h.device):
+        dh, dw, db = backward_fn(h, w, b, tgt, lse, g, g_ent, ez if g_ent is not None else None, lg, ignore_index,
+                                 need_dh, need_dw, need_db and b is not None)
     return (dh.to(h.dtype) if dh is not None else None, dw.to(w.dtype) if dw is not None else None,
             db.to(b.dtype) if db is not None else None)
 
 
-def _jacobian_grad(jac, tgt, g_logp, ignore_index, h_dtype):
-    """Path 2's d_hidden = g J (0 at ignored rows and without an upstream gradient)."""
-    if g_logp is None:
-        return torch.zeros(jac.shape, device=jac.device, dtype=h_dtype)
-    g = torch.where(tgt != ignore_index, g_logp.float(), 0.0)
-    return (g[:, None] * jac.float()).to(h_dtype)
+def _jacobian_grad(jac, jac_rows, tgt, g_logp, ignore_index, n: int, h_dtype):
+    """Path 2's d_hidden [N, H] = g J on the live rows (0 at ignored rows and without an upstream gradient)."""
+    dh = torch.zeros((n, jac.shape[1]), device=jac.device, dtype=h_dtype)
+    if g_logp is not None:
+        g = torch.where(tgt != ignore_index, g_logp.float(), 0.0)[jac_rows]
+        dh[jac_rows] = (g[:, None] * jac).to(h_dtype)
+    return dh
 
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, tgt, lg, ignore_index, with_ent, entropy_grad, impl, path, weight_context):
         """``path``: "forward" (no gradient will be asked), "jacobian" or "recompute" (module docstring)."""
-        logp, ent, lse, ez, jac = _forward(h, w, b, tgt, lg, ignore_index, with_ent, impl, path)
+        logp, ent, lse, ez, jac, jac_rows = _forward(h, w, b, tgt, lg, ignore_index, with_ent, impl, path)
         if not entropy_grad:
             ctx.mark_non_differentiable(ent)
         if path == "jacobian":
-            ctx.save_for_backward(jac, tgt)
+            ctx.save_for_backward(jac, jac_rows, tgt)
         elif path == "recompute":
             ctx.save_for_backward(h, w, b, tgt, lse, ez)
         ctx.lg, ctx.ignore_index, ctx.impl, ctx.entropy_grad, ctx.path = lg, ignore_index, impl, entropy_grad, path
-        ctx.h_dtype, ctx.weight_context = h.dtype, weight_context
+        ctx.h_dtype, ctx.n, ctx.weight_context = h.dtype, h.shape[0], weight_context
         return logp, ent
 
     @staticmethod
@@ -728,8 +759,9 @@ class _LinearLogprobs(torch.autograd.Function):
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]  # path "forward" never gets here: no grad asked
         none = (None,) * 8
         if ctx.path == "jacobian":
-            jac, tgt = ctx.saved_tensors
-            return (_jacobian_grad(jac, tgt, g_logp, ctx.ignore_index, ctx.h_dtype), None, None) + none
+            jac, jac_rows, tgt = ctx.saved_tensors
+            return (_jacobian_grad(jac, jac_rows, tgt, g_logp, ctx.ignore_index, ctx.n, ctx.h_dtype), None,
+                    None) + none
         h, w, b, tgt, lse, ez = ctx.saved_tensors
         with ctx.weight_context() if ctx.weight_context is not None else contextlib.nullcontext():
             grads = _backward_recompute(h, w, b, tgt, lse, ez, g_logp, g_ent if ctx.entropy_grad else None, ctx.lg,
@@ -740,8 +772,8 @@ class _LinearLogprobs(torch.autograd.Function):
 @torch.library.custom_op("saga_kernels::linear_logprobs_forward", mutates_args=())
 def _forward_op(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tgt: torch.Tensor, scale: float,
                 cap: float | None, inv_temp: float, ignore_index: int, with_ent: bool, impl: str,
-                path: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logp, ent, lse, ez, jac) of ``_forward``, as an op torch.compile does not trace into."""
+                path: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(logp, ent, lse, ez, jac, jac_rows) of ``_forward``, as an op torch.compile does not trace into."""
     return _forward(h, w, b, tgt, LogitTransform(scale, cap, inv_temp), ignore_index, with_ent, impl, path)
 
 
@@ -750,7 +782,9 @@ def _(h, w, b, tgt, scale, cap, inv_temp, ignore_index, with_ent, impl, path):
     n, hd = h.shape
     vec = h.new_empty(n, dtype=torch.float32)
     stat = h.new_empty(n if with_ent else 0, dtype=torch.float32)
-    return vec, stat, vec.clone(), stat.clone(), h.new_empty((n if path == "jacobian" else 0, hd), dtype=torch.float32)
+    live = torch.library.get_ctx().new_dynamic_size() if path == "jacobian" else 0  # the live rows: data-dependent
+    return (vec, stat, vec.clone(), stat.clone(), h.new_empty((live, hd), dtype=torch.float32),
+            tgt.new_empty(live, dtype=torch.int64))
 
 
 @torch.library.custom_op("saga_kernels::linear_logprobs_backward", mutates_args=())
@@ -772,22 +806,23 @@ def _(h, w, b, tgt, lse, ez, g_logp, g_ent, scale, cap, inv_temp, ignore_index, 
 
 def _setup_op_context(ctx, inputs, output):
     h, w, b, tgt, scale, cap, inv_temp, ignore_index, with_ent, impl, path = inputs
-    _, _, lse, ez, jac = output
+    _, _, lse, ez, jac, jac_rows = output
     if path == "jacobian":
-        ctx.save_for_backward(jac, tgt)
+        ctx.save_for_backward(jac, jac_rows, tgt)
     elif path == "recompute":
         ctx.save_for_backward(h, w, b, tgt, lse, ez)
     ctx.transform, ctx.ignore_index, ctx.with_ent, ctx.impl, ctx.path = (scale, cap, inv_temp), ignore_index, \
         with_ent, impl, path
-    ctx.h_dtype = h.dtype
+    ctx.h_dtype, ctx.n = h.dtype, h.shape[0]
 
 
 def _op_backward(ctx, g_logp, g_ent, *_):
     need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
     none = (None,) * 8
     if ctx.path == "jacobian":
-        jac, tgt = ctx.saved_tensors
-        return (_jacobian_grad(jac, tgt, g_logp, ctx.ignore_index, ctx.h_dtype), None, None) + none
+        jac, jac_rows, tgt = ctx.saved_tensors
+        return (_jacobian_grad(jac, jac_rows, tgt, g_logp, ctx.ignore_index, ctx.n, ctx.h_dtype), None,
+                None) + none
     h, w, b, tgt, lse, ez = ctx.saved_tensors
     g_logp = g_logp if g_logp is not None else torch.zeros_like(lse)
     dh, dw, db = _backward_op(h, w, b, tgt, lse, ez, g_logp, g_ent if ctx.with_ent else None, *ctx.transform,
@@ -804,23 +839,23 @@ _forward_op.register_autograd(_op_backward, setup_context=_setup_op_context)
 ENTROPY_MODES = (False, True, "detached")
 
 
-def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, logit_scale, softcap):
+def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, logit_scale, softcap,
+                  weight_context):
     check_tensor("hidden", hidden, dtypes=_HALF_OR_FLOAT)
-    if hidden.dim() < 1:
-        raise ValueError(f"hidden must have shape [..., H], got shape {tuple(hidden.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have shape [..., H] with H >= 1, got shape {tuple(hidden.shape)}")
     check_tensor("weight", weight, ndim=2, shape=(None, hidden.shape[-1]), dtypes=_HALF_OR_FLOAT)
     check_tensor("targets", targets, dtypes=_INT_DTYPES, shape=tuple(hidden.shape[:-1]))
     if bias is not None:
         check_tensor("bias", bias, dtypes=_HALF_OR_FLOAT, shape=(weight.shape[0],))
     check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale):
-        raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                or not (math.isfinite(softcap) and softcap > 0)):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    check_number("temperature", temperature, minimum=0, strict=True)
+    check_number("logit_scale", logit_scale)
+    if softcap is not None:
+        check_number("softcap", softcap, minimum=0, strict=True)
+    if weight_context is not None and not callable(weight_context):
+        raise TypeError(f"weight_context must be None or a callable returning a context manager, got "
+                        f"{type(weight_context).__name__}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if 0 <= ignore_index < weight.shape[0]:
@@ -831,6 +866,10 @@ def _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, retu
                for mode in ENTROPY_MODES):
         raise ValueError(f"return_entropy must be False, True or 'detached', got {return_entropy!r}")
     check_index_range("targets", targets, weight.shape[0], ignore_index=ignore_index)
+    check_finite_rows("hidden", hidden, targets != ignore_index)  # ignored rows may hold anything
+    check_finite_rows("weight", weight)
+    if bias is not None:
+        check_finite_rows("bias", bias[:, None])
 
 
 def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
@@ -857,10 +896,12 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
     are registered as torch.library ops).
 
     Raises TypeError / ValueError naming the argument for wrong dtypes, shapes, devices, temperature,
-    logit_scale, softcap, return_entropy, ignore_index, and for targets outside [0, V) (a value check: see
-    ``saga_kernels.input_checks``).
+    logit_scale, softcap, return_entropy, weight_context, ignore_index, and (value checks: see
+    ``saga_kernels.input_checks``) for targets outside [0, V) and non-finite values in the hidden states of the
+    rows that are used, the weight or the bias.
     """
-    _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, logit_scale, softcap)
+    _check_inputs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, logit_scale, softcap,
+                  weight_context)
     chosen = resolve_impl(impl, hidden, weight, targets, bias)
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])

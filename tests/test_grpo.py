@@ -102,6 +102,20 @@ def test_dapo_num_items_in_batch_accumulates():
     torch.testing.assert_close(half, grpo_loss(logprobs, mask, adv)[0] / 2)
 
 
+@pytest.mark.parametrize("count", [0, 0.25, torch.tensor(0.0)])
+def test_num_items_in_batch_is_clamped_at_one_like_trl(count):
+    """TRL divides by num_items_in_batch.clamp(min=1): a generation batch with no completion token (e.g. every
+    completion truncated and masked) gives a zero loss instead of an error, and a count below 1 divides by 1."""
+    logprobs, mask, adv, _, _ = make_batch(seed=13)
+    lp = logprobs.clone().requires_grad_(True)
+    loss, _ = grpo_loss(lp, mask, adv, num_items_in_batch=count)
+    loss.backward()
+    want = grpo_loss(logprobs, mask, adv, num_items_in_batch=1)[0]
+    torch.testing.assert_close(loss.detach(), want, rtol=0, atol=0)
+    none, _ = grpo_loss(logprobs, torch.zeros_like(mask), adv, num_items_in_batch=count)
+    assert float(none) == 0.0
+
+
 def _liger_loss(loss_type, beta, with_ref, level):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
@@ -205,7 +219,10 @@ def test_module_equals_function(impl, device):
         (dict(old_logprobs=torch.zeros(B, T - 1)), ValueError, "old_logprobs"),
         (dict(ref_logprobs=torch.zeros(B, T, dtype=torch.long)), TypeError, "ref_logprobs"),
         (dict(logprobs=torch.zeros(B * T)), ValueError, "logprobs"),
-        (dict(num_items_in_batch=0), ValueError, "num_items_in_batch"),
+        (dict(num_items_in_batch=-1), ValueError, "num_items_in_batch"),
+        (dict(num_items_in_batch=float("nan")), ValueError, "num_items_in_batch"),
+        (dict(use_bias_correction_kl="yes"), TypeError, "use_bias_correction_kl"),
+        (dict(beta=float("inf")), ValueError, "beta"),
         (dict(num_items_in_batch=torch.ones(2)), ValueError, "num_items_in_batch"),
         (dict(num_items_in_batch=10, loss_type="bnpo"), ValueError, "num_items_in_batch"),
     ],

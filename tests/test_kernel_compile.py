@@ -110,3 +110,25 @@ def test_weight_context_is_refused_under_compile():
                        fullgraph=True, backend="aot_eager")
     with pytest.raises(Exception, match="weight_context is not supported under torch.compile"):
         fn(hidden.requires_grad_(True))
+
+
+def test_dynamic_shapes_compile(impl):
+    """``dynamic=True`` turns the Python numbers into symbols: the scalar checks stand aside while tracing, and one
+    graph serves two batch sizes."""
+    torch._dynamo.reset()
+    hidden, weight, bias, targets = _inputs(seed=3)
+
+    def fn(h, w, t):
+        lp = linear_logprobs(h, w, t, temperature=0.7, logit_scale=0.9, softcap=4.0, impl=impl)
+        loss, _ = grpo_loss(lp[None], (t != -100)[None].long(), torch.ones(1), beta=0.0)
+        return loss
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (N, N - 6):
+        h1, h2 = hidden[:n].clone().requires_grad_(True), hidden[:n].clone().requires_grad_(True)
+        want = fn(h1, weight, targets[:n])
+        want.backward()
+        got = compiled(h2, weight, targets[:n])
+        got.backward()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-6, atol=1e-6)

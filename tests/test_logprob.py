@@ -542,3 +542,60 @@ def test_autotune_space_compiles_for_sm90():
     for ce in space["expect"]:
         specs.append(_logprob_specs("bf16", tl.bfloat16, "tf32", (space["stats"][0], ce, space["stats"][0]))[1])
     assert_specs(specs)
+
+
+@pytest.mark.parametrize("train_head,entropy", [(False, False), (False, True), (True, False)])
+def test_autocast_around_forward_and_backward_changes_nothing(impl, device, train_head, entropy):
+    """An enclosing autocast region (a training loop's, forward and backward inside it) does not reach the kernels'
+    own precision: the same values and gradients as without it, on every path."""
+    hidden, weight, b, targets = make_inputs(torch.float32, device, n=33)
+    g = torch.randn(33, device=device)
+    fn = lambda *a, **k: linear_logprobs(*a, impl=impl, **k)  # noqa: E731
+    plain = run(fn, hidden, weight, b, targets, 0.9, g, g, entropy, train_head)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = run(fn, hidden, weight, b, targets, 0.9, g, g, entropy, train_head)
+    for got, want in zip([inside[0]] + inside[2], [plain[0]] + plain[2]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_jacobian_path_saves_only_the_live_rows(impl, device):
+    """Path 2 keeps J for the rows that are used (prompt rows cost no memory): [N_live, H] fp32 and their indices."""
+    hidden, weight, _, targets = make_inputs(torch.float32, device, n=60)
+    targets[:45] = -100  # a long prompt
+    saved = []
+    h = hidden.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lp = linear_logprobs(h, weight, targets, impl=impl)
+    live = int((targets != -100).sum())
+    assert sum(t.numel() * t.element_size() for t in saved) <= live * (H * 4 + 8) + 60 * 8
+    lp.sum().backward()
+    gold = hidden.double().requires_grad_(True)
+    linear_logprobs_reference(gold, weight.double(), targets).sum().backward()
+    torch.testing.assert_close(h.grad.double(), gold.grad, rtol=1e-4, atol=1e-6)
+    assert torch.all(h.grad[:45] == 0)
+
+
+@pytest.mark.parametrize("where", ["hidden", "weight", "bias"])
+def test_non_finite_inputs_at_used_rows_raise(where):
+    hidden, weight, b, targets = make_inputs(torch.float32, "cpu", n=12, v=40)
+    targets[0] = 3
+    tensors = dict(hidden=hidden, weight=weight, bias=b)
+    tensors[where] = tensors[where].clone()
+    tensors[where].view(-1)[0] = float("nan")  # row 0 of hidden is used
+    with pytest.raises(ValueError, match=f"{where} contains 1 row"):
+        linear_logprobs(tensors["hidden"], tensors["weight"], targets, bias=tensors["bias"], impl="torch")
+
+
+def test_numpy_and_torch_scalars_and_odd_arguments():
+    import numpy as np
+
+    hidden, weight, _, targets = make_inputs(torch.float32, "cpu", n=6, v=50)
+    want = linear_logprobs(hidden, weight, targets, temperature=0.5, impl="torch")
+    torch.testing.assert_close(linear_logprobs(hidden, weight, targets, temperature=np.float32(0.5), impl="torch"),
+                               want)
+    with pytest.raises(TypeError, match="weight_context must be None or a callable"):
+        linear_logprobs(hidden, weight, targets, weight_context=5, impl="torch")
+    with pytest.raises(ValueError, match="H >= 1"):
+        linear_logprobs(hidden[:, :0], weight[:, :0], targets, impl="torch")
+    with pytest.raises(ValueError, match="meta device"):
+        linear_logprobs(hidden.to("meta"), weight.to("meta"), targets.to("meta"), impl="torch")

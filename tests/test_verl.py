@@ -76,7 +76,7 @@ def test_flops_per_call(train_head, floor):
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(dist_process_group=object()), NotImplementedError, "dist_process_group"),
+    (dict(dist_process_group="two ranks"), NotImplementedError, "over 2 processes"),
     (dict(reduction="max"), ValueError, "reduction"),
     (dict(temperature=0.0), ValueError, "temperature"),
     (dict(labels=torch.full((B, T), -100)), ValueError, "labels must lie in"),
@@ -84,7 +84,8 @@ def test_flops_per_call(train_head, floor):
     (dict(labels=torch.zeros(B, T)), TypeError, "labels must have dtype"),
     (dict(hidden=torch.randn(H)), ValueError, "hidden must have 2 or 3 dims"),
 ])
-def test_refusals(kwargs, exc, match):
+def test_refusals(kwargs, exc, match, monkeypatch):
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     hidden, weight, labels = _inputs(torch.float32)
     args = dict(hidden=hidden, weight=weight, labels=labels)
     args.update(kwargs)
@@ -124,3 +125,18 @@ def test_install_without_verl_names_the_module(monkeypatch):
     monkeypatch.setitem(sys.modules, saga_verl.VERL_MODULE, None)  # import of it raises ImportError
     with pytest.raises(ImportError, match="verl.utils.kernel.linear_cross_entropy"):
         saga_verl.install()
+
+
+def test_a_process_group_of_one_and_flat_labels_are_verls_tp1_call(tmp_path):
+    """Megatron's fused path passes its tensor-parallel group even at TP = 1, and verl flattens the labels."""
+    import torch.distributed as dist
+
+    hidden, weight, labels = _inputs(torch.float32, seed=4)
+    want = linear_cross_entropy(hidden, weight, labels, impl="torch")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        got = linear_cross_entropy(hidden, weight, labels.reshape(-1), 1.0, "none", dist.group.WORLD, impl="torch")
+    finally:
+        dist.destroy_process_group()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

@@ -47,6 +47,7 @@ from unittest import mock
 import torch
 from packaging.version import Version
 
+from .._checks import check_number
 from ..logprob import linear_logprobs
 
 SUPPORTED_TRL = ("1.15", "1.17")  # [lowest, first untested): add_fused_lm_head appeared in 1.15
@@ -139,9 +140,7 @@ def add_saga_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool
     ("differentiable", "detached"), or a model whose logit scale / softcap field is not a finite number.
     """
     outputs = _check_outputs(outputs)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_number("temperature", temperature, minimum=0, strict=True)
     if entropy not in ENTROPY_MODES:
         raise ValueError(f"entropy must be one of {ENTROPY_MODES}, got {entropy!r}")
     return_entropy = ("entropy" in outputs) and (True if entropy == "differentiable" else "detached")

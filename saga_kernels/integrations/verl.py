@@ -13,11 +13,10 @@ recomputes the logits: 6NHV in all with a frozen head, 8NHV when the head trains
 from __future__ import annotations
 
 import importlib
-import math
 
 import torch
 
-from .._checks import check_index_range, check_tensor
+from .._checks import check_index_range, check_number, check_tensor
 from ..logprob import linear_logprobs
 
 REDUCTIONS = ("none", "sum", "mean")
@@ -28,28 +27,31 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
                          impl=None):
     """verl's ``linear_cross_entropy``: ``(log_probs, entropy)`` of ``labels`` under softmax(hidden @ weight.T / T).
 
-    hidden ``[N, H]`` or ``[B, T, H]`` (fp32 / fp16 / bf16), weight ``[V, H]``, labels ``[N]`` / ``[B, T]`` int64 or
-    int32 in [0, V) (every token is scored: there is no ignore index). Returns fp32 log-probs and entropy of the
-    labels' shape; with ``reduction="sum"`` / ``"mean"`` the log-probs are summed / averaged over every token (the
-    negative of ``F.cross_entropy`` with that reduction, as verl defines it) and the entropy stays per token.
-    Gradients flow through both outputs to hidden and, when it requires grad, to weight. ``impl`` as in
-    :func:`saga_kernels.linear_logprobs`.
+    hidden ``[N, H]`` or ``[B, T, H]`` (fp32 / fp16 / bf16), weight ``[V, H]``, labels ``[N]`` / ``[B, T]`` (or flat
+    ``[B * T]``, which verl's kernel reads the same way) int64 or int32 in [0, V) (every token is scored: there is
+    no ignore index). Returns fp32 log-probs and entropy of shape ``hidden.shape[:-1]``; with ``reduction="sum"`` /
+    ``"mean"`` the log-probs are summed / averaged over every token (the negative of ``F.cross_entropy`` with that
+    reduction, as verl defines it) and the entropy stays per token. Gradients flow through both outputs to hidden
+    and, when it requires grad, to weight. ``dist_process_group``: None, or a group of one process (Megatron's
+    tensor-parallel group at TP = 1). ``impl`` as in :func:`saga_kernels.linear_logprobs`.
 
-    Raises NotImplementedError for a ``dist_process_group`` (a vocabulary-parallel head: not supported yet), and
-    TypeError / ValueError naming the argument for a reduction outside ("none", "sum", "mean"), a temperature
-    that is not > 0, wrong shapes or dtypes, or labels outside [0, V).
+    Raises NotImplementedError for a process group of more than one process (a vocabulary-parallel head: not
+    supported yet), and TypeError / ValueError naming the argument for a reduction outside ("none", "sum",
+    "mean"), a temperature that is not > 0, wrong shapes or dtypes, or labels outside [0, V).
     """
-    if dist_process_group is not None:
-        raise NotImplementedError("dist_process_group: a vocabulary-parallel (tensor-parallel) head is not supported "
-                                  "by saga_kernels yet; use an unsharded head (dist_process_group=None)")
+    if dist_process_group is not None and torch.distributed.get_world_size(dist_process_group) != 1:
+        raise NotImplementedError("dist_process_group: a vocabulary-parallel (tensor-parallel) head over "
+                                  f"{torch.distributed.get_world_size(dist_process_group)} processes is not "
+                                  "supported by saga_kernels yet; use an unsharded head (tensor parallelism 1)")
     if not isinstance(reduction, str) or reduction.lower() not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_number("temperature", temperature, minimum=0, strict=True)
     check_tensor("hidden", hidden, ndim=(2, 3))
     check_tensor("weight", weight, ndim=2)
-    check_tensor("labels", labels, shape=tuple(hidden.shape[:-1]), dtypes=(torch.int64, torch.int32))
+    check_tensor("labels", labels, dtypes=(torch.int64, torch.int32))
+    if labels.dim() == 1 and hidden.dim() == 3 and labels.numel() == hidden.shape[0] * hidden.shape[1]:
+        labels = labels.view(hidden.shape[:-1])  # verl flattens both: the same tokens in the same order
+    check_tensor("labels", labels, shape=tuple(hidden.shape[:-1]))
     check_index_range("labels", labels, weight.shape[0])
     log_probs, entropy = linear_logprobs(hidden, weight, labels, temperature=temperature, return_entropy=True,
                                          impl=impl)
