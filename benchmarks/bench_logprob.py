@@ -4,8 +4,8 @@ Every provider computes the same thing: per-token log-probs of the targets under
 softmax(hidden @ W.T), then the (negligible) dapo GRPO loss with no old log-probs, then backward.
   saga            saga_kernels.linear_grpo_loss (Triton on CUDA; the chunked torch fallback on a CPU): a
                   frozen head takes the Jacobian path (4NHV), a trained one the recompute path (8NHV)
-  saga_recompute  the same with the Jacobian path switched off: the recompute path (6NHV frozen), the
-                  design before the Jacobian path, measured side by side
+  saga_recompute  the recompute path (6NHV frozen: the design before the Jacobian path), asked for through a
+                  differentiable entropy the loss does not use, measured side by side
   torch           eager: materialized logits + log_softmax + gather, then saga_kernels.grpo_loss
   liger           liger_kernel's LigerFusedLinearGRPOLoss (beta = 0, no reference model)
   cce             cut-cross-entropy: -linear_cross_entropy(e, c, targets, reduction="none") (CUDA only)
@@ -26,7 +26,6 @@ from _memory import peak_memory
 from conftest import DEVICE, SIZE, record
 from utils import MatmulFlops
 
-import saga_kernels.logprob as logprob_mod
 from saga_kernels import grpo_loss, linear_grpo_loss, linear_logprobs
 from saga_kernels._dispatch import resolve_impl
 
@@ -56,15 +55,13 @@ def _eager_logprobs(hidden, weight, ids):
 
 def _step_fn(provider, hidden, weight, ids, mask, adv):
     """A closure running forward + backward once (grads are reset so memory stays flat)."""
-    if provider in ("saga", "saga_recompute"):
-        jacobian = provider == "saga"
-
+    if provider == "saga":
         def loss_fn():
-            previous, logprob_mod.JACOBIAN_PATH = logprob_mod.JACOBIAN_PATH, jacobian
-            try:
-                return linear_grpo_loss(hidden, weight, ids, mask, adv)[0]
-            finally:
-                logprob_mod.JACOBIAN_PATH = previous
+            return linear_grpo_loss(hidden, weight, ids, mask, adv)[0]
+    elif provider == "saga_recompute":  # path 3, asked for through a differentiable entropy the loss does not use
+        def loss_fn():
+            logp = linear_logprobs(hidden, weight, ids, return_entropy=True)[0]
+            return grpo_loss(logp, mask, adv)[0]
     elif provider == "torch":
         def loss_fn():
             return grpo_loss(_eager_logprobs(hidden, weight, ids), mask, adv)[0]

@@ -16,16 +16,13 @@ import os
 
 import torch
 
+from ._triton import HAS_TRITON, ImplUnavailableError  # the library's one Triton import guard
+
 IMPLS = ("triton", "torch")
-
-
-class ImplUnavailableError(RuntimeError):
-    """The requested implementation cannot run on these tensors / this machine."""
+__all__ = ["IMPLS", "ImplUnavailableError", "interpreter_on", "resolve_impl", "triton_importable"]
 
 
 def triton_importable() -> bool:
-    from ._triton import HAS_TRITON  # the library's one Triton import guard
-
     return HAS_TRITON
 
 

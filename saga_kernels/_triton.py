@@ -8,7 +8,10 @@ meet it by calling a private launcher directly).
 """
 from __future__ import annotations
 
-from ._dispatch import ImplUnavailableError
+
+class ImplUnavailableError(RuntimeError):
+    """The requested implementation cannot run on these tensors / this machine."""
+
 
 try:
     import triton
@@ -51,4 +54,4 @@ except Exception:  # ImportError, or a broken install; exercised by tests/test_k
     triton = _MissingTriton()
     tl = _MissingLanguage()
 
-__all__ = ["HAS_TRITON", "tl", "triton"]
+__all__ = ["HAS_TRITON", "ImplUnavailableError", "tl", "triton"]

@@ -91,9 +91,6 @@ _JAC_SEGMENT = 16384
 _DZ_CHUNK_BYTES = 64 * 2**20
 _TRITON_ROWS_PER_CHUNK = 2048
 
-# Path 2 on/off (the benchmark measures path 3 for a frozen head side by side by switching it off).
-JACOBIAN_PATH = True
-
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
@@ -917,7 +914,7 @@ def linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, igno
     entropy_grad = return_entropy is True
     if not (need_dh or need_head):
         path = "forward"
-    elif need_dh and not need_head and not entropy_grad and JACOBIAN_PATH:
+    elif need_dh and not need_head and not entropy_grad:
         path = "jacobian"
     else:
         path = "recompute"
