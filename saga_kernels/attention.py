@@ -43,7 +43,7 @@ _TORCH_TILE_ELEMS = 1 << 22
 _ROWS_PER_PROGRAM = 64  # (query head in the GQA group) x (query row) rows share one K tile: wgmma M = 64
 _MAX_HEADS_PER_PROGRAM = 8  # larger GQA groups are split over programs (tile <= 128 rows)
 _BLOCK_N = 64  # keys per tile in pass 1
-_MAX_BLOCK_K = 64  # requested key columns per tile in pass 2
+_MAX_BLOCK_IDX = 64  # requested key columns (key_index entries) per tile in pass 2
 
 
 @triton.jit
@@ -51,7 +51,7 @@ def _probs_kernel(q_ptr, k_ptr, pos_ptr, pad_ptr, idx_ptr, out_ptr,
                   Lq, Lk, n, D, HKV, GROUP, HEAD_BLOCKS, scale,
                   sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, s_pos_b, s_pad_b, s_idx_b, so_b, so_h, so_l,
                   HAS_PAD: tl.constexpr, SUM_HEADS: tl.constexpr, HP: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_IDX: tl.constexpr,
                   BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """One program = (batch b, kv head g, block hb of HP of its GROUP query heads, BLOCK_Q query rows).
 
@@ -97,8 +97,8 @@ def _probs_kernel(q_ptr, k_ptr, pos_ptr, pad_ptr, idx_ptr, out_ptr,
     inv_l = 1.0 / tl.where(l > 0, l, 1.0)  # rows without visible keys (tile padding) get p = 0
 
     # pass 2: normalized probabilities at the requested key columns
-    for c0 in range(0, n, BLOCK_K):
-        c = c0 + tl.arange(0, BLOCK_K)
+    for c0 in range(0, n, BLOCK_IDX):
+        c = c0 + tl.arange(0, BLOCK_IDX)
         c_ok = c < n
         kidx = tl.load(idx_ptr + b * s_idx_b + c, mask=c_ok, other=0)
         k_live = c_ok & (kidx <= q_last)
@@ -110,7 +110,7 @@ def _probs_kernel(q_ptr, k_ptr, pos_ptr, pad_ptr, idx_ptr, out_ptr,
         vis = (kidx[None, :] <= qpos[:, None]) & k_live[None, :]
         p = tl.exp(tl.where(vis, s - m_ref[:, None], float("-inf"))) * inv_l[:, None]
         if SUM_HEADS:
-            psum = tl.sum(tl.reshape(p, (HP, BLOCK_Q, BLOCK_K)), 0)
+            psum = tl.sum(tl.reshape(p, (HP, BLOCK_Q, BLOCK_IDX)), 0)
             qo = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
             tl.store(out_ptr + b * so_b + part * so_h + qo[:, None] * so_l + c[None, :], psum,
                      mask=(qo < Lq)[:, None] & c_ok[None, :])
@@ -119,7 +119,7 @@ def _probs_kernel(q_ptr, k_ptr, pos_ptr, pad_ptr, idx_ptr, out_ptr,
                      mask=row_ok[:, None] & c_ok[None, :])
 
 
-def probs_launch_config(group: int, n: int, dim: int) -> dict:
+def probs_config(group: int, n: int, dim: int) -> dict:
     """The one launch configuration of ``_probs_kernel`` (used by the launcher and the sm_90 compile test).
 
     HP heads of a GQA group share a program (their K tiles are the same), with BLOCK_Q query rows each, so
@@ -129,7 +129,7 @@ def probs_launch_config(group: int, n: int, dim: int) -> dict:
     hp = min(next_pow2(group), _MAX_HEADS_PER_PROGRAM)
     block_q = max(16, _ROWS_PER_PROGRAM // hp)
     return dict(HP=hp, BLOCK_Q=block_q, BLOCK_M=hp * block_q, BLOCK_N=_BLOCK_N,
-                BLOCK_K=min(_MAX_BLOCK_K, max(16, next_pow2(n))), BLOCK_D=max(16, next_pow2(dim)),
+                BLOCK_IDX=min(_MAX_BLOCK_IDX, max(16, next_pow2(n))), BLOCK_D=max(16, next_pow2(dim)),
                 num_warps=4, num_stages=3)
 
 
@@ -137,12 +137,12 @@ def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _triton_probs(q, k, key_index, qpos, pad, scale, mean):
+def _triton_forward(q, k, key_index, qpos, pad, scale, mean):
     bsz, hq, lq, dim = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     n = key_index.shape[1]
     group = hq // hkv
-    cfg = probs_launch_config(group, n, dim)
+    cfg = probs_config(group, n, dim)
     head_blocks = cdiv(group, cfg["HP"])
     q, k, key_index, qpos = _unit_last(q), _unit_last(k), _unit_last(key_index), _unit_last(qpos)
     out = torch.empty((bsz, hkv * head_blocks if mean else hq, lq, n), device=q.device, dtype=torch.float32)
@@ -160,7 +160,7 @@ def _triton_probs(q, k, key_index, qpos, pad, scale, mean):
     return out.sum(dim=1) / hq if mean else out
 
 
-def _torch_probs(q, k, key_index, qpos, pad, scale, mean):
+def _torch_forward(q, k, key_index, qpos, pad, scale, mean):
     """Same two passes in PyTorch, over key chunks of a bounded [B, Hkv, G * Lq, chunk] score tile."""
     bsz, hq, lq, dim = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -196,8 +196,8 @@ def _torch_probs(q, k, key_index, qpos, pad, scale, mean):
     return p.mean(dim=1) if mean else p
 
 
-class _DetachedTeacher(torch.autograd.Function):
-    """Passes the map through; a backward through it raises (the map is a detached teacher)."""
+class _AttentionProbs(torch.autograd.Function):
+    """Passes the computed map through; a backward through it raises (the map is a detached teacher)."""
 
     @staticmethod
     def forward(ctx, out, q, k):
@@ -211,7 +211,19 @@ class _DetachedTeacher(torch.autograd.Function):
         )
 
 
+def _query_positions(q, k, query_positions):
+    """The query rows' absolute positions as int64 ``[B, Lq]`` (default: the last Lq of the Lk positions)."""
+    if query_positions is None:
+        bsz, _, lq, _ = q.shape
+        lk = k.shape[2]
+        query_positions = torch.arange(lk - lq, lk, device=q.device).expand(bsz, lq)
+    return query_positions.long()
+
+
 def _check_inputs(q, k, key_index, query_positions, key_padding_mask, reduce_heads):
+    """Every argument of :func:`attention_probs`, errors naming it. Then the values: every query row sees at
+    least one key (else its softmax is undefined); q and the keys some row can see are finite. Mode-aware
+    (``_checks.check_mode``): no host sync unless the mode is "sync"."""
     check_tensor("q", q, ndim=4, dtypes=_FLOAT_DTYPES)
     check_tensor("k", k, ndim=4, dtypes=_FLOAT_DTYPES)
     bsz, hq, lq, dim = q.shape
@@ -236,11 +248,10 @@ def _check_inputs(q, k, key_index, query_positions, key_padding_mask, reduce_hea
     check_index_range("key_index", key_index, lk)
     if query_positions is not None:
         check_index_range("query_positions", query_positions, lk)
-
-
-def _check_values(q, k, qpos, pad):
-    """Every query row sees at least one key (else its softmax is undefined); q and the keys some row can
-    see are finite. Mode-aware (``_checks.check_mode``): no host sync unless the mode is "sync"."""
+    elif lq > lk:
+        raise ValueError(f"q has {lq} rows but k only {lk} keys; pass query_positions")
+    qpos = _query_positions(q, k, query_positions)
+    pad = key_padding_mask
     if qpos.numel() == 0:
         return
     check_finite("q", q)
@@ -283,13 +294,7 @@ def attention_probs(q, k, key_index, *, query_positions=None, key_padding_mask=N
     """
     _check_inputs(q, k, key_index, query_positions, key_padding_mask, reduce_heads)
     bsz, hq, lq, dim = q.shape
-    lk = k.shape[2]
-    if query_positions is None:
-        if lq > lk:
-            raise ValueError(f"q has {lq} rows but k only {lk} keys; pass query_positions")
-        query_positions = torch.arange(lk - lq, lk, device=q.device).expand(bsz, lq)
-    qpos = query_positions.long()
-    _check_values(q, k, qpos, key_padding_mask)
+    qpos = _query_positions(q, k, query_positions)
     key_index = key_index.long()
     scale = dim ** -0.5 if scale is None else float(scale)
     mean = reduce_heads == "mean"
@@ -300,8 +305,8 @@ def attention_probs(q, k, key_index, *, query_positions=None, key_padding_mask=N
         out = torch.zeros(shape, device=q.device, dtype=torch.float32)
     else:
         with torch.no_grad():
-            fn = _triton_probs if path == "triton" else _torch_probs
+            fn = _triton_forward if path == "triton" else _torch_forward
             out = fn(q.detach(), k.detach(), key_index, qpos, key_padding_mask, scale, mean)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return _DetachedTeacher.apply(out, q, k)
+        return _AttentionProbs.apply(out, q, k)
     return out

@@ -39,18 +39,18 @@ _TILE_ELEMS = 2048  # rows x entries of one program's tile (16 fp32 values per t
 
 @triton.jit
 def _kl_kernel(z_ptr, a_ptr, m_ptr, loss_ptr, grad_ptr, R, N, s_z, s_a, s_m, s_g,
-               HAS_MASK: tl.constexpr, WITH_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
-    """One program = BLOCK_R rows. Pass 1: online lse of z (``lse_update``) and the sum of a over the mask;
+               HAS_MASK: tl.constexpr, WITH_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program = BLOCK_M rows. Pass 1: online lse of z (``lse_update``) and the sum of a over the mask;
     pass 2: KL terms and (WITH_GRAD) the gradient q - t. Masked entries are never loaded."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
     z_rows = z_ptr + rows[:, None] * s_z
     a_rows = a_ptr + rows[:, None] * s_a
-    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_R,), tl.float32)
-    a_sum = tl.zeros((BLOCK_R,), tl.float32)
-    for start in range(0, N, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    a_sum = tl.zeros((BLOCK_M,), tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
         ok = row_ok[:, None] & (cols < N)[None, :]
         if HAS_MASK:
             ok = ok & (tl.load(m_ptr + rows[:, None] * s_m + cols[None, :], mask=ok, other=0) != 0)
@@ -60,9 +60,9 @@ def _kl_kernel(z_ptr, a_ptr, m_ptr, loss_ptr, grad_ptr, R, N, s_z, s_a, s_m, s_g
     lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), 0.0)
     inv_a = 1.0 / tl.where(a_sum > 0, a_sum, 1.0)
 
-    kl = tl.zeros((BLOCK_R,), tl.float32)
-    for start in range(0, N, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+    kl = tl.zeros((BLOCK_M,), tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
         in_row = (cols < N)[None, :]
         ok = row_ok[:, None] & in_row
         if HAS_MASK:
@@ -77,34 +77,34 @@ def _kl_kernel(z_ptr, a_ptr, m_ptr, loss_ptr, grad_ptr, R, N, s_z, s_a, s_m, s_g
     tl.store(loss_ptr + rows, kl, mask=row_ok)
 
 
-def kl_launch_config(n: int) -> dict:
+def kl_config(n: int) -> dict:
     """The one launch configuration of ``_kl_kernel`` (used by the launcher and the sm_90 compile test):
     a row tile of up to 1024 entries, and as many rows per program as fill 2048 elements (short rows, e.g.
     one image's patches, share a program), 4 warps; the loops stream row tiles, no shared-memory pipeline."""
     block = min(_MAX_BLOCK, max(16, next_pow2(n)))
-    return dict(BLOCK_R=max(1, _TILE_ELEMS // block), BLOCK=block, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=max(1, _TILE_ELEMS // block), BLOCK_N=block, num_warps=4, num_stages=1)
 
 
 def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _triton_kl(z, a, mask, with_grad):
+def _triton_forward(z, a, mask, with_grad):
     rows, n = z.shape
     loss = torch.empty(rows, device=z.device, dtype=torch.float32)
     grad = torch.empty((rows, n), device=z.device, dtype=torch.float32) if with_grad else loss
     z, a = _unit_last(z), _unit_last(a)
     m_arg = _unit_last(mask).view(torch.int8) if mask is not None else z  # bool -> int8: a view, no copy
-    cfg = kl_launch_config(n)
+    cfg = kl_config(n)
     with on_device(z):
-        _kl_kernel[(cdiv(rows, cfg["BLOCK_R"]),)](
+        _kl_kernel[(cdiv(rows, cfg["BLOCK_M"]),)](
             z, a, m_arg, loss, grad, rows, n, z.stride(0), a.stride(0), m_arg.stride(0),
             grad.stride(0) if with_grad else 0, HAS_MASK=mask is not None, WITH_GRAD=with_grad, **cfg,
         )
     return loss, grad if with_grad else None
 
 
-def _torch_kl(z, a, mask, with_grad):
+def _torch_forward(z, a, mask, with_grad):
     """Row-chunked fallback: a few fp32 [chunk, N] temporaries at a time."""
     rows, n = z.shape
     loss = torch.empty(rows, device=z.device, dtype=torch.float32)
@@ -133,7 +133,7 @@ class _AttentionKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d, target2d, mask2d, reduction, path):
         with_grad = ctx.needs_input_grad[0]
-        fn = _triton_kl if path == "triton" else _torch_kl
+        fn = _triton_forward if path == "triton" else _torch_forward
         loss, grad = fn(logits2d.detach(), target2d.detach(), mask2d, with_grad)
         ctx.reduction = reduction
         ctx.logits_dtype = logits2d.dtype
@@ -157,6 +157,9 @@ class _AttentionKL(torch.autograd.Function):
 
 
 def _check_inputs(logits, target, mask, reduction):
+    """Every argument of :func:`attention_kl`, errors naming it. Then the values: finite logits; a non-negative,
+    finite target with positive mass on every row's mask (entries outside the mask are not read). Mode-aware
+    (``_checks.check_mode``): no host sync unless the mode is "sync"."""
     check_tensor("logits", logits, dtypes=_FLOAT_DTYPES)
     if logits.dim() == 0:
         raise ValueError("logits must have at least 1 dim ([..., N]), got a scalar")
@@ -166,16 +169,14 @@ def _check_inputs(logits, target, mask, reduction):
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     check_same_device(logits=logits, target=target, mask=mask)
-
-
-def _check_values(z, a, mask):
-    """Finite logits; a non-negative, finite target with positive mass on every row's mask (entries outside
-    the mask are not read). Mode-aware (``_checks.check_mode``): no host sync unless the mode is "sync"."""
-    check_finite("logits", z, where=mask)
+    a = target.detach()
+    check_finite("logits", logits, where=mask)
     check_finite("target", a, where=mask)
     non_negative = a >= 0 if mask is None else (a >= 0) | ~mask
     check_values("target", non_negative, "be non-negative (a distribution, renormalized over the mask)")
-    mass = (a if mask is None else torch.where(mask, a, 0.0)).sum(dim=-1) > 0
+    mass = (a if mask is None else torch.where(mask, a, 0.0)).sum(dim=-1).reshape(-1) > 0  # one per row
+    if mass.numel() == 0:
+        return
     if check_mode(mass) != "sync":
         check_values("target", mass, "have positive mass on every row's mask (no empty mask row, no all-zero row)")
     elif not bool(mass.all()):
@@ -208,6 +209,5 @@ def attention_kl(logits, target, *, mask=None, reduction="batchmean", impl=None)
     if z.shape[0] == 0:  # no rows: a zero loss whose gradient is zeros of logits' shape
         zero = logits.float().sum(dim=-1) * 0.0
         return zero if reduction == "none" else zero.sum()
-    _check_values(z, a, m)
     loss = _AttentionKL.apply(z, a, m, reduction, path)
     return loss.view(logits.shape[:-1]) if reduction == "none" else loss

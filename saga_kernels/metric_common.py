@@ -1,42 +1,28 @@
-"""Shared machinery of the streaming metric losses (SupCon, Multi-Similarity, Proxy Anchor, Potential Field).
+"""What every streaming metric loss (SupCon, Multi-Similarity, Proxy Anchor, Potential Field) shares.
+
+Helpers only the pair losses (SupCon, MS) use live in :mod:`saga_kernels.pair_common`, those only the proxy
+losses (Proxy Anchor, Potential Field) use in :mod:`saga_kernels.proxy_common`.
 
 * :func:`check_embeddings_labels` validates an ``[N, D]`` float embedding matrix (N >= 0, D >= 1) and its
   ``[N]`` integer labels (lengths, dtypes, device, finiteness) with errors that name the argument;
-  :func:`check_proxy_inputs` does the same for a possibly empty batch plus a proxy table (the proxy losses);
+  :func:`check_real` / :func:`check_positive` validate scalar hyper-parameters;
 * :func:`inverse_norms` / :func:`normalize_backward` let the kernels take RAW rows plus fp32 inverse row
   norms ``r`` (cosine tile = ``(x_i . x_j) r_i r_j``) and turn ``u_i = r_i dL/dxhat_i`` into ``dL/dx``;
-  :func:`l2_normalize` is ``x / max(||x||_2, eps)`` row-wise (pytorch-metric-learning's cosine
-  convention) through autograd;
-* :func:`remap_labels` turns arbitrary integer labels into dense ``int32`` ids (a host sync);
-  :func:`label_ids` gives equality-preserving ``int32`` ids and :func:`pair_counts` the per-row positive /
-  negative pair counts without one (sort + binary search), for the pair losses (SupCon, MS);
-* :func:`check_real` / :func:`check_positive` validate scalar hyper-parameters;
 * :func:`compute_dtype` / :func:`tile_size` fix the precision and tile size of the PyTorch fallbacks;
-  :func:`pair_tiles` and :func:`tiled_pair_products` are the fallbacks' streaming loops over row blocks of
-  the similarity matrix (one ``[rows, M]`` tile alive at a time);
-* what the launchers share: :func:`kernel_operand` / :func:`kernel_labels` (the tensors as the kernels
-  read them), :func:`is_half`, :func:`block_k`, :func:`launch_dtype`, :func:`column_splits` (split the
-  columns of a sweep when rows are few), the fused-backward limits and launch configuration of the proxy
-  losses (:func:`fits_fused_backward`, :func:`fused_backward_config`);
-* device helpers of the pair-loss kernels (:func:`pair_tile_masks`, :func:`norms_labels`, and one column
-  tile with its masks: :func:`streamed_pair_tile` over raw rows through
-  :func:`saga_kernels._tl_utils.cosine_tile`, :func:`resident_pair_tile` against rows resident in a fused
-  backward program) and the host driver of every large-D backward
-  (:func:`chunked_grad_products`: a kernel writes the scaled gradient tile ``W`` for a bounded chunk
-  once, cuBLAS does the products through :func:`mm_fp32`; :func:`launch_grad_chunks` launches that
-  kernel per chunk).
+* what the launchers share: :func:`kernel_operand` (rows as the kernels read them), :func:`is_half`,
+  :func:`block_k`, and the host driver of every large-D backward (:func:`chunked_grad_products`: a kernel
+  writes the scaled gradient tile ``W`` for a bounded chunk once, cuBLAS does the products through
+  :func:`mm_fp32`; :func:`launch_grad_chunks` launches that kernel per chunk).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, check_finite, check_index_range, check_same_device, check_tensor
-from ._tl_utils import block_range, cdiv, cosine_tile, load_rows, mm_fp32, next_pow2, on_device
-from ._triton import tl, triton
+from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
+from ._tl_utils import cdiv, mm_fp32, on_device
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -65,39 +51,6 @@ def check_embeddings_labels(
         )
     check_same_device(**{embeddings_name: embeddings, labels_name: labels})
     check_finite(embeddings_name, embeddings)
-
-
-def check_proxy_inputs(embeddings, labels, proxies, proxy_labels=None, *, rows: str) -> None:
-    """The inputs of a proxy loss: ``embeddings`` [N >= 0, D] with ``labels`` [N] (an empty batch needs only
-    empty labels), finite float ``proxies`` [``rows`` >= 1, D] and, when given, integer ``proxy_labels`` (one
-    per proxy), all on one device. Errors name the argument; ``rows`` names the proxy count in them."""
-    check_tensor("embeddings", embeddings, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("labels", labels, ndim=1, dtypes=INT_DTYPES)
-    if embeddings.shape[0] > 0:
-        check_embeddings_labels(embeddings, labels)
-    elif labels.shape[0] != 0:
-        raise ValueError(f"labels has {labels.shape[0]} entries but embeddings has 0 rows; they must match")
-    check_tensor("proxies", proxies, ndim=2, dtypes=FLOAT_DTYPES)
-    named = dict(embeddings=embeddings, labels=labels, proxies=proxies)
-    if proxy_labels is not None:
-        check_tensor("proxy_labels", proxy_labels, ndim=1, dtypes=INT_DTYPES)
-        named["proxy_labels"] = proxy_labels
-    if proxies.shape[0] == 0 or proxies.shape[1] != embeddings.shape[1] or proxies.shape[1] == 0:
-        raise ValueError(
-            f"proxies must have shape [{rows} >= 1, {embeddings.shape[1]}] (embeddings are {list(embeddings.shape)}), "
-            f"got {list(proxies.shape)}"
-        )
-    if proxy_labels is not None and proxy_labels.shape[0] != proxies.shape[0]:
-        raise ValueError(
-            f"proxy_labels has {proxy_labels.shape[0]} entries but proxies has {proxies.shape[0]} rows; they must match"
-        )
-    check_same_device(**named)
-    check_finite("proxies", proxies)
-
-
-def check_label_range(name: str, labels: torch.Tensor, num_classes: int) -> None:
-    """Every label lies in ``[0, num_classes)`` (e.g. labels indexing a proxy table)."""
-    check_index_range(name, labels, num_classes)
 
 
 def check_real(name: str, value) -> float:
@@ -142,27 +95,6 @@ def normalize_backward(x: torch.Tensor, inv_norm: torch.Tensor, u: torch.Tensor,
     return u - torch.where(clamped, 0.0, radial)[:, None] * xc
 
 
-def l2_normalize(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
-    """Row-wise ``x / max(||x||_2, eps)``; its backward is autograd's
-    ``(g - x_hat * <x_hat, g>) / ||x||`` (pytorch-metric-learning's CosineSimilarity uses the same)."""
-    return F.normalize(x, p=2, dim=1, eps=eps)
-
-
-def remap_labels(*labels: torch.Tensor) -> tuple[list[torch.Tensor], int]:
-    """Map the values of all ``labels`` tensors jointly to dense ``int32`` ids in ``[0, K)``.
-
-    Equal values get equal ids across tensors, so ``a[i] == b[j]`` is preserved. Returns the remapped
-    tensors (same shapes, contiguous) and K, the number of distinct values.
-    """
-    flat = torch.cat([lab.reshape(-1).to(torch.int64) for lab in labels])
-    uniq, inverse = torch.unique(flat, return_inverse=True)
-    out, start = [], 0
-    for lab in labels:
-        out.append(inverse[start : start + lab.numel()].to(torch.int32).reshape(lab.shape).contiguous())
-        start += lab.numel()
-    return out, int(uniq.numel())
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of the fallbacks: float64 stays float64, everything else runs in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -173,84 +105,14 @@ def tile_size(n_cols: int, tile_elems: int = FALLBACK_TILE_ELEMS) -> int:
     return max(1, min(n_cols, tile_elems // max(n_cols, 1)))
 
 
-def pair_masks(lq: torch.Tensor, lk: torch.Tensor, row_offset: int, exclude_diagonal: bool):
-    """(positive, negative, diag) for the tile ``rows = row_offset + arange(len(lq))`` x all columns.
-
-    With ``exclude_diagonal`` (the key set is the query batch itself) the pairs ``i == j`` are neither
-    positive nor negative, and ``diag`` indexes them in the tile (for ``tile[diag] = ...``); else None.
-    """
-    pos = lq[:, None] == lk[None, :]
-    neg = ~pos  # (i, i) has equal labels, so it is never a negative
-    diag = None
-    if exclude_diagonal:
-        r = torch.arange(lq.numel(), device=lq.device)
-        diag = (r, r + row_offset)
-        pos[diag] = False
-    return pos, neg, diag
-
-
-def pair_tiles(q: torch.Tensor, k: torch.Tensor, lq: torch.Tensor, lk: torch.Tensor,
-               exclude_diagonal: bool) -> Iterator:
-    """Yield ``(r0, r1, s, pos, neg, diag)`` per block of query rows (see :func:`pair_masks`),
-    ``s = q[r0:r1] @ k^T`` a fresh tensor in the compute dtype (callers may overwrite it). The tiling
-    depends only on the shapes, so a backward that calls this again sees bit-identical similarities
-    (and identical mining decisions)."""
-    cd = compute_dtype(q.dtype)
-    kc = k.to(cd)
-    rows = tile_size(k.shape[0])
-    for r0 in range(0, q.shape[0], rows):
-        r1 = min(q.shape[0], r0 + rows)
-        s = q[r0:r1].to(cd) @ kc.T
-        yield (r0, r1, s, *pair_masks(lq[r0:r1], lk, r0, exclude_diagonal))
-
-
-def tiled_pair_products(
-    q: torch.Tensor,
-    k: torch.Tensor | None,
-    lq: torch.Tensor,
-    lk: torch.Tensor,
-    grad_tile: Callable,
-    *,
-    exclude_diagonal: bool,
-    need_dq: bool,
-    need_dk: bool,
-):
-    """The fallbacks' backward products for ``G = dLoss/dS`` built tile by tile by
-    ``grad_tile(r0, r1, s, pos, neg, diag)`` (same arguments as :func:`pair_tiles` yields).
-
-    ``k`` None (the batch against itself): ``grad_tile`` returns the symmetrized tile ``G_ij + G_ji`` and
-    ``dq = sum_j (G + G^T)_ij q_j`` costs two matmuls per tile (similarity and product); dk is None.
-    Otherwise ``dq = G k`` and ``dk = G^T q`` (each only if needed). Returns (dq, dk) in the compute dtype.
-    """
-    cd = compute_dtype(q.dtype)
-    keys, lkeys = (q, lq) if k is None else (k, lk)
-    kc = keys.to(cd)
-    dq = torch.zeros(q.shape, dtype=cd, device=q.device) if (need_dq or k is None) else None
-    dk = torch.zeros(keys.shape, dtype=cd, device=q.device) if (need_dk and k is not None) else None
-    for r0, r1, s, pos, neg, diag in pair_tiles(q, keys, lq, lkeys, exclude_diagonal):
-        g = grad_tile(r0, r1, s, pos, neg, diag)
-        if dq is not None:
-            dq[r0:r1] = g @ kc
-        if dk is not None:
-            dk += g.T @ q[r0:r1].to(cd)
-    return dq, dk
-
-
 # ----------------------------------------------------------------------------------------------------
-# What the launchers share: operands as the kernels read them, dtypes, column splits, fused-backward limits
+# What the launchers share: operands as the kernels read them, dot chunk, the large-D backward driver
 # ----------------------------------------------------------------------------------------------------
 def kernel_operand(t: torch.Tensor, impl: str) -> torch.Tensor:
     """Rows as the kernels read them: unit stride along D (any row stride); fp64 runs in fp32 on Triton."""
     if impl == "triton" and t.dtype == torch.float64:
         t = t.float()
     return t if t.stride(1) == 1 or t.shape[0] == 0 else t.contiguous()
-
-
-def kernel_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Labels as loaded by the kernels: int32/int64 as they are (unit stride), other int dtypes widened."""
-    if labels.dtype not in (torch.int32, torch.int64):
-        labels = labels.to(torch.int64)
-    return labels if labels.stride(0) == 1 else labels.contiguous()
 
 
 def is_half(dtype: torch.dtype) -> bool:
@@ -263,122 +125,6 @@ def block_k(dtype: torch.dtype) -> int:
     streams its forward and its gradient tile with the same chunk, so the backward recomputes the forward's
     similarities with the same summation order (bit for bit)."""
     return 64 if is_half(dtype) else 32
-
-
-def launch_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
-    """The dtype both operands of a dot are cast to inside the kernels (a no-op when they match)."""
-    return x.dtype if x.dtype == w.dtype else torch.promote_types(x.dtype, w.dtype)
-
-
-TARGET_PROGRAMS = 528  # column splits until about this many programs run (4 per SM of an H100 SXM)
-PARTIAL_BYTES = 256 * 2**20  # fused backward: fp32 partial sums over column splits stay under this
-
-
-def column_splits(row_programs: int, n_cols: int, block: int, cap: int | None = None) -> tuple[int, int]:
-    """(number of column splits, columns per split: a multiple of ``block``) for a sweep over ``n_cols``
-    columns by ``row_programs`` row blocks: split until about TARGET_PROGRAMS programs run (at most ``cap``
-    splits)."""
-    tiles = max(1, cdiv(n_cols, block))
-    splits = max(1, min(tiles, TARGET_PROGRAMS // max(row_programs, 1), cap if cap is not None else tiles))
-    per_split = cdiv(tiles, splits)
-    return cdiv(tiles, per_split), per_split * block
-
-
-def partial_sums_cap(rows: int, d: int) -> int:
-    """Most column splits whose fp32 partial sums (``[splits, rows, d]``) stay under PARTIAL_BYTES."""
-    return max(1, PARTIAL_BYTES // (4 * max(1, rows) * d))
-
-
-def fits_fused_backward(d: int, dtype: torch.dtype, max_fused_d: int) -> bool:
-    """Whether a proxy loss's backward accumulates D in one program: D <= ``max_fused_d`` for half inputs,
-    D <= ``max_fused_d`` / 2 for fp32 (tf32x3 splits the [BLOCK_N, BLOCK_D] product operand into three
-    register copies: at D = 512 that and the 128-register accumulator spill 4-8 KB per thread at any
-    BLOCK_N)."""
-    return d <= (max_fused_d if is_half(dtype) else max_fused_d // 2)
-
-
-def fused_backward_config(d: int, dtype: torch.dtype) -> dict:
-    """A proxy loss's fused backward kernel: the [BLOCK_M, BLOCK_D] fp32 accumulator lives in registers
-    (64 x 512 over 8 warps: 128 per thread), the [BLOCK_N, BLOCK_D] product operand in shared memory next
-    to the similarity's two pipelined stages. BLOCK_N = 32 (16 for fp32 beyond D = 128) keeps registers at
-    <= 252 with no spills (sm_90 compile, tests); 64 spills at D = 512."""
-    block_d = max(16, next_pow2(d))
-    block_m = 128 if block_d <= 128 else 64
-    block_n = 32 if (is_half(dtype) or block_d <= 128) else 16
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k(dtype), BLOCK_D=block_d, num_warps=8,
-                num_stages=2)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pair-loss kernels: device helpers and the large-D backward driver
-# ----------------------------------------------------------------------------------------------------
-@triton.jit
-def pair_tile_masks(rows, cols, row_ok, col_ok, la, lb, EXCLUDE_DIAGONAL: tl.constexpr):
-    """(positive, negative) pair masks of a tile: in range, equal / different label ids, and with
-    EXCLUDE_DIAGONAL the pairs ``rows == cols`` dropped."""
-    valid = row_ok[:, None] & col_ok[None, :]
-    if EXCLUDE_DIAGONAL:
-        valid = valid & (rows[:, None] != cols[None, :])
-    same = la[:, None] == lb[None, :]
-    return valid & same, valid & (la[:, None] != lb[None, :])
-
-
-@triton.jit
-def norms_labels(r_ptr, l_ptr, idx, ok):
-    """(fp32 inverse norms, int32 label ids) of the rows ``idx`` of a pair-loss kernel (0 where masked)."""
-    return tl.load(r_ptr + idx, mask=ok, other=0.0), tl.load(l_ptr + idx, mask=ok, other=0)
-
-
-@triton.jit
-def streamed_pair_tile(a_ptr, b_ptr, ra, la, rb_ptr, lb_ptr, rows, row_ok, c0, c1, K, stride_a, stride_b,
-                       EXCLUDE_DIAGONAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Columns ``[c0, c0 + BLOCK_C)`` (< c1) of b against the rows of a, the similarity streamed over K
-    (:func:`~saga_kernels._tl_utils.cosine_tile`): (cols, col_ok, rb, cosines, positive, negative)."""
-    cols, col_ok = block_range(c0, c1, BLOCK_C)
-    rb, lb = norms_labels(rb_ptr, lb_ptr, cols, col_ok)
-    s = cosine_tile(a_ptr, b_ptr, ra, rb, rows, cols, row_ok, col_ok, K, stride_a, stride_b,
-                    BLOCK_R, BLOCK_C, BLOCK_K, DOT_DTYPE, PRECISION)
-    pos, neg = pair_tile_masks(rows, cols, row_ok, col_ok, la, lb, EXCLUDE_DIAGONAL)
-    return cols, col_ok, rb, s, pos, neg
-
-
-@triton.jit
-def resident_pair_tile(xa, ra, la, rows, row_ok, b_ptr, rb_ptr, lb_ptr, c0, c1, stride_b, dd, d_ok,
-                       EXCLUDE_DIAGONAL: tl.constexpr, BLOCK_C: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """Columns ``[c0, c0 + BLOCK_C)`` (< c1) of b against rows ``xa`` resident in one fused-backward program
-    (the whole D in one dot): (cols, col_ok, the b tile in DOT_DTYPE (for ``W @ b``), ra_i rb_j, cosines,
-    positive, negative)."""
-    cols, col_ok = block_range(c0, c1, BLOCK_C)
-    rb, lb = norms_labels(rb_ptr, lb_ptr, cols, col_ok)
-    xb = load_rows(b_ptr, cols, col_ok, stride_b, dd, d_ok).to(DOT_DTYPE)
-    rr = ra[:, None] * rb[None, :]
-    s = tl.dot(xa, tl.trans(xb), input_precision=PRECISION) * rr
-    pos, neg = pair_tile_masks(rows, cols, row_ok, col_ok, la, lb, EXCLUDE_DIAGONAL)
-    return cols, col_ok, xb, rr, s, pos, neg
-
-
-def label_ids(*labels: torch.Tensor) -> list[torch.Tensor]:
-    """Contiguous ``int32`` ids for the values of all ``labels`` tensors jointly: equal ids iff equal labels.
-
-    No host sync (unlike :func:`remap_labels`): a value's id is the position of its first occurrence in the
-    sorted concatenation (ids lie in ``[0, total length)``, not dense). The kernels compare 32-bit ids,
-    whatever the labels' dtype and range: half the label traffic and fewer registers than int64 labels.
-    """
-    flat = torch.cat([lab.reshape(-1).to(torch.int64) for lab in labels])
-    ordered = torch.sort(flat).values
-    return [torch.searchsorted(ordered, lab.to(torch.int64).contiguous()).to(torch.int32) for lab in labels]
-
-
-def pair_counts(lq: torch.Tensor, lk: torch.Tensor, exclude_diagonal: bool):
-    """(positive, negative) pair counts per query (int64 [N]) against the keys' labels ``lk``: keys with the
-    same / a different label, the pair (i, i) not counted when ``exclude_diagonal``. No host sync (sort and
-    binary search), so the kernels need not count."""
-    ordered = torch.sort(lk.to(torch.int64)).values
-    q = lq.to(torch.int64).contiguous()
-    same = torch.searchsorted(ordered, q, right=True) - torch.searchsorted(ordered, q)
-    return same - int(exclude_diagonal), lk.numel() - same
 
 
 GRAD_CHUNK_BYTES = 64 * 2**20  # the large-D backward's gradient tile: at most this many bytes per chunk

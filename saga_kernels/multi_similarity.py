@@ -26,7 +26,7 @@ Gradient. With the scalar ``coef = [batch active] / N * dL_out`` and the kept ma
 
 Kernels (the N x N matrix is never stored; raw rows in their own dtype feed ``tl.dot``: bf16/fp16 on the
 tensor cores, fp32 as tf32x3/tf32 per ``torch.get_float32_matmul_precision()``, fp64 cast to fp32; labels as
-int32 ids from :func:`~saga_kernels.metric_common.label_ids`, without a host sync):
+int32 ids from :func:`~saga_kernels.pair_common.label_ids`, without a host sync):
 
 * ``_ms_fwd_kernel``: row block x all column tiles, similarity streamed over D in BLOCK_K chunks; with the
   miner two passes (row min positive / max negative, then the two online log-sum-exps and the kept-pair
@@ -52,8 +52,9 @@ from ._dispatch import resolve_impl
 from ._tl_utils import block_range, cdiv, dot_config, load_rows, lse_update, next_pow2, on_device, store_rows
 from ._triton import tl, triton
 from .metric_common import (block_k, check_embeddings_labels, check_positive, check_real, inverse_norms, is_half,
-                            kernel_operand, label_ids, launch_grad_chunks, normalize_backward, norms_labels, pair_tiles,
-                            resident_pair_tile, streamed_pair_tile, tiled_pair_products)
+                            kernel_operand, launch_grad_chunks, normalize_backward)
+from .pair_common import (label_ids, norms_labels, pair_tiles, resident_pair_tile, streamed_pair_tile,
+                          tiled_pair_products)
 
 _MAX_FUSED_D = 256  # largest D (half precision) whose backward keeps the [BLOCK_M, D] accumulator in one program
 _MAX_FUSED_D_FP32 = 64  # the same for fp32 operands (tf32x3 splits them in two); see fused_max_d
@@ -214,14 +215,14 @@ def fused_max_d(dtype: torch.dtype) -> int:
     return _MAX_FUSED_D if is_half(dtype) else min(_MAX_FUSED_D, _MAX_FUSED_D_FP32)
 
 
-def fwd_launch_config(d: int, dtype: torch.dtype) -> dict:
+def fwd_config(d: int, dtype: torch.dtype) -> dict:
     """``_ms_fwd_kernel``, grid (cdiv(N, 128),): 128 x 64 tiles, 8 warps (the [128, 64] fp32 tile is 32
     registers per thread; the two online log-sum-exps and the miner's row min/max are per-row vectors);
     3-stage operand pipeline of (128 + 64) x BLOCK_K."""
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k(dtype), num_warps=8, num_stages=3)
 
 
-def bwd_launch_config(d: int, dtype: torch.dtype) -> dict:
+def bwd_config(d: int, dtype: torch.dtype) -> dict:
     """``_ms_bwd_kernel``, grid (cdiv(N, 64),), D <= fused_max_d(dtype): the [64, BLOCK_D] fp32 accumulator
     takes BLOCK_D / 4 registers per thread over 8 warps, the resident rows and two stages of [BLOCK_N,
     BLOCK_D] column tiles sit in shared memory. The miner's two-sided masks cost more registers than
@@ -230,7 +231,7 @@ def bwd_launch_config(d: int, dtype: torch.dtype) -> dict:
                 num_stages=2)
 
 
-def grad_tile_launch_config(d: int, dtype: torch.dtype) -> dict:
+def grad_tile_config(d: int, dtype: torch.dtype) -> dict:
     """``_ms_grad_tile_kernel``, grid (cdiv(rows, 128), cdiv(cols, 32)) per chunk, D > fused_max_d: one
     128 x 32 tile per program, streamed like the forward (two-sided mining and the tile store: 128 x 64
     spills on sm_90, 128 x 32 takes 140 registers bf16, 165 fp32)."""
@@ -251,7 +252,7 @@ def _triton_forward(x, r, labels, alpha, beta, base, eps):
     if n == 0:
         return out
     dot_dtype, precision = dot_config(x.dtype, x.device)
-    cfg = fwd_launch_config(d, x.dtype)
+    cfg = fwd_config(d, x.dtype)
     with on_device(x):
         _ms_fwd_kernel[(cdiv(n, cfg["BLOCK_M"]),)](
             x, r, labels, *out, n, d, x.stride(0), alpha, beta, base, 0.0 if eps is None else eps,
@@ -268,14 +269,14 @@ def _triton_backward(x, r, labels, stats, coef, alpha, beta, base, eps):
     dot_dtype, precision = dot_config(x.dtype, x.device)
     params = (alpha, beta, base, 0.0 if eps is None else eps)
     if d <= fused_max_d(x.dtype):
-        cfg = bwd_launch_config(d, x.dtype)
+        cfg = bwd_config(d, x.dtype)
         u = torch.empty(n, d, dtype=torch.float32, device=x.device)
         with on_device(x):
             _ms_bwd_kernel[(cdiv(n, cfg["BLOCK_M"]),)](
                 x, r, labels, *stats, coef, u, n, d, x.stride(0), u.stride(0), *params,
                 USE_MINER=eps is not None, DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg)
         return u
-    cfg = dict(grad_tile_launch_config(d, x.dtype), USE_MINER=eps is not None, DOT_DTYPE=dot_dtype,
+    cfg = dict(grad_tile_config(d, x.dtype), USE_MINER=eps is not None, DOT_DTYPE=dot_dtype,
                PRECISION=precision)
 
     def chunk_args(w, r0, r1, c0, c1):
@@ -353,20 +354,19 @@ def ms_from_stats(stats, alpha: float, beta: float):
     return row_loss.sum() * scale, scale
 
 
-class _MultiSimilarityFunction(torch.autograd.Function):
+class _MultiSimilarity(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, labels, alpha: float, beta: float, base: float, eps: float | None, impl: str):
+        """x: the rows as :func:`~saga_kernels.metric_common.kernel_operand` gives them."""
+        r = inverse_norms(x)
         if impl == "triton":
             labels = label_ids(labels)[0]  # int32 ids, no host sync
-            xs = kernel_operand(x, impl)
-            r = inverse_norms(xs)
-            stats = _triton_forward(xs, r, labels, alpha, beta, base, eps)
+            stats = _triton_forward(x, r, labels, alpha, beta, base, eps)
         else:
-            xs, labels = x, labels.contiguous()
-            r = inverse_norms(xs)
-            stats = _torch_forward(xs.to(r.dtype) * r[:, None], labels, alpha, beta, base, eps)
+            labels = labels.contiguous()
+            stats = _torch_forward(x.to(r.dtype) * r[:, None], labels, alpha, beta, base, eps)
         loss, scale = ms_from_stats(stats, alpha, beta)
-        ctx.save_for_backward(xs, r, labels, *stats[:4], scale)
+        ctx.save_for_backward(x, r, labels, *stats[:4], scale)
         ctx.params, ctx.impl, ctx.x_dtype = (alpha, beta, base, eps), impl, x.dtype
         return loss
 
@@ -387,6 +387,16 @@ class _MultiSimilarityFunction(torch.autograd.Function):
         return normalize_backward(xs, r, u).to(ctx.x_dtype), None, None, None, None, None, None
 
 
+def _check_inputs(embeddings, labels, alpha, beta, base, miner_epsilon) -> None:
+    """Every argument of :func:`multi_similarity_loss`, errors naming it."""
+    check_embeddings_labels(embeddings, labels)
+    check_positive("alpha", alpha)
+    check_positive("beta", beta)
+    check_real("base", base)
+    if miner_epsilon is not None:
+        check_real("miner_epsilon", miner_epsilon)
+
+
 def multi_similarity_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -403,11 +413,9 @@ def multi_similarity_loss(
     flow to ``embeddings``. Returns a scalar of ``embeddings.dtype``; an empty batch (N = 0) gives 0 and
     zero gradients.
     """
-    check_embeddings_labels(embeddings, labels)
-    alpha = check_positive("alpha", alpha)
-    beta = check_positive("beta", beta)
-    base = check_real("base", base)
-    miner_epsilon = None if miner_epsilon is None else check_real("miner_epsilon", miner_epsilon)
+    _check_inputs(embeddings, labels, alpha, beta, base, miner_epsilon)
     which = resolve_impl(impl, embeddings)
-    loss = _MultiSimilarityFunction.apply(embeddings, labels, alpha, beta, base, miner_epsilon, which)
+    eps = None if miner_epsilon is None else float(miner_epsilon)
+    x = kernel_operand(embeddings, which)
+    loss = _MultiSimilarity.apply(x, labels, float(alpha), float(beta), float(base), eps, which)
     return loss.to(embeddings.dtype)

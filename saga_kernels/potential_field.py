@@ -54,9 +54,10 @@ from ._checks import check_mode
 from ._dispatch import resolve_impl
 from ._tl_utils import block_range, cdiv, cosine_tile, dot_config, load_rows, on_device, store_rows
 from ._triton import tl, triton
-from .metric_common import (block_k, check_positive, check_proxy_inputs, column_splits, compute_dtype,
-                            fits_fused_backward, fused_backward_config, inverse_norms, kernel_labels, kernel_operand,
-                            launch_dtype, launch_grad_chunks, normalize_backward, partial_sums_cap, tile_size)
+from .metric_common import (block_k, check_positive, compute_dtype, inverse_norms, kernel_operand, launch_grad_chunks,
+                            normalize_backward, tile_size)
+from .proxy_common import (check_proxy_inputs, column_splits, fits_fused_backward, fused_backward_config, kernel_labels,
+                           launch_dtype, partial_sums_cap)
 
 # Distances are clamped to at least this (gradient 0 below it), so coincident points of different
 # classes repel with the finite energy MIN_DISTANCE^-alpha. In float32 the Gram-matrix distance
@@ -72,11 +73,11 @@ _MAX_FUSED_D = 512  # largest D whose backward keeps the [BLOCK_M, next_pow2(D)]
 # --------------------------------------------------------------------------------------------------------
 @triton.jit
 def _pf_log_d2(a_ptr, b_ptr, ra, rb, rows, cols, row_ok, col_ok, D, stride_a, stride_b, min_dist,
-               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """(unclamped d2 = 2 - 2 c, log of the clamped d2) of a tile of raw rows; masked entries give c = 0."""
     d2 = 2.0 - 2.0 * cosine_tile(a_ptr, b_ptr, ra, rb, rows, cols, row_ok, col_ok, D, stride_a, stride_b,
-                                 BLOCK_R, BLOCK_C, BLOCK_K, DOT_DTYPE, PRECISION)
+                                 BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
     return d2, tl.log(tl.maximum(d2, min_dist * min_dist))
 
 
@@ -255,7 +256,7 @@ def fwd_config(d: int, dtype: torch.dtype) -> dict:
 
 def fused_backward(d: int, dtype: torch.dtype) -> bool:
     """Whether the backward runs fused (``_pf_bwd_kernel``): D <= _MAX_FUSED_D for half inputs, half that
-    for fp32 (:func:`~saga_kernels.metric_common.fits_fused_backward`)."""
+    for fp32 (:func:`~saga_kernels.proxy_common.fits_fused_backward`)."""
     return fits_fused_backward(d, dtype, _MAX_FUSED_D)
 
 
@@ -463,23 +464,24 @@ class _PotentialField(torch.autograd.Function):
         return grads[0], grads[1], None, None, None, None, None
 
 
-def _check_labels_have_proxies(labels: torch.Tensor, proxy_labels: torch.Tensor) -> None:
-    """Every label is the class of at least one proxy (mode-aware: no host sync on CUDA by default)."""
-    if labels.numel() == 0:
-        return
-    mode = check_mode(labels)
-    if mode == "off":
-        return
-    # sort + searchsorted rather than torch.isin, whose sorting path calls unique (a host sync on CUDA)
-    classes = proxy_labels.to(torch.int64).sort().values
-    lab = labels.to(torch.int64)
-    ok = classes[torch.searchsorted(classes, lab).clamp_(max=classes.numel() - 1)] == lab
-    message = "labels holds classes that no proxy has (see proxy_labels)"
-    if mode == "async":
-        torch._assert_async(ok.all(), message)
-    elif not bool(ok.all()):
-        shown = sorted(set(labels[~ok].tolist()))[:10]
-        raise ValueError(f"{message}: {shown}")
+def _check_inputs(embeddings, labels, proxies, proxy_labels, alpha, delta) -> None:
+    """Every argument of :func:`potential_field_loss`, errors naming it; every label must be the class of at
+    least one proxy (a value check, mode-aware: no host sync on CUDA by default)."""
+    check_proxy_inputs(embeddings, labels, proxies, proxy_labels, rows="P")
+    mode = check_mode(labels) if labels.numel() > 0 else "off"
+    if mode != "off":
+        # sort + searchsorted rather than torch.isin, whose sorting path calls unique (a host sync on CUDA)
+        classes = proxy_labels.to(torch.int64).sort().values
+        lab = labels.to(torch.int64)
+        ok = classes[torch.searchsorted(classes, lab).clamp_(max=classes.numel() - 1)] == lab
+        message = "labels holds classes that no proxy has (see proxy_labels)"
+        if mode == "async":
+            torch._assert_async(ok.all(), message)
+        elif not bool(ok.all()):
+            shown = sorted(set(labels[~ok].tolist()))[:10]
+            raise ValueError(f"{message}: {shown}")
+    check_positive("alpha", alpha)
+    check_positive("delta", delta)
 
 
 def potential_field_loss(
@@ -500,11 +502,9 @@ def potential_field_loss(
     ``embeddings.dtype``. N = 0 gives the energy of the proxies alone. ``impl``: "triton", "torch" or None
     (auto).
     """
-    check_proxy_inputs(embeddings, labels, proxies, proxy_labels, rows="P")
-    _check_labels_have_proxies(labels, proxy_labels)
-    alpha = check_positive("alpha", alpha)
-    delta = check_positive("delta", delta)
+    _check_inputs(embeddings, labels, proxies, proxy_labels, alpha, delta)
     which = resolve_impl(impl, embeddings, labels, proxies, proxy_labels)
     x, w = kernel_operand(embeddings, which), kernel_operand(proxies, which)
-    loss = _PotentialField.apply(x, w, kernel_labels(labels), kernel_labels(proxy_labels), alpha, delta, which)
+    loss = _PotentialField.apply(x, w, kernel_labels(labels), kernel_labels(proxy_labels), float(alpha), float(delta),
+                                 which)
     return loss.to(embeddings.dtype)

@@ -50,10 +50,10 @@ from ._dispatch import resolve_impl
 from ._tl_utils import (block_range, cdiv, cosine_tile, dot_config, load_rows, lse_update, on_device, split_range,
                         store_rows)
 from ._triton import tl, triton
-from .metric_common import (FALLBACK_TILE_ELEMS, block_k, check_label_range, check_positive, check_proxy_inputs,
-                            column_splits, compute_dtype, fits_fused_backward, fused_backward_config, inverse_norms,
-                            kernel_labels, kernel_operand, launch_dtype, launch_grad_chunks, normalize_backward,
-                            partial_sums_cap)
+from .metric_common import (FALLBACK_TILE_ELEMS, block_k, check_positive, compute_dtype, inverse_norms, kernel_operand,
+                            launch_grad_chunks, normalize_backward)
+from .proxy_common import (check_label_range, check_proxy_inputs, column_splits, fits_fused_backward,
+                           fused_backward_config, kernel_labels, launch_dtype, partial_sums_cap)
 
 _MAX_FUSED_D = 512  # largest D whose backward keeps the [BLOCK_M, next_pow2(D)] accumulator in one program
 
@@ -69,14 +69,14 @@ def _pa_scalars(alpha, margin, coef_ptr):
 
 @triton.jit
 def _pa_column_tile(a_ptr, b_ptr, ra, rb_ptr, rows, row_ok, c0, end, D, stride_a, stride_b,
-                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """(cols, col_ok, rb, cosines) of the column block ``[c0, c0 + BLOCK_C)`` (< end) of b against the rows
+    """(cols, col_ok, rb, cosines) of the column block ``[c0, c0 + BLOCK_N)`` (< end) of b against the rows
     of a; masked rows/columns give 0."""
-    cols, col_ok = block_range(c0, end, BLOCK_C)
+    cols, col_ok = block_range(c0, end, BLOCK_N)
     rb = tl.load(rb_ptr + cols, mask=col_ok, other=0.0)
     cos = cosine_tile(a_ptr, b_ptr, ra, rb, rows, cols, row_ok, col_ok, D, stride_a, stride_b,
-                      BLOCK_R, BLOCK_C, BLOCK_K, DOT_DTYPE, PRECISION)
+                      BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
     return cols, col_ok, rb, cos
 
 
@@ -92,7 +92,7 @@ def _pa_grad(cos, is_pos, ok, lse_pos, lse_neg, coef_pos, coef_neg, alpha, margi
 @triton.jit
 def _pa_fwd_kernel(w_ptr, x_ptr, rw_ptr, rx_ptr, lab_ptr, stats_ptr,
                    C, N, D, stride_w, stride_x, cols_per_split, alpha, margin,
-                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Rows = proxies c, embeddings of split program_id(1) as columns. Writes the online log-sum-exp state
     (max, sum exp(. - max)) of z = -alpha (s_ic - m) over y_i = c and of z = alpha (s_ic + m) over y_i != c
@@ -100,16 +100,16 @@ def _pa_fwd_kernel(w_ptr, x_ptr, rw_ptr, rx_ptr, lab_ptr, stats_ptr,
     adds the "1 +" term."""
     alpha = tl.cast(alpha, tl.float32)
     margin = tl.cast(margin, tl.float32)
-    rows, row_ok = block_range(tl.program_id(0).to(tl.int64) * BLOCK_R, C, BLOCK_R)
+    rows, row_ok = block_range(tl.program_id(0).to(tl.int64) * BLOCK_M, C, BLOCK_M)
     split, start, end = split_range(cols_per_split, N)
     rw = tl.load(rw_ptr + rows, mask=row_ok, other=0.0)
-    m_pos = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    s_pos = tl.zeros((BLOCK_R,), tl.float32)
-    m_neg = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    s_neg = tl.zeros((BLOCK_R,), tl.float32)
-    for n0 in range(start, end, BLOCK_C):
+    m_pos = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s_pos = tl.zeros((BLOCK_M,), tl.float32)
+    m_neg = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    s_neg = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(start, end, BLOCK_N):
         cols, col_ok, _, cos = _pa_column_tile(w_ptr, x_ptr, rw, rx_ptr, rows, row_ok, n0, end, D, stride_w,
-                                               stride_x, BLOCK_R, BLOCK_C, BLOCK_K, DOT_DTYPE, PRECISION)
+                                               stride_x, BLOCK_M, BLOCK_N, BLOCK_K, DOT_DTYPE, PRECISION)
         lab = tl.load(lab_ptr + cols, mask=col_ok, other=-1).to(tl.int64)
         ok = row_ok[:, None] & col_ok[None, :]
         is_pos = lab[None, :] == rows[:, None]
@@ -192,12 +192,12 @@ def fwd_config(d: int, dtype: torch.dtype) -> dict:
     """``_pa_fwd_kernel``: 128 proxies x 64 embeddings per tile, 8 warps (the fp32 cosine tile and the two
     exponent tiles of the log-sum-exps are 32 registers per thread each; 4 warps or 128 x 128 tiles cost
     50-90 more registers per thread); the operands stream through shared memory in 3 stages."""
-    return dict(BLOCK_R=128, BLOCK_C=64, BLOCK_K=block_k(dtype), num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k(dtype), num_warps=8, num_stages=3)
 
 
 def fused_backward(d: int, dtype: torch.dtype) -> bool:
     """Whether the backward runs fused (``_pa_bwd_kernel``): D <= _MAX_FUSED_D for half inputs, half that for
-    fp32 (:func:`~saga_kernels.metric_common.fits_fused_backward`)."""
+    fp32 (:func:`~saga_kernels.proxy_common.fits_fused_backward`)."""
     return fits_fused_backward(d, dtype, _MAX_FUSED_D)
 
 
@@ -219,8 +219,8 @@ def _triton_forward(x, w, rx, rw, labels, alpha: float, margin: float):
     dtype = launch_dtype(x, w)
     dot_dtype, precision = dot_config(dtype, x.device)
     cfg = fwd_config(d, dtype)
-    row_programs = cdiv(c, cfg["BLOCK_R"])
-    splits, per_split = column_splits(row_programs, n, cfg["BLOCK_C"])
+    row_programs = cdiv(c, cfg["BLOCK_M"])
+    splits, per_split = column_splits(row_programs, n, cfg["BLOCK_N"])
     stats = torch.empty((4, splits, c), device=x.device, dtype=torch.float32)
     with on_device(x):
         _pa_fwd_kernel[(row_programs, splits)](
@@ -341,10 +341,17 @@ def _torch_backward(x, w, rx, rw, labels, lse_pos, lse_neg, coefs, alpha, margin
 # autograd
 # --------------------------------------------------------------------------------------------------------
 class _ProxyAnchor(torch.autograd.Function):
-    """Raw embeddings x [N >= 1, D], raw proxies w [C, D], int labels [N] in [0, C) -> scalar loss."""
+    """Raw embeddings x [N >= 0, D], raw proxies w [C, D], int labels [N] in [0, C) -> scalar loss.
+
+    N = 0: loss 0 (in the embeddings' dtype) and zero gradients of the right shape for both inputs (under DDP
+    an empty rank still contributes a proxy gradient). No kernel runs."""
 
     @staticmethod
     def forward(ctx, x, w, labels, alpha, margin, impl):
+        ctx.empty = x.shape[0] == 0
+        if ctx.empty:
+            ctx.shapes = (x.shape, x.dtype, w.shape, w.dtype, x.device)
+            return torch.zeros((), dtype=x.dtype, device=x.device)
         c = w.shape[0]
         acc = compute_dtype(torch.promote_types(x.dtype, w.dtype))  # fp32 (fp64 only on the torch path)
         rx, rw = inverse_norms(x).to(acc), inverse_norms(w).to(acc)
@@ -362,8 +369,13 @@ class _ProxyAnchor(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w, rx, rw, labels, lse_pos, lse_neg, num_present = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
+        if ctx.empty:
+            xs, xd, ws, wd, dev = ctx.shapes
+            gx = torch.zeros(xs, dtype=xd, device=dev) if need_x else None
+            gw = torch.zeros(ws, dtype=wd, device=dev) if need_w else None
+            return gx, gw, None, None, None, None
+        x, w, rx, rw, labels, lse_pos, lse_neg, num_present = ctx.saved_tensors
         if not (need_x or need_w):
             return None, None, None, None, None, None
         g = grad_out.to(rx.dtype)
@@ -375,21 +387,13 @@ class _ProxyAnchor(torch.autograd.Function):
         return grad_x, grad_w, None, None, None, None
 
 
-class _EmptyBatch(torch.autograd.Function):
-    """N = 0: loss 0 (in the embeddings' dtype) and zero gradients of the right shape for both inputs (under
-    DDP an empty rank still contributes a proxy gradient). No kernel runs."""
-
-    @staticmethod
-    def forward(ctx, x, w):
-        ctx.shapes = (x.shape, x.dtype, w.shape, w.dtype, x.device)
-        return torch.zeros((), dtype=x.dtype, device=x.device)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        xs, xd, ws, wd, dev = ctx.shapes
-        gx = torch.zeros(xs, dtype=xd, device=dev) if ctx.needs_input_grad[0] else None
-        gw = torch.zeros(ws, dtype=wd, device=dev) if ctx.needs_input_grad[1] else None
-        return gx, gw
+def _check_inputs(embeddings, labels, proxies, margin, alpha) -> None:
+    """Every argument of :func:`proxy_anchor_loss`, errors naming it."""
+    check_proxy_inputs(embeddings, labels, proxies, rows="C")
+    check_label_range("labels", labels, proxies.shape[0])
+    if not math.isfinite(float(margin)):
+        raise ValueError(f"margin must be a finite number, got {float(margin)}")
+    check_positive("alpha", alpha)
 
 
 def proxy_anchor_loss(
@@ -408,15 +412,8 @@ def proxy_anchor_loss(
     path); the loss comes back in ``embeddings.dtype``. N = 0 gives 0 with zero gradients.
     ``impl``: "triton", "torch" or None (auto).
     """
-    check_proxy_inputs(embeddings, labels, proxies, rows="C")
-    check_label_range("labels", labels, proxies.shape[0])
-    margin = float(margin)
-    if not math.isfinite(margin):
-        raise ValueError(f"margin must be a finite number, got {margin}")
-    alpha = check_positive("alpha", alpha)
+    _check_inputs(embeddings, labels, proxies, margin, alpha)
     which = resolve_impl(impl, embeddings, labels, proxies)
-    if embeddings.shape[0] == 0:
-        return _EmptyBatch.apply(embeddings, proxies)
     x, w = kernel_operand(embeddings, which), kernel_operand(proxies, which)
-    loss = _ProxyAnchor.apply(x, w, kernel_labels(labels), alpha, margin, which)
+    loss = _ProxyAnchor.apply(x, w, kernel_labels(labels), float(alpha), float(margin), which)
     return loss.to(embeddings.dtype)

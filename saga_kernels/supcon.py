@@ -26,11 +26,11 @@ Gradient. With ``coef = [batch active] / |C| * dL_out / T`` (a scalar) and the s
 kernels read two numbers per row and one scalar. Batch against itself (keys = queries): ``s`` is symmetric,
 so ``u_i = sum_j (G_ij + G_ji) r_i r_j x_j`` where ``G_ji`` comes from the same tile ``s_ij`` with the row
 statistics of ``j``: one pass. The pair counts |P(i)| and |negatives of i| depend on the labels only and come
-from a sort and a binary search (:func:`~saga_kernels.metric_common.pair_counts`), not from the kernels.
+from a sort and a binary search (:func:`~saga_kernels.pair_common.pair_counts`), not from the kernels.
 
 Kernels (the N x M similarity matrix is never stored; raw rows in their own dtype feed ``tl.dot``: bf16/fp16
 on the tensor cores, fp32 as tf32x3/tf32 per ``torch.get_float32_matmul_precision()``, fp64 cast to fp32;
-labels as int32 ids from :func:`~saga_kernels.metric_common.label_ids`, without a host sync):
+labels as int32 ids from :func:`~saga_kernels.pair_common.label_ids`, without a host sync):
 
 * ``_supcon_fwd_kernel``: row block x all key tiles, the similarity streamed over D in BLOCK_K chunks
   (``cosine_tile``); online log-sum-exp and the positive-logit sum per row. 1 similarity-sized matmul.
@@ -48,7 +48,7 @@ labels as int32 ids from :func:`~saga_kernels.metric_common.label_ids`, without 
 The forward streams the similarity in BLOCK_K chunks, the fused backward in one dot over the padded D, so
 the two can differ in the last bit (harmless: SupCon makes no decision on s). The torch fallback computes the
 same math in fp32 (fp64 for fp64 input) on ``[rows, M]`` tiles of about 4 MiB
-(:func:`~saga_kernels.metric_common.pair_tiles`), 2 matmuls per tile for the batch against itself.
+(:func:`~saga_kernels.pair_common.pair_tiles`), 2 matmuls per tile for the batch against itself.
 """
 from __future__ import annotations
 
@@ -59,8 +59,9 @@ from ._dispatch import resolve_impl
 from ._tl_utils import block_range, cdiv, dot_config, load_rows, lse_update, next_pow2, on_device, store_rows
 from ._triton import tl, triton
 from .metric_common import (block_k, check_embeddings_labels, check_positive, inverse_norms, is_half, kernel_operand,
-                            label_ids, launch_grad_chunks, normalize_backward, norms_labels, pair_counts, pair_tiles,
-                            resident_pair_tile, streamed_pair_tile, tiled_pair_products)
+                            launch_grad_chunks, normalize_backward)
+from .pair_common import (label_ids, norms_labels, pair_counts, pair_tiles, resident_pair_tile, streamed_pair_tile,
+                          tiled_pair_products)
 
 _MAX_FUSED_D = 256  # largest D (half precision) whose backward keeps the [BLOCK_M, D] accumulator in one program
 _MAX_FUSED_D_FP32 = 64  # the same for fp32 operands (tf32x3 splits them in two); see fused_max_d
@@ -77,7 +78,7 @@ def _supcon_fwd_kernel(q_ptr, k_ptr, rq_ptr, rk_ptr, lq_ptr, lk_ptr,
                        EXCLUDE_DIAGONAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """Per query row i over its kept columns: lse_i and pos_sum_i = sum_{p in P(i)} z_ip (the pair counts
-    depend on the labels only and come from :func:`~saga_kernels.metric_common.pair_counts`; counting here
+    depend on the labels only and come from :func:`~saga_kernels.pair_common.pair_counts`; counting here
     would put a second, index-only copy of the masks in registers).
 
     Per key tile: (BLOCK_M + BLOCK_N) * D input elements read, 2 * BLOCK_M * BLOCK_N * D flops.
@@ -191,14 +192,14 @@ def fused_max_d(dtype: torch.dtype) -> int:
     return _MAX_FUSED_D if is_half(dtype) else min(_MAX_FUSED_D, _MAX_FUSED_D_FP32)
 
 
-def fwd_launch_config(d: int, dtype: torch.dtype) -> dict:
+def fwd_config(d: int, dtype: torch.dtype) -> dict:
     """``_supcon_fwd_kernel``, grid (cdiv(N, 128),): 128 x 64 tiles, 8 warps (the [128, 64] fp32 logit tile is
     32 registers per thread); operands stream through shared memory in 3 stages of (128 + 64) x BLOCK_K.
     sm_90: 166 registers (bf16) / 208 (fp32), no spills."""
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k(dtype), num_warps=8, num_stages=3)
 
 
-def bwd_launch_config(d: int, dtype: torch.dtype) -> dict:
+def bwd_config(d: int, dtype: torch.dtype) -> dict:
     """``_supcon_bwd_kernel``, grid (cdiv(Na, 64),), D <= fused_max_d(dtype): the [64, BLOCK_D] fp32
     accumulator takes BLOCK_D / 4 registers per thread over 8 warps (64 at D = 256), the resident a rows
     and two stages of [BLOCK_N, BLOCK_D] b tiles sit in shared memory. BLOCK_N shrinks as D grows to stay
@@ -211,7 +212,7 @@ def bwd_launch_config(d: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=8, num_stages=2)
 
 
-def grad_tile_launch_config(d: int, dtype: torch.dtype) -> dict:
+def grad_tile_config(d: int, dtype: torch.dtype) -> dict:
     """``_supcon_grad_tile_kernel``, grid (cdiv(rows, 128), cdiv(cols, 64)) per chunk, D > fused_max_d: one
     128 x 64 tile per program, streamed like the forward (sm_90: 183 registers bf16, 203 fp32)."""
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k(dtype), num_warps=8, num_stages=3)
@@ -228,7 +229,7 @@ def _triton_forward(q, k, rq, rk, lq, lk, inv_temp: float, exclude_diagonal: boo
     if n == 0 or m == 0:
         return lse, pos_sum
     dot_dtype, precision = dot_config(q.dtype, q.device)
-    cfg = fwd_launch_config(d, q.dtype)
+    cfg = fwd_config(d, q.dtype)
     with on_device(q):
         _supcon_fwd_kernel[(cdiv(n, cfg["BLOCK_M"]),)](
             q, k, rq, rk, lq, lk, lse, pos_sum, n, m, d, q.stride(0), k.stride(0), inv_temp,
@@ -242,7 +243,7 @@ def _fused_products(a, b, ra, rb, la, lb, stats_a, stats_b, coef, inv_temp, excl
     na, d = a.shape
     u = torch.empty(na, d, dtype=torch.float32, device=a.device)
     dot_dtype, precision = dot_config(a.dtype, a.device)
-    cfg = bwd_launch_config(d, a.dtype)
+    cfg = bwd_config(d, a.dtype)
     sa = stats_a if stats_a is not None else (None, None)  # that side's term is compiled out
     sb = stats_b if stats_b is not None else (None, None)
     with on_device(a):
@@ -273,7 +274,7 @@ def _triton_backward(q, k, rq, rk, lq, lk, stats, coef, inv_temp, exclude_diagon
         return u_q, u_k
     keys, rkeys, lkeys = (q, rq, lq) if k is None else (k, rk, lk)
     dot_dtype, precision = dot_config(q.dtype, q.device)
-    cfg = dict(grad_tile_launch_config(d, q.dtype), SYMMETRIC=k is None, EXCLUDE_DIAGONAL=exclude_diagonal,
+    cfg = dict(grad_tile_config(d, q.dtype), SYMMETRIC=k is None, EXCLUDE_DIAGONAL=exclude_diagonal,
                DOT_DTYPE=dot_dtype, PRECISION=precision)
 
     def chunk_args(w, r0, r1, c0, c1):
@@ -353,25 +354,22 @@ def _backward_stats(lse, inv_pos, counted):
     return torch.where(counted, lse, float("inf")).contiguous(), torch.where(counted, inv_pos, 0.0).contiguous()
 
 
-class _SupConFunction(torch.autograd.Function):
+class _SupCon(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, k, lq, lk, temperature: float, exclude_diagonal: bool, impl: str):
-        """x: raw query rows; k: raw reference rows, or None for the batch against itself."""
+        """x: query rows; k: reference rows, or None for the batch against itself (both as
+        :func:`~saga_kernels.metric_common.kernel_operand` gives them)."""
         inv_temp = 1.0 / temperature
         self_keys = k is None
         counts = pair_counts(lq, lq if self_keys else lk, exclude_diagonal)
+        xs, ks = x, (x if self_keys else k)
+        rq = inverse_norms(xs)
+        rk = rq if self_keys else inverse_norms(ks)
         if impl == "triton":
             lq, lk = label_ids(lq) * 2 if self_keys else label_ids(lq, lk)
-            xs = kernel_operand(x, impl)
-            ks = xs if self_keys else kernel_operand(k, impl)
-            rq = inverse_norms(xs)
-            rk = rq if self_keys else inverse_norms(ks)
             stats = _triton_forward(xs, ks, rq, rk, lq, lk, inv_temp, exclude_diagonal)
         else:
             lk = lq if self_keys else lk
-            xs, ks = x, (x if self_keys else k)
-            rq = inverse_norms(xs)
-            rk = rq if self_keys else inverse_norms(ks)
             q = _unit_rows(xs, rq)
             stats = _torch_forward(q, q if self_keys else _unit_rows(ks, rk), lq, lk, inv_temp, exclude_diagonal)
         loss, counted, inv_pos, scale = supcon_from_stats(*stats, *counts)
@@ -406,6 +404,19 @@ class _SupConFunction(torch.autograd.Function):
         return dx, dk, None, None, None, None, None
 
 
+def _check_inputs(embeddings, labels, temperature, ref_embeddings, ref_labels) -> None:
+    """Every argument of :func:`supcon_loss`, errors naming it."""
+    check_embeddings_labels(embeddings, labels)
+    check_positive("temperature", temperature)
+    if (ref_embeddings is None) != (ref_labels is None):
+        missing = "ref_labels" if ref_labels is None else "ref_embeddings"
+        raise ValueError(f"ref_embeddings and ref_labels go together; {missing} is missing")
+    if ref_embeddings is not None:
+        check_embeddings_labels(ref_embeddings, ref_labels, embeddings_name="ref_embeddings", labels_name="ref_labels")
+        check_tensor("ref_embeddings", ref_embeddings, shape=(None, embeddings.shape[1]))
+        check_same_device(embeddings=embeddings, ref_embeddings=ref_embeddings)
+
+
 def supcon_loss(
     embeddings: torch.Tensor,
     labels: torch.Tensor,
@@ -424,15 +435,8 @@ def supcon_loss(
     Gradients flow to ``embeddings`` and to ``ref_embeddings`` when it requires grad. Returns a scalar of
     ``embeddings.dtype``; an empty batch (N = 0) gives 0 and zero gradients.
     """
-    check_embeddings_labels(embeddings, labels)
-    temperature = check_positive("temperature", temperature)
-    if (ref_embeddings is None) != (ref_labels is None):
-        missing = "ref_labels" if ref_labels is None else "ref_embeddings"
-        raise ValueError(f"ref_embeddings and ref_labels go together; {missing} is missing")
-    if ref_embeddings is not None:
-        check_embeddings_labels(ref_embeddings, ref_labels, embeddings_name="ref_embeddings", labels_name="ref_labels")
-        check_tensor("ref_embeddings", ref_embeddings, shape=(None, embeddings.shape[1]))
-        check_same_device(embeddings=embeddings, ref_embeddings=ref_embeddings)
+    _check_inputs(embeddings, labels, temperature, ref_embeddings, ref_labels)
+    which = resolve_impl(impl, embeddings, ref_embeddings)
     exclude_diagonal = ref_labels is None or ref_labels is labels
     x, k = embeddings, ref_embeddings
     if k is embeddings and ref_labels is labels:
@@ -440,6 +444,6 @@ def supcon_loss(
     if k is not None and k.dtype != x.dtype:  # mixed precision: both at the wider of the two
         common = torch.promote_types(x.dtype, k.dtype)
         x, k = x.to(common), k.to(common)
-    which = resolve_impl(impl, embeddings, ref_embeddings)
-    loss = _SupConFunction.apply(x, k, labels, ref_labels, temperature, exclude_diagonal, which)
+    x, k = kernel_operand(x, which), (None if k is None else kernel_operand(k, which))
+    loss = _SupCon.apply(x, k, labels, ref_labels, float(temperature), exclude_diagonal, which)
     return loss.to(embeddings.dtype)

@@ -6,7 +6,10 @@ preset, which uses the synthetic-world supervisor (``Config()`` alone uses a ran
 """
 import argparse
 import dataclasses
+import inspect
 import json
+import re
+import tokenize
 import typing
 from dataclasses import dataclass
 
@@ -179,17 +182,34 @@ def load_config_file(path: str) -> dict:
     return data
 
 
+def field_comments(cls) -> dict:
+    """``{field: its trailing comment}`` in the source of the dataclass ``cls``: what each setting means, written once,
+    next to the field, and shown by ``--help``."""
+    lines = inspect.getsource(cls).splitlines(keepends=True)
+    names = set(f.name for f in dataclasses.fields(cls))
+    comments = {}
+    for token in tokenize.generate_tokens(iter(lines).__next__):
+        if token.type == tokenize.COMMENT:
+            match = re.match(r"\s+(\w+)\s*:", token.line)
+            if match and match.group(1) in names and token.line.lstrip().startswith(match.group(1)):
+                comments[match.group(1)] = token.string.lstrip("#").strip()
+    return comments
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, choices: dict | None = None,
                         defaults=None) -> argparse.ArgumentParser:
     """One flag per field of the dataclass ``cls``: ``--field-name`` typed by its annotation, booleans as
-    ``--x / --no-x``, ``choices[field]`` where given, in the help the value a run without the flag uses (the field
-    of the instance ``defaults``, else the field's default). A flag left out is absent from the parsed namespace,
-    so the caller layers the flags given over its own defaults."""
+    ``--x / --no-x``, ``choices[field]`` where given; the help is the field's own comment in the source
+    (``field_comments``) and the value a run without the flag uses (the field of the instance ``defaults``, else the
+    field's default). A flag left out is absent from the parsed namespace, so the caller layers the flags given over
+    its own defaults."""
     types = typing.get_type_hints(cls)
+    meaning = field_comments(cls)
     for f in dataclasses.fields(cls):
         flag, kind = "--" + f.name.replace("_", "-"), types[f.name]
         default = getattr(defaults, f.name) if defaults is not None else f.default
-        common = dict(dest=f.name, default=argparse.SUPPRESS, help=f"(default {default})")
+        text = (meaning[f.name] + " " if f.name in meaning else "").replace("%", "%%")
+        common = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{text}(default {default})")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         else:

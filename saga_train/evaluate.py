@@ -85,9 +85,12 @@ def nmi_from_clusters(labels, clusters) -> float:
 
 
 def kmeans_clusters(x: np.ndarray, num_clusters: int, seed: int = 0, gpu: bool = False, niter: int = 20) -> np.ndarray:
-    """Cluster id of each row of ``x`` after faiss k-means (seeded; ``niter`` as pytorch-metric-learning)."""
+    """Cluster id of each row of ``x`` after faiss k-means (seeded; ``niter`` as pytorch-metric-learning). Every point
+    trains (``min_points_per_centroid=1``: faiss's default of 39 only prints a warning when a held-out split has few
+    images per class; the clustering is the same)."""
     faiss = _faiss()
-    km = faiss.Kmeans(x.shape[1], num_clusters, niter=niter, seed=seed, verbose=False, gpu=gpu)
+    km = faiss.Kmeans(x.shape[1], num_clusters, niter=niter, seed=seed, verbose=False, gpu=gpu,
+                      min_points_per_centroid=1)
     km.train(x)
     return km.index.search(x, 1)[1][:, 0]
 

@@ -44,10 +44,6 @@ class Gallery:
     class_names: list[str]
     index: object = None  # faiss index over ``embeddings``
 
-    @property
-    def has_labels(self) -> bool:
-        return any(y != UNLABELED for y in self.labels)
-
 
 def scan_gallery(root: str) -> tuple[list[str], list[int], list[str]]:
     """Images under ``root`` (recursive, sorted); label = index of the top-level subfolder in the sorted

@@ -3,19 +3,19 @@
 Real shapes (Qwen3-VL-8B): 32 query heads over 8 kv heads (GQA group 4), head_dim 128, bf16 q/k;
 the pooler's KL over one image's patch logits (256 entries a row), fp32 and bf16 logits, fp32 target.
 Each spec compiles exactly what the launcher launches: the tiles and warps come from the same
-``*_launch_config`` function. Dot dtypes are spelled "tl.<name>" (tests/aot.py resolves them in its worker),
+``<kernel>_config`` function. Dot dtypes are spelled "tl.<name>" (tests/aot.py resolves them in its worker),
 so this module imports without Triton.
 """
 from aot import Spec, assert_specs, skip_on_gpu
-from saga_kernels.attention import probs_launch_config
-from saga_kernels.attention_kl import kl_launch_config
+from saga_kernels.attention import probs_config
+from saga_kernels.attention_kl import kl_config
 
 HQ, HKV, HEAD_DIM, N_KEYS = 32, 8, 128, 256  # Qwen3-VL-8B attention; key columns of one or two images
 N_PATCHES = 256  # entries of one attention_kl row
 
 
 def _attention_spec(dtype, dot_dtype, precision, mean, expect_wgmma):
-    cfg = probs_launch_config(HQ // HKV, N_KEYS, HEAD_DIM)
+    cfg = probs_config(HQ // HKV, N_KEYS, HEAD_DIM)
     launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
     types = dict(q_ptr="*" + dtype, k_ptr="*" + dtype, pos_ptr="*i64", pad_ptr="*i8", idx_ptr="*i64",
                  out_ptr="*fp32", scale="fp32")
@@ -27,7 +27,7 @@ def _attention_spec(dtype, dot_dtype, precision, mean, expect_wgmma):
 
 
 def _kl_spec(dtype, with_grad):
-    cfg = kl_launch_config(N_PATCHES)
+    cfg = kl_config(N_PATCHES)
     launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
     types = dict(z_ptr="*" + dtype, a_ptr="*fp32", m_ptr="*i8", loss_ptr="*fp32", grad_ptr="*fp32")
     return Spec("saga_kernels.attention_kl", "_kl_kernel", types, dict(cfg, HAS_MASK=True, WITH_GRAD=with_grad),

@@ -237,14 +237,14 @@ def _aot_specs():
     specs = []
     for dtype in (torch.bfloat16, torch.float32):
         specs.append(_spec("_ms_fwd_kernel", dict(x_ptr="X", mined_pos_ptr="*i32", mined_neg_ptr="*i32"),
-                           ms_mod.fwd_launch_config(512, dtype), dtype, "D=512", ("N", "D", "stride_x")))
+                           ms_mod.fwd_config(512, dtype), dtype, "D=512", ("N", "D", "stride_x")))
         specs.append(_spec("_ms_grad_tile_kernel", dict(x_ptr="X", coef_ptr=_F32, w_ptr="X"),
-                           ms_mod.grad_tile_launch_config(512, dtype), dtype, "D=512",
+                           ms_mod.grad_tile_config(512, dtype), dtype, "D=512",
                            ("row0", "row1", "col0", "col1", "D", "stride_x", "stride_w")))
         fused = ms_mod.fused_max_d(dtype)
         for d in sorted({fused, min(fused, 128)}, reverse=True):
             specs.append(_spec("_ms_bwd_kernel", dict(x_ptr="X", coef_ptr=_F32, u_ptr=_F32),
-                               ms_mod.bwd_launch_config(d, dtype), dtype, f"D={d}", ("N", "D", "stride_x", "stride_u")))
+                               ms_mod.bwd_config(d, dtype), dtype, f"D={d}", ("N", "D", "stride_x", "stride_u")))
     return specs
 
 

@@ -1,19 +1,15 @@
-"""Phase C's shared-prefix replay (saga_train.replay) against a full replay written the plain transformers way.
-
-The oracle forwards every rollout as its own sequence (prompt ++ completion), all groups in ONE left-padded
-batch through ``model.model`` with the pixel values repeated per sequence (transformers computes the MRoPE
-positions and places the image features), takes log-probs from full logits, and reads the teacher attention
-from eager attention weights. Gold = the oracle in float64, peer = the oracle in fp32 (tests/utils.py rule).
+"""Phase C's shared-prefix replay (saga_train.replay) against the full replay written the plain transformers way
+(``saga_train.reference.full_replay``: every rollout its own sequence, full logits, eager attention weights).
+Gold = the oracle in float64, peer = the oracle in fp32 (tests/utils.py rule).
 """
-import contextlib
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from saga_train import replay, rollout
-from saga_train.losses import teacher_map
+from saga_train.reference import full_replay
+from saga_train.model import suppressed_token_ids
 from saga_train.pooler import AttentionPooler
 from saga_train.prompts import ITEM_KEYS, pair_prompt, prompt_spec
 from saga_train.synthetic.answers import vocabulary
@@ -49,7 +45,7 @@ def make_group(model, processor, prompt, rng, lengths, rewards, gen):
     inputs = rollout.pair_inputs(model, processor, prompt, random_image(rng), random_image(rng))
     tokenizer = processor.tokenizer
     G, T = len(lengths), max(lengths)
-    special = set(rollout.suppressed_token_ids(model)) | {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    special = set(suppressed_token_ids(model)) | {tokenizer.eos_token_id, tokenizer.pad_token_id}
     vocab = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
     ids = vocab[torch.randint(len(vocab), (G, T), generator=gen)]
     mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]
@@ -67,77 +63,6 @@ def make_group(model, processor, prompt, rng, lengths, rewards, gen):
     return rollout.Group(same=True, inputs=inputs, completion_ids=ids, completion_mask=mask, texts=[""] * G,
                          verdicts=[True] * G, rewards=rewards, advantages=rollout.group_advantages(rewards),
                          temperature=TEMPERATURE, item_token_masks=items)
-
-
-@contextlib.contextmanager
-def eager_weights(model, layer):
-    """Text attention switched to eager; the head-mean weights of ``layer`` land in ``out["w"]`` [B, L, L]."""
-    config = model.config.get_text_config(decoder=True)
-    out = {}
-    handle = model.model.language_model.layers[layer].self_attn.register_forward_hook(
-        lambda mod, args, result: out.__setitem__("w", result[1].mean(1)))
-    original, config._attn_implementation = config._attn_implementation, "eager"
-    try:
-        yield out
-    finally:
-        config._attn_implementation = original
-        handle.remove()
-
-
-def full_replay(model, groups, pooler, counts, one_batch=True):
-    """``(L_GRPO + L_KL, GRPO sum, KL sum)`` over all groups, the plain way (see the module docstring);
-    ``one_batch=False`` forwards each group as its own batch (no left padding)."""
-    grpo, kl = 0.0, 0.0
-    for batch in ([groups] if one_batch else [[g] for g in groups]):
-        g_sum, k_sum = _full_replay_batch(model, batch, pooler)
-        grpo, kl = grpo + g_sum, kl + k_sum
-    return grpo / counts.completion_tokens + kl / counts.kl_rollouts, grpo, kl
-
-
-def _full_replay_batch(model, groups, pooler):
-    rows = [(group, g) for group in groups for g in range(group.completion_ids.shape[0])]
-    prompt_len = max(group.inputs["input_ids"].shape[1] for group in groups)
-    T = max(group.completion_ids.shape[1] for group in groups)
-    pad = 0
-    ids, attn, mm, pixels, grids = [], [], [], [], []
-    for group, g in rows:
-        p_ids = group.inputs["input_ids"][0]
-        left = prompt_len - len(p_ids)
-        c_ids = torch.nn.functional.pad(group.completion_ids[g], (0, T - group.completion_ids.shape[1]), value=pad)
-        c_mask = torch.nn.functional.pad(group.completion_mask[g].long(), (0, T - group.completion_mask.shape[1]))
-        ids.append(torch.cat([torch.full((left,), pad), p_ids, c_ids]))
-        attn.append(torch.cat([torch.zeros(left, dtype=torch.long), group.inputs["attention_mask"][0], c_mask]))
-        mm.append(torch.cat([torch.zeros(left, dtype=torch.long), group.inputs["mm_token_type_ids"][0],
-                             torch.zeros(T, dtype=torch.long)]))
-        pixels.append(group.inputs["pixel_values"])
-        grids.append(group.inputs["image_grid_thw"])
-    ids = torch.stack(ids)
-    dtype = next(model.parameters()).dtype
-    with eager_weights(model, KL_LAYER) as weights:
-        out = model.model(input_ids=ids, attention_mask=torch.stack(attn), mm_token_type_ids=torch.stack(mm),
-                          pixel_values=torch.cat(pixels).to(dtype), image_grid_thw=torch.cat(grids), use_cache=False)
-    hidden = out.last_hidden_state[:, prompt_len - 1: prompt_len - 1 + T]
-    logp = torch.log_softmax(model.lm_head(hidden) / TEMPERATURE, dim=-1)
-    grpo, kl = hidden.new_zeros(()), hidden.new_zeros(())
-    for b, (group, g) in enumerate(rows):
-        n = group.completion_ids.shape[1]
-        keep = group.completion_mask[g]
-        lp = logp[b, :n].gather(-1, group.completion_ids[g, :, None])[:, 0]
-        grpo = grpo - (lp * group.advantages[g].to(dtype))[keep].sum()  # METHOD.md's L_GRPO: its value and gradient
-        if group.rewards[g] != 1:
-            continue
-        image_cols = (ids[b] == model.config.image_token_id).nonzero()[:, 0].chunk(2)
-        x = model.model.visual(group.inputs["pixel_values"].to(dtype), grid_thw=group.inputs["image_grid_thw"],
-                               return_dict=True).pooler_output.detach().chunk(2)
-        for item, cols, patches in zip(ITEM_KEYS, image_cols, x):
-            tokens = group.item_token_masks[item][g] & keep
-            if not tokens.any():
-                continue
-            attention = weights["w"][b, prompt_len + torch.arange(n)][:, cols].detach()  # [n, patches]: a teacher
-            alpha = teacher_map(attention[None], tokens[None])[0]
-            log_q = torch.log_softmax(pooler.logits(patches[None])[0].to(dtype), -1)
-            kl = kl + torch.where(alpha > 0, alpha * (alpha.log() - log_q), 0.0).sum()
-    return grpo, kl
 
 
 def grads(modules):
@@ -196,8 +121,8 @@ def test_shared_prefix_replay_equals_full_replay(world):
         model.to(dtype)
         pooler.to(dtype)
         zero(modules)
-        total, grpo, kl = full_replay(model, [_as(g, dtype) for g in groups], pooler, counts, one_batch)
-        total.backward()
+        total, grpo, kl = full_replay(model, [_as(g, dtype) for g in groups], pooler, counts,
+                                      kl_layer=KL_LAYER, one_batch=one_batch)  # back-propagated
         reference[name] = (float(grpo.detach()) / counts.completion_tokens, float(kl.detach()) / counts.kl_rollouts,
                            grads(modules))
     model.float()

@@ -368,13 +368,13 @@ def _aot_specs():
         specs.append(_spec("_supcon_fwd_kernel",
                            dict(q_ptr="X", k_ptr="X", rq_ptr=_F32, rk_ptr=_F32, lq_ptr="*i32", lk_ptr="*i32",
                                 lse_ptr=_F32, pos_sum_ptr=_F32, inv_temp="fp32"),
-                           dict(EXCLUDE_DIAGONAL=True), supcon_mod.fwd_launch_config(512, dtype), dtype, "D=512",
+                           dict(EXCLUDE_DIAGONAL=True), supcon_mod.fwd_config(512, dtype), dtype, "D=512",
                            ("N", "M", "D", "stride_q", "stride_k")))
         for sym in (True, False):
             specs.append(_spec("_supcon_grad_tile_kernel",
                                dict(q_ptr="X", k_ptr="X", rq_ptr=_F32, rk_ptr=_F32, lq_ptr="*i32", lk_ptr="*i32",
                                     lse_ptr=_F32, inv_pos_ptr=_F32, coef_ptr=_F32, w_ptr="X", inv_temp="fp32"),
-                               dict(SYMMETRIC=sym, EXCLUDE_DIAGONAL=sym), supcon_mod.grad_tile_launch_config(512, dtype),
+                               dict(SYMMETRIC=sym, EXCLUDE_DIAGONAL=sym), supcon_mod.grad_tile_config(512, dtype),
                                dtype, f"{'self' if sym else 'ref'} D=512",
                                ("row0", "row1", "col0", "col1", "D", "stride_q", "stride_k", "stride_w")))
         fused = supcon_mod.fused_max_d(dtype)
@@ -389,7 +389,7 @@ def _aot_specs():
                                         **{k: v for k, v in stats.items() if v is not None}),
                                    dict(A_STATS=a_stats, B_STATS=b_stats, EXCLUDE_DIAGONAL=a_stats and b_stats,
                                         **{k: v for k, v in stats.items() if v is None}),
-                                   supcon_mod.bwd_launch_config(d, dtype), dtype, f"{what} D={d}",
+                                   supcon_mod.bwd_config(d, dtype), dtype, f"{what} D={d}",
                                    ("NA", "NB", "D", "stride_a", "stride_b", "stride_u")))
     return specs
 

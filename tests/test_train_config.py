@@ -95,11 +95,17 @@ def test_shard_llm_needs_torchrun(tmp_path, capsys):
 
 
 def test_help_shows_what_the_no_argument_run_uses():
-    """``--help`` states, for every flag, the value ``python -m saga_train`` with no arguments runs with."""
-    from saga_train.config import build_parser
+    """``--help`` states, for every flag, what it means (the field's comment in config.py, the one source) and the
+    value ``python -m saga_train`` with no arguments runs with."""
+    from saga_train.config import Config, build_parser, field_comments
 
     cfg = parse_args([])
     actions = {a.dest: a for a in build_parser()._actions}
+    meaning = field_comments(Config)
+    assert meaning["lr_proxies"] == "100x the encoder lr (PF / PA papers)"
+    assert meaning["model"].startswith("a local Qwen3-VL directory")
     for f in dataclasses.fields(cfg):
-        assert actions[f.name].help == f"(default {getattr(cfg, f.name)})", f.name
+        assert actions[f.name].help.endswith(f"(default {getattr(cfg, f.name)})"), f.name
+        if f.name in meaning:
+            assert actions[f.name].help.startswith(meaning[f.name].replace("%", "%%")), f.name
     assert cfg.model == "synthetic-supervisor"
