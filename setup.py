@@ -6,7 +6,7 @@ TRAIN = ["transformers>=4.57", "tokenizers", "safetensors", "tqdm", "pillow", "s
          "matplotlib"]
 # the tests also run the peers they compare against
 TEST = TRAIN + ["pytest", "pytest-benchmark", "liger-kernel==0.8.5", "cut-cross-entropy",
-                "pytorch-metric-learning==2.9.0", "trl==1.16.0"]
+                "pytorch-metric-learning==2.9.0", "trl==1.16.0", "ruff==0.17.6"]
 # saga_kernels.integrations.trl serves TRL's fused-LM-head contract, which appeared in 1.15 (tested: 1.16.0)
 TRL = ["trl>=1.15,<1.17"]
 

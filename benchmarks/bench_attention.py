@@ -14,11 +14,11 @@ extra_info: peak extra memory of one call (CUDA: max_memory_allocated delta; CPU
 import pytest
 import torch
 import torch.nn.functional as F
-from _memory import peak_memory
-from conftest import DEVICE, SIZE, record
 
 from saga_kernels import attention_probs
 from saga_kernels._dispatch import resolve_impl
+
+from conftest import DEVICE, SIZE, measure, synchronized
 
 SHAPES = {  # (B, Hq, Hkv, D, L, query rows, tokens per image, dtype)
     "real": (8, 32, 8, 128, 1400, 700, 49, torch.bfloat16),
@@ -73,13 +73,7 @@ def _step_fn(provider, q, k, v, q_rows, qpos, key_index):
         def run():
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
-    def step():
-        result = run()
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
-        return result
-
-    return step
+    return synchronized(run)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -87,12 +81,9 @@ def test_attention_map(benchmark, provider):
     bsz, hq, hkv, dim, length, lq, per_image, dtype = SHAPES[SIZE]
     q, k, v, q_rows, qpos, key_index = _inputs(bsz, hq, hkv, dim, length, lq, per_image, dtype)
     step = _step_fn(provider, q, k, v, q_rows, qpos, key_index)
-    step()  # warm-up (compilation, allocator)
-    peak, how = peak_memory(step, DEVICE)
-    benchmark.pedantic(step, rounds=5 if SIZE == "small" else 20, iterations=1, warmup_rounds=1)
-    record(benchmark, provider=provider, B=bsz, Hq=hq, Hkv=hkv, D=dim, L=length, Lq=lq, n=2 * per_image,
-           dtype=str(dtype), peak_bytes=peak, peak_method=how,
-           saga_impl=resolve_impl(None, q) if provider == "saga" else None)
+    measure(benchmark, lambda: [step()] and None, rounds=5 if SIZE == "small" else 20, warmup_rounds=1,
+            provider=provider, B=bsz, Hq=hq, Hkv=hkv, D=dim, L=length, Lq=lq, n=2 * per_image, dtype=str(dtype),
+            saga_impl=resolve_impl(None, q) if provider == "saga" else None)
 
 
 def test_providers_agree():

@@ -11,6 +11,7 @@ extra_info: peak extra memory of the last timed call (CPU: VmHWM delta, an upper
 """
 import pytest
 import torch
+
 from _memory import peak_memory
 from conftest import SIZE, record
 

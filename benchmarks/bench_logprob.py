@@ -22,12 +22,13 @@ kernels, which a dispatch mode does not see: no count there).
 """
 import pytest
 import torch
-from _memory import peak_memory
-from conftest import DEVICE, SIZE, record
-from utils import MatmulFlops
 
 from saga_kernels import grpo_loss, linear_grpo_loss, linear_logprobs
 from saga_kernels._dispatch import resolve_impl
+
+from _memory import peak_memory
+from conftest import DEVICE, SIZE, measure, record, synchronized
+from utils import MatmulFlops
 
 SHAPES = {  # (sequences B, tokens per sequence T, H, V, dtype)
     "real": (8, 1024, 4096, 151936, torch.bfloat16),
@@ -85,10 +86,8 @@ def _step_fn(provider, hidden, weight, ids, mask, adv):
         hidden.grad = None
         weight.grad = None
         loss_fn().backward()
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
 
-    return step
+    return synchronized(step)
 
 
 @pytest.mark.parametrize("head", ["frozen", "trainable"])
@@ -97,16 +96,13 @@ def test_logprob_fwd_bwd(benchmark, provider, head):
     b, t, h, v, dtype = SHAPES[SIZE]
     hidden, weight, ids, mask, adv = _inputs(b, t, h, v, dtype, head == "trainable")
     step = _step_fn(provider, hidden, weight, ids, mask, adv)
-    step()  # warm-up (compilation, autotuning, allocator)
-    peak, how = peak_memory(step, DEVICE)
-    benchmark.pedantic(step, rounds=5 if SIZE == "small" else 10, iterations=1, warmup_rounds=1)
     n = b * t
     trained = head == "trainable"
     floor = (8 if trained else 4) * n * h * v
-    record(benchmark, provider=provider, head=head, N=n, H=h, V=v, dtype=str(dtype), peak_bytes=peak,
-           peak_method=how, flop_floor=floor, flops_done=FLOPS_DONE[provider][trained] * n * h * v,
-           tflops=floor / benchmark.stats.stats.median / 1e12,
-           saga_impl=resolve_impl(None, hidden) if provider.startswith("saga") else None)
+    if measure(benchmark, step, rounds=5 if SIZE == "small" else 10, warmup_rounds=1, provider=provider, head=head,
+               N=n, H=h, V=v, dtype=str(dtype), flop_floor=floor, flops_done=FLOPS_DONE[provider][trained] * n * h * v,
+               saga_impl=resolve_impl(None, hidden) if provider.startswith("saga") else None) is not None:
+        benchmark.extra_info["tflops"] = floor / benchmark.stats.stats.median / 1e12
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU checks of issues 2 and 12 (torch fallback)")
@@ -183,10 +179,8 @@ def _trl_head_step(provider, hidden, weight, labels, entropy):
         if bonus:
             loss = loss - 0.01 * ent.sum() / n_live
         loss.backward()
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
 
-    return step
+    return synchronized(step)
 
 
 @pytest.mark.parametrize("entropy", ["read", "differentiated"])
@@ -196,17 +190,15 @@ def test_trl_call_pattern(benchmark, provider, head, entropy):
     b, prompt, completion, h, v, dtype = TRL_SHAPES[SIZE]
     hidden, weight, labels = _trl_inputs(b, prompt, completion, h, v, dtype, head == "trained")
     step = _trl_head_step(provider, hidden, weight, labels, entropy)
-    step()  # warm-up
+    step()  # warm-up, then one call counted
     with MatmulFlops() as counter:  # the step is the head alone: every product counts
         step()
-    peak, how = peak_memory(step, DEVICE)
-    benchmark.pedantic(step, rounds=5 if SIZE == "small" else 10, iterations=1, warmup_rounds=1)
     n_live = b * completion
     trained = head == "trained"
     floor = (8 if trained else 4) * n_live * h * v
-    record(benchmark, provider=provider, head=head, entropy=entropy, N_live=n_live, N_all=b * (prompt + completion),
-           H=h, V=v, dtype=str(dtype), peak_bytes=peak, peak_method=how, flop_floor=floor,
-           flops_counted=counter.flops if DEVICE.type == "cpu" else None,
-           flops_per_NliveHV=counter.flops / (n_live * h * v) if DEVICE.type == "cpu" else None,
-           tflops=floor / benchmark.stats.stats.median / 1e12,
-           saga_impl=resolve_impl(None, hidden) if provider == "saga" else None)
+    if measure(benchmark, step, rounds=5 if SIZE == "small" else 10, warmup_rounds=1, provider=provider, head=head,
+               entropy=entropy, N_live=n_live, N_all=b * (prompt + completion), H=h, V=v, dtype=str(dtype),
+               flop_floor=floor, flops_counted=counter.flops if DEVICE.type == "cpu" else None,
+               flops_per_NliveHV=counter.flops / (n_live * h * v) if DEVICE.type == "cpu" else None,
+               saga_impl=resolve_impl(None, hidden) if provider == "saga" else None) is not None:
+        benchmark.extra_info["tflops"] = floor / benchmark.stats.stats.median / 1e12

@@ -6,8 +6,8 @@ Providers per loss:
          ProxyAnchorLoss (its own proxies, overwritten with ours)
   torch  Potential Field has no pml peer: an eager, materializing Gram-matrix implementation here
 Sizes ("real" on a GPU): SupCon / MS at N = 65,536 and 16,384, D = 512 (the backward's gradient-tile +
-cuBLAS path), and N = 16,384, D = 128 (D accumulated in one program: the fused path); Proxy Anchor with C = 100 and 10,000
-classes (one proxy each) and Potential Field with C x M = 100 x 15 and 10,000 x 2 proxies at
+cuBLAS path), and N = 16,384, D = 128 (D accumulated in one program: the fused path); Proxy Anchor with C = 100
+and 10,000 classes (one proxy each) and Potential Field with C x M = 100 x 15 and 10,000 x 2 proxies at
 N = 4,096, D = 512. A provider that runs out of memory is recorded (extra_info["oom"]), not skipped.
 extra_info: peak extra memory of one step (CUDA: max_memory_allocated delta; CPU: VmHWM delta).
 
@@ -23,11 +23,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from _memory import peak_memory
-from conftest import DEVICE, SIZE, record
 
 import saga_kernels
 from saga_kernels._dispatch import resolve_impl
+
+from _memory import peak_memory
+from conftest import DEVICE, SIZE, measure, record, synchronized
 
 # (N, D) for SupCon and MS; on a GPU also N = 16,384, where pml still fits, for a time ratio
 PAIR_SHAPES = {"real": [(65536, 512), (16384, 512), (16384, 128)], "small": [(2048, 64)]}
@@ -45,10 +46,6 @@ def _release_free_heap():
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except OSError:  # not glibc: the delta may under-count reused pages
             pass
-
-
-def _oom_errors():
-    return (torch.cuda.OutOfMemoryError, MemoryError) if DEVICE.type == "cuda" else (MemoryError,)
 
 
 def _pair_inputs(n, d, seed=0):
@@ -83,30 +80,19 @@ def _stepper(loss_fn, *leaves):
         for t in leaves:
             t.grad = None
         loss_fn().backward()
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
 
-    return step
+    return synchronized(step)
+
+
+def _free():
+    gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _run(benchmark, step, **info):
-    """Warm up, measure the peak, time; a provider that runs out of memory is recorded as OOM."""
-    oom = None
-    try:
-        step()
-        _release_free_heap()
-        peak, how = peak_memory(step, DEVICE)
-    except _oom_errors() as exc:
-        oom = str(exc).splitlines()[0][:200]
-    if oom is not None:  # handled outside the except block: the traceback would keep the step's tensors alive
-        gc.collect()
-        if DEVICE.type == "cuda":
-            torch.cuda.empty_cache()
-        benchmark.pedantic(lambda: None, rounds=1, iterations=1)
-        record(benchmark, oom=oom, peak_bytes=None, peak_method=None, **info)
-        return
-    benchmark.pedantic(step, rounds=3 if SIZE == "small" else 5, iterations=1, warmup_rounds=0)
-    record(benchmark, oom=None, peak_bytes=peak, peak_method=how, **info)
+    """The shared harness (conftest.measure); a provider that runs out of memory is recorded as OOM."""
+    measure(benchmark, step, rounds=3 if SIZE == "small" else 5, reset=_free, settle=_release_free_heap, **info)
 
 
 @pytest.mark.parametrize("shape", PAIR_SHAPES[SIZE], ids=lambda s: f"N{s[0]}-D{s[1]}")

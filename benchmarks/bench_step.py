@@ -30,7 +30,6 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import DEVICE, SIZE, measure
 
 from saga_train import replay, rollout
 from saga_train.components import apply_cuda_speedups, autocast
@@ -40,6 +39,8 @@ from saga_train.model import Embedder, freeze_language_model, resolve_kl_layer
 from saga_train.pooler import build_pooler
 from saga_train.prompts import ITEM_KEYS
 from saga_train.reference import full_replay
+
+from conftest import DEVICE, SIZE, measure
 
 # The shapes: Qwen3-VL-8B-Instruct (METHOD.md) and a tiny CPU stand-in.
 MODEL = {

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+
 from _memory import peak_memory
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -44,20 +45,23 @@ def oom_errors() -> tuple:
 
 
 def measure(benchmark, step, *, rounds: int, device=None, warmup: bool = True, warmup_rounds: int = 0, reset=None,
-            check=None, facts=None, **info):
+            settle=None, check=None, facts=None, **info):
     """The harness every benchmark shares: a warm-up call (compilation, autotuning, the allocator), the peak extra
     memory of one call (``_memory.peak_memory``), ``rounds`` timed calls, and ``extra_info``: ``info``, the peak, the
     value the step returned as ``loss`` (when it returned one) and ``facts`` (a dict the step filled).
 
     A provider that runs out of memory is recorded, not skipped: ``extra_info["oom"]`` holds the message, the peak is
-    None and ``summarize.py`` prints OOM. ``reset()`` runs before and after (free gradients and caches); ``check`` =
-    ``(predicate, message)`` is asserted after the memory call (e.g. that a gradient reached where it must).
+    None and ``summarize.py`` prints OOM. ``reset()`` runs before and after (free gradients and caches), ``settle()``
+    between the warm-up and the memory call (e.g. hand freed heap back to the OS); ``check`` = ``(predicate, message)``
+    is asserted after the memory call (e.g. that a gradient reached where it must). Returns the peak, or None (OOM).
     """
     reset = reset or (lambda: None)
     oom, value = None, None
     reset()
     try:
         value = step() if warmup else None
+        if settle is not None:
+            settle()
         ok = check is None or check[0]()
         peak, how = peak_memory(step, device or DEVICE)
     except oom_errors() as exc:
@@ -66,10 +70,11 @@ def measure(benchmark, step, *, rounds: int, device=None, warmup: bool = True, w
         reset()
         benchmark.pedantic(lambda: None, rounds=1, iterations=1)
         record(benchmark, oom=oom, peak_bytes=None, peak_method=None, **info)
-        return
+        return None
     assert ok, check[1]
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
     reset()
     if value is not None:
         info["loss"] = float(value)
     record(benchmark, oom=None, peak_bytes=peak, peak_method=how, **info, **(facts or {}))
+    return peak

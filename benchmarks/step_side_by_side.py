@@ -25,12 +25,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _memory import peak_memory  # noqa: E402
-
 from saga_train import replay, rollout  # noqa: E402
 from saga_train.model import Embedder, freeze_language_model  # noqa: E402
 from saga_train.pooler import build_pooler  # noqa: E402
 from saga_train.reference import full_replay  # noqa: E402
+
+from _memory import peak_memory  # noqa: E402
 
 # The "mid" config: the synthetic world's prompt and images with a random, larger tiny Qwen3-VL.
 MID = dict(text_hidden=256, text_layers=6, heads=4, kv_heads=2, vision_hidden=96, vision_depth=3, max_new_tokens=96)
@@ -38,9 +38,10 @@ MID = dict(text_hidden=256, text_layers=6, heads=4, kv_heads=2, vision_hidden=96
 
 def _trainer_setup(name: str):
     """(components, plan, batch) of the trainer for the side-by-side configs (see the module docstring)."""
-    from saga_train import components, step as trainer
-    from saga_train.data import stream
+    from saga_train import components
+    from saga_train import step as trainer
     from saga_train.config import make_config, parse_args
+    from saga_train.data import stream
 
     if name == "default":
         cfg = make_config(parse_args([]), progress=False, eval_before=False, threads=1)

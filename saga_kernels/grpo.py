@@ -42,8 +42,15 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import (check_bool, check_finite, check_index_range, check_number, check_same_device, check_tensor,
-                      check_values)
+from ._checks import (
+    check_bool,
+    check_finite,
+    check_index_range,
+    check_number,
+    check_same_device,
+    check_tensor,
+    check_values,
+)
 from .logprob import linear_logprobs
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")

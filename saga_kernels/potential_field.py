@@ -54,10 +54,25 @@ from ._checks import check_mode
 from ._dispatch import resolve_impl
 from ._tl_utils import block_range, cdiv, cosine_tile, dot_config, load_rows, on_device, store_rows
 from ._triton import tl, triton
-from .metric_common import (block_k, check_positive, compute_dtype, inverse_norms, kernel_operand, launch_grad_chunks,
-                            normalize_backward, tile_size)
-from .proxy_common import (check_proxy_inputs, column_splits, fits_fused_backward, fused_backward_config, kernel_labels,
-                           launch_dtype, partial_sums_cap)
+from .metric_common import (
+    block_k,
+    check_positive,
+    compute_dtype,
+    inverse_norms,
+    kernel_operand,
+    launch_grad_chunks,
+    normalize_backward,
+    tile_size,
+)
+from .proxy_common import (
+    check_proxy_inputs,
+    column_splits,
+    fits_fused_backward,
+    fused_backward_config,
+    kernel_labels,
+    launch_dtype,
+    partial_sums_cap,
+)
 
 # Distances are clamped to at least this (gradient 0 below it), so coincident points of different
 # classes repel with the finite energy MIN_DISTANCE^-alpha. In float32 the Gram-matrix distance

@@ -47,13 +47,38 @@ import math
 import torch
 
 from ._dispatch import resolve_impl
-from ._tl_utils import (block_range, cdiv, cosine_tile, dot_config, load_rows, lse_update, on_device, split_range,
-                        store_rows)
+from ._tl_utils import (
+    block_range,
+    cdiv,
+    cosine_tile,
+    dot_config,
+    load_rows,
+    lse_update,
+    on_device,
+    split_range,
+    store_rows,
+)
 from ._triton import tl, triton
-from .metric_common import (FALLBACK_TILE_ELEMS, block_k, check_positive, compute_dtype, inverse_norms, kernel_operand,
-                            launch_grad_chunks, normalize_backward)
-from .proxy_common import (check_label_range, check_proxy_inputs, column_splits, fits_fused_backward,
-                           fused_backward_config, kernel_labels, launch_dtype, partial_sums_cap)
+from .metric_common import (
+    FALLBACK_TILE_ELEMS,
+    block_k,
+    check_positive,
+    compute_dtype,
+    inverse_norms,
+    kernel_operand,
+    launch_grad_chunks,
+    normalize_backward,
+)
+from .proxy_common import (
+    check_label_range,
+    check_proxy_inputs,
+    column_splits,
+    fits_fused_backward,
+    fused_backward_config,
+    kernel_labels,
+    launch_dtype,
+    partial_sums_cap,
+)
 
 _MAX_FUSED_D = 512  # largest D whose backward keeps the [BLOCK_M, next_pow2(D)] accumulator in one program
 
@@ -201,7 +226,8 @@ def fused_backward(d: int, dtype: torch.dtype) -> bool:
     return fits_fused_backward(d, dtype, _MAX_FUSED_D)
 
 
-# ``_pa_bwd_kernel`` (fused, both row passes): the [BLOCK_M, BLOCK_D] fp32 accumulator in registers, see fused_backward_config
+# ``_pa_bwd_kernel`` (fused, both row passes): the [BLOCK_M, BLOCK_D] fp32 accumulator in registers,
+# see fused_backward_config
 bwd_config = fused_backward_config
 
 

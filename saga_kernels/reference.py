@@ -74,7 +74,8 @@ def grpo_loss_reference(logprobs, completion_mask, advantages, old_logprobs=None
 
 def proxy_anchor_loss_reference(embeddings, labels, proxies, *, margin=0.1, alpha=32.0):
     """Proxy Anchor (pml 2.9 conventions): s = cos(x_i, w_c), P = classes present in the batch,
-    L = 1/|P| sum_c log(1 + sum_{y_i=c} e^{-alpha (s - margin)}) + 1/C sum_c log(1 + sum_{y_i!=c} e^{alpha (s + margin)})."""
+    L = 1/|P| sum_c log(1 + sum_{y_i=c} e^{-alpha (s - margin)})
+        + 1/C sum_c log(1 + sum_{y_i!=c} e^{alpha (s + margin)})."""
     num_classes = proxies.shape[0]
     cos = F.normalize(embeddings, dim=1) @ F.normalize(proxies, dim=1).T
     pos = F.one_hot(labels.long(), num_classes).bool()
@@ -84,7 +85,8 @@ def proxy_anchor_loss_reference(embeddings, labels, proxies, *, margin=0.1, alph
     return torch.log1p(pos_sum).sum() / num_present + torch.log1p(neg_sum).sum() / num_classes
 
 
-def potential_field_loss_reference(embeddings, labels, proxies, proxy_labels, *, alpha=4.0, delta=0.2, min_distance=1e-2):
+def potential_field_loss_reference(embeddings, labels, proxies, proxy_labels, *, alpha=4.0, delta=0.2,
+                                   min_distance=1e-2):
     """Potential Field energy over A = normalized embeddings U normalized proxies (METHOD.md):
     d = max(||a - s||, min_distance), psi = -max(d, delta)^-alpha (same class) or min(d, delta)^-alpha (other),
     L = mean_a mean_{s != a (by index)} psi(d(a, s))."""
@@ -149,7 +151,8 @@ def multi_similarity_loss_reference(embeddings, labels, *, alpha=2.0, beta=50.0,
     return (pos_term + neg_term).mean()
 
 
-def attention_probs_reference(q, k, key_index, query_positions=None, key_padding_mask=None, scale=None, reduce_heads="mean"):
+def attention_probs_reference(q, k, key_index, query_positions=None, key_padding_mask=None, scale=None,
+                              reduce_heads="mean"):
     """Full softmax(scale * q k^T) over visible keys (causal at query_positions, padding), gathered at key_index."""
     bsz, hq, lq, dim = q.shape
     hkv, lk = k.shape[1], k.shape[2]

@@ -58,10 +58,25 @@ from ._checks import check_same_device, check_tensor
 from ._dispatch import resolve_impl
 from ._tl_utils import block_range, cdiv, dot_config, load_rows, lse_update, next_pow2, on_device, store_rows
 from ._triton import tl, triton
-from .metric_common import (block_k, check_embeddings_labels, check_positive, inverse_norms, is_half, kernel_operand,
-                            launch_grad_chunks, normalize_backward)
-from .pair_common import (label_ids, norms_labels, pair_counts, pair_tiles, resident_pair_tile, streamed_pair_tile,
-                          tiled_pair_products)
+from .metric_common import (
+    block_k,
+    check_embeddings_labels,
+    check_positive,
+    inverse_norms,
+    is_half,
+    kernel_operand,
+    launch_grad_chunks,
+    normalize_backward,
+)
+from .pair_common import (
+    label_ids,
+    norms_labels,
+    pair_counts,
+    pair_tiles,
+    resident_pair_tile,
+    streamed_pair_tile,
+    tiled_pair_products,
+)
 
 _MAX_FUSED_D = 256  # largest D (half precision) whose backward keeps the [BLOCK_M, D] accumulator in one program
 _MAX_FUSED_D_FP32 = 64  # the same for fp32 operands (tf32x3 splits them in two); see fused_max_d

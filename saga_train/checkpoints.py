@@ -109,3 +109,7 @@ def load_checkpoint(comps, optimizer, scheduler, path: str) -> int:
     npst = meta["rng_numpy"]
     np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
     return int(meta["step"])
+
+
+__all__ = ["CHECKPOINT", "RESUME_MAY_CHANGE", "atomic_save_file", "atomic_write_text", "load_checkpoint",
+           "save_checkpoint"]

@@ -135,3 +135,7 @@ def autocast(device: torch.device, cfg: Config):
     if device.type == "cuda" and cfg.bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+__all__ = ["Components", "build_components", "build_optimizer", "resolve_device", "resolve_model",
+           "apply_cuda_speedups", "attention_implementation", "autocast"]

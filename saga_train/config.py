@@ -224,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         "No arguments = the embedded CPU default (synthetic birds, tiny Qwen3-VL).",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                        help="settings under the --config file and flags; the defaults shown are the 'default' preset's")
+                        help="settings under the --config file and flags; "
+                             "the defaults shown are the 'default' preset's")
     parser.add_argument("--config", help="JSON file of config keys (CLI flags win)")
     return add_dataclass_flags(parser, Config, CHOICES, defaults=make_config(**PRESETS["default"]))
 

@@ -88,7 +88,8 @@ def _full_replay_batch(model, groups, pooler, weights, want_kl):
             continue
         image_cols = (ids[b] == model.config.image_token_id).nonzero()[:, 0].chunk(2)
         x = model.model.visual(group.inputs["pixel_values"].to(model.model.visual.dtype),
-                               grid_thw=group.inputs["image_grid_thw"], return_dict=True).pooler_output.detach().chunk(2)
+                               grid_thw=group.inputs["image_grid_thw"],
+                               return_dict=True).pooler_output.detach().chunk(2)
         for item, cols, patches in zip(ITEM_KEYS, image_cols, x):
             tokens = group.item_token_masks[item][g].bool() & keep
             if not tokens.any():
@@ -98,3 +99,6 @@ def _full_replay_batch(model, groups, pooler, weights, want_kl):
             log_q = torch.log_softmax(pooler.logits(patches[None])[0].to(grpo.dtype), -1)
             kl = kl + torch.where(alpha > 0, alpha * (alpha.log() - log_q), 0.0).sum()
     return grpo, kl
+
+
+__all__ = ["eager_attention_weights", "full_replay"]

@@ -22,9 +22,8 @@ K groups contribute or its cap of drawn pairs is reached (DAPO dynamic sampling)
 import contextlib
 import dataclasses
 import functools
-from dataclasses import dataclass, field
-
 import hashlib
+from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList

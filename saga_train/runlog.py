@@ -85,3 +85,6 @@ def write_record(path: str, record: dict) -> None:
     """Append ``record`` to the JSON-lines file ``path``."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+
+__all__ = ["RunLog", "write_record"]

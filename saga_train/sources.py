@@ -48,3 +48,6 @@ def load_splits(cfg):
                 load_dataset(cfg.dataset, cfg.data_root, split="test", **test_kw))
     except ValueError as e:
         raise ConfigError(f"dataset={cfg.dataset!r} (data_root={cfg.data_root!r}): {e}") from e
+
+
+__all__ = ["SYNTHETIC_MODELS", "load_model", "load_splits"]

@@ -179,3 +179,7 @@ def train_step(comps: Components, plan: StepPlan | None, optimizer, scheduler, b
         optimizer.step()
         scheduler.step()
     log.add(lr_encoder=optimizer.param_groups[0]["lr"])
+
+
+__all__ = ["StepPlan", "step_plan", "phase_a", "phase_b", "phase_c", "clip_gradients", "train_step", "step_seed",
+           "pair_seed"]

@@ -2,11 +2,12 @@
 keys no row can see, non-finite values where a row can, empty inputs, check modes."""
 import pytest
 import torch
-from utils import JUNK, assert_rule, poison
 
 from saga_kernels import attention_probs
 from saga_kernels._checks import input_checks
 from saga_kernels.reference import attention_probs_reference
+
+from utils import JUNK, assert_rule, poison
 
 SLACK = 1e-6
 

@@ -6,9 +6,10 @@ Each spec compiles exactly what the launcher launches: the tiles and warps come 
 ``<kernel>_config`` function. Dot dtypes are spelled "tl.<name>" (tests/aot.py resolves them in its worker),
 so this module imports without Triton.
 """
-from aot import Spec, assert_specs, skip_on_gpu
 from saga_kernels.attention import probs_config
 from saga_kernels.attention_kl import kl_config
+
+from aot import Spec, assert_specs, skip_on_gpu
 
 HQ, HKV, HEAD_DIM, N_KEYS = 32, 8, 128, 256  # Qwen3-VL-8B attention; key columns of one or two images
 N_PATCHES = 256  # entries of one attention_kl row

@@ -3,11 +3,12 @@ entries, non-finite values at live ones, empty inputs, check modes."""
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import JUNK, assert_rule, poison
 
 from saga_kernels import attention_kl
 from saga_kernels._checks import input_checks
 from saga_kernels.reference import attention_kl_reference
+
+from utils import JUNK, assert_rule, poison
 
 SLACK = 1e-6  # absolute, and relative to the value (sums over rows round at about |value| * 2**-23)
 

@@ -15,16 +15,20 @@ import json
 import os
 import socket
 
-import fakes
 import pytest
 import torch
 import torch.distributed.fsdp  # noqa: F401 -- imported once here, not in every forked rank
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from saga_train import checkpoints, components, distributed as dist_lib, rollout, step as step_lib, train as train_lib
+from saga_train import checkpoints, components, rollout
+from saga_train import distributed as dist_lib
+from saga_train import step as step_lib
+from saga_train import train as train_lib
 from saga_train.config import make_config
 from saga_train.data.samplers import ClassBalancedBatchSampler
+
+import fakes
 
 pytestmark = pytest.mark.usefixtures("torch_kernels")
 

@@ -13,7 +13,8 @@ def test_arm_configs(tmp_path):
     base = make_config(**ablation.PAPER_REGIME)
     cfgs = {arm: ablation.arm_config(base, arm, 2, tmp_path) for arm in ablation.ARMS}
     assert all(c.model == "synthetic-supervisor" and c.seed == 2 and c.world_seed == 0 for c in cfgs.values())
-    assert base.synthetic_train_classes == 40 and base.synthetic_test_classes * base.synthetic_test_images_per_class >= 1000
+    assert (base.synthetic_train_classes == 40
+            and base.synthetic_test_classes * base.synthetic_test_images_per_class >= 1000)
     assert (cfgs["dml"].lambda_lm, cfgs["dml"].lambda_kl, cfgs["dml"].lambda_dml) == (0.0, 0.0, 1.0)
     assert (cfgs["dml_grpo"].lambda_lm, cfgs["dml_grpo"].lambda_kl) == (base.lambda_lm, 0.0)
     assert (cfgs["dml_kl"].lambda_lm, cfgs["dml_kl"].lambda_kl) == (0.0, base.lambda_kl)

@@ -8,6 +8,7 @@ import torch
 
 from saga_kernels import LinearGRPOLoss, grpo_loss, input_checks, linear_grpo_loss
 from saga_kernels.reference import grpo_loss_reference, linear_logprobs_reference
+
 from utils import JUNK
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]

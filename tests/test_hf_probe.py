@@ -5,6 +5,7 @@ Tolerance rule (tests/utils.py): gold = the float64 reference on the very query/
 ``attention_probs`` (recorded by wrapping it), peer = transformers' eager attention maps in fp32."""
 import pytest
 import torch
+
 from utils import assert_rule
 
 transformers = pytest.importorskip("transformers")

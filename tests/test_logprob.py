@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import saga_kernels.logprob as logprob_mod
 from saga_kernels import linear_logprobs
 from saga_kernels.reference import linear_logprobs_reference
+
 from utils import JUNK, assert_rule
 
 # N not a multiple of any block, V = 1000 + odd, H spanning two H tiles with a remainder.

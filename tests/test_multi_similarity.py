@@ -7,12 +7,13 @@ import pytest
 import torch
 from pytorch_metric_learning.losses import MultiSimilarityLoss
 from pytorch_metric_learning.miners import MultiSimilarityMiner
-from utils import JUNK, assert_batch_input_errors, assert_only_label_equality_matters, assert_rule
 
 import saga_kernels.metric_common as metric_common
 import saga_kernels.multi_similarity as ms_mod
 from saga_kernels import multi_similarity_loss
 from saga_kernels.reference import multi_similarity_loss_reference
+
+from utils import JUNK, assert_batch_input_errors, assert_only_label_equality_matters, assert_rule
 
 
 def _loss_and_grad(fn, x):

@@ -15,8 +15,6 @@ same geometry point by point against the worst of those orders (see there).
 import pytest
 import torch
 import torch.nn.functional as F
-from aot import Spec, skip_on_gpu
-from utils import JUNK, assert_canary_grad, assert_rule, assert_specs_parallel, canary_view
 
 import saga_kernels.metric_common as metric_common
 import saga_kernels.potential_field as pf_module
@@ -25,6 +23,9 @@ from saga_kernels._checks import input_checks
 from saga_kernels._tl_utils import dot_config
 from saga_kernels.potential_field import MIN_DISTANCE
 from saga_kernels.reference import potential_field_loss_reference
+
+from aot import Spec, skip_on_gpu
+from utils import JUNK, assert_canary_grad, assert_rule, assert_specs_parallel, canary_view
 
 NAMES = ("loss", "grad embeddings", "grad proxies")
 

@@ -3,8 +3,15 @@ import json
 
 import pytest
 
-from saga_train.prompts import (AIRCRAFT_ATTRIBUTES, BIRD_ATTRIBUTES, CAR_ATTRIBUTES, instruction, pair_messages,
-                                pair_prompt, prompt_spec)
+from saga_train.prompts import (
+    AIRCRAFT_ATTRIBUTES,
+    BIRD_ATTRIBUTES,
+    CAR_ATTRIBUTES,
+    instruction,
+    pair_messages,
+    pair_prompt,
+    prompt_spec,
+)
 from saga_train.synthetic.answers import vocabulary
 from saga_train.verdict import item_span, parse_verdict
 

@@ -5,9 +5,7 @@ Values and gradients follow the tolerance rule of tests/utils.py: ``err(ours) <=
 """
 import pytest
 import torch
-from aot import Spec, skip_on_gpu
 from pytorch_metric_learning.losses import ProxyAnchorLoss as PmlProxyAnchor
-from utils import JUNK, assert_canary_grad, assert_rule, assert_specs_parallel, canary_view
 
 import saga_kernels.metric_common as metric_common
 import saga_kernels.proxy_anchor as pa_module
@@ -15,6 +13,9 @@ from saga_kernels import proxy_anchor_loss
 from saga_kernels._checks import input_checks
 from saga_kernels._tl_utils import dot_config
 from saga_kernels.reference import proxy_anchor_loss_reference
+
+from aot import Spec, skip_on_gpu
+from utils import JUNK, assert_canary_grad, assert_rule, assert_specs_parallel, canary_view
 
 NAMES = ("loss", "grad embeddings", "grad proxies")
 

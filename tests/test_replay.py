@@ -8,12 +8,13 @@ import torch
 from PIL import Image
 
 from saga_train import replay, rollout
-from saga_train.reference import full_replay
 from saga_train.model import suppressed_token_ids
 from saga_train.pooler import AttentionPooler
 from saga_train.prompts import ITEM_KEYS, pair_prompt, prompt_spec
+from saga_train.reference import full_replay
 from saga_train.synthetic.answers import vocabulary
 from saga_train.synthetic.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
+
 from utils import assert_rule
 
 pytestmark = pytest.mark.usefixtures("torch_kernels")

@@ -9,8 +9,21 @@ import torch
 from PIL import Image
 
 from saga_train.data import ImageLoadError
-from saga_train.retrieve import (GREEN, GREY, RED, Gallery, build_index, cli, embed_paths, load_embed_fn, load_gallery,
-                                 main, render_grid, scan_gallery, search)
+from saga_train.retrieve import (
+    GREEN,
+    GREY,
+    RED,
+    Gallery,
+    build_index,
+    cli,
+    embed_paths,
+    load_embed_fn,
+    load_gallery,
+    main,
+    render_grid,
+    scan_gallery,
+    search,
+)
 
 TOY = '''
 import numpy as np, torch

@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from saga_train import components, rollout, runlog, step as step_lib
-from saga_train.data import stream
+from saga_train import components, rollout, runlog
+from saga_train import step as step_lib
 from saga_train.config import make_config
+from saga_train.data import stream
 from saga_train.prompts import pair_prompt, prompt_spec
 from saga_train.synthetic.answers import vocabulary
 from saga_train.synthetic.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer

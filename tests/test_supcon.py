@@ -6,12 +6,13 @@ than the peer's (pml, or the reference run in the op's dtype) plus a slack.
 import pytest
 import torch
 from pytorch_metric_learning.losses import SupConLoss
-from utils import JUNK, assert_batch_input_errors, assert_only_label_equality_matters, assert_rule, odd_labels
 
 import saga_kernels.metric_common as metric_common
 import saga_kernels.supcon as supcon_mod
 from saga_kernels import input_checks, supcon_loss
 from saga_kernels.reference import supcon_loss_reference
+
+from utils import JUNK, assert_batch_input_errors, assert_only_label_equality_matters, assert_rule, odd_labels
 
 
 def _loss_and_grads(fn, x, ref=None):
@@ -143,14 +144,18 @@ def test_documented_zero_loss(impl, device, case):
         x, y = torch.randn(1, 6, generator=gen), torch.tensor([0])
     kwargs = {}
     if case == "one_pos_one_neg":  # one query against [positive, negative]
-        kwargs = dict(ref_embeddings=torch.randn(2, 6, generator=gen).to(device), ref_labels=torch.tensor([0, 1], device=device))
+        kwargs = dict(ref_embeddings=torch.randn(2, 6, generator=gen).to(device),
+                      ref_labels=torch.tensor([0, 1], device=device))
     if case == "one_ref_key":  # queries [0, 1, 0] against one key of class 0: per-anchor losses are all exactly 0
         x, y = torch.randn(3, 6, generator=gen), torch.tensor([0, 1, 0])
-        kwargs = dict(ref_embeddings=torch.randn(1, 6, generator=gen).to(device), ref_labels=torch.tensor([0], device=device))
+        kwargs = dict(ref_embeddings=torch.randn(1, 6, generator=gen).to(device),
+                      ref_labels=torch.tensor([0], device=device))
     x = x.to(device).requires_grad_()
     loss = supcon_loss(x, y.to(device), impl=impl, **kwargs)
     loss.backward()
-    peer = SupConLoss()(x.detach(), y.to(device), **({} if not kwargs else dict(ref_emb=kwargs["ref_embeddings"], ref_labels=kwargs["ref_labels"])))
+    peer = SupConLoss()(x.detach(), y.to(device),
+                        **({} if not kwargs else
+                           dict(ref_emb=kwargs["ref_embeddings"], ref_labels=kwargs["ref_labels"])))
     assert float(peer) == 0.0
     assert float(loss.detach()) == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
 

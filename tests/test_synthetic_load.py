@@ -1,12 +1,13 @@
-"""The synthetic world's one entry point, ``saga_train.synthetic.load``, as the trainer reaches it (``saga_train.sources``):
-what the trainer gets for its model names."""
+"""The synthetic world's one entry point, ``saga_train.synthetic.load``, as the trainer reaches it
+(``saga_train.sources``): what the trainer gets for its model names."""
 import pytest
 from transformers import Qwen3VLForConditionalGeneration
 
 from saga_train import sources, synthetic
 from saga_train.config import ConfigError, make_config
 from saga_train.prompts import pair_prompt, prompt_spec
-from saga_train.synthetic import store, supervisor as sup
+from saga_train.synthetic import store
+from saga_train.synthetic import supervisor as sup
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from saga_train import prompts as prompt_lib
-from saga_train.synthetic import __main__ as synthetic_cli, answers, store, supervisor as sup
+from saga_train.synthetic import __main__ as synthetic_cli
+from saga_train.synthetic import answers, store
+from saga_train.synthetic import supervisor as sup
 from saga_train.synthetic.world import ATTRIBUTE_NAMES, num_differences
 from saga_train.verdict import item_span, parse_verdict
 
@@ -136,7 +138,8 @@ def test_sft_batch_labels_only_the_answer(world):
     batch = sup.train_batch(MICRO, rng, sup.PairSampler(train_set), train_set, prompts, processor, spec)
     tokenizer = processor.tokenizer
     styles = []
-    assert batch["input_ids"].shape[0] == MICRO.batch_pairs and batch["image_grid_thw"].shape[0] == 2 * MICRO.batch_pairs
+    assert (batch["input_ids"].shape[0] == MICRO.batch_pairs
+            and batch["image_grid_thw"].shape[0] == 2 * MICRO.batch_pairs)
     for row in range(MICRO.batch_pairs):
         labelled = batch["labels"][row][batch["labels"][row] != -100]
         text = tokenizer.decode(labelled)
@@ -222,7 +225,8 @@ def test_evaluate_scores_answers(world):
 def test_micro_evaluation_runs_on_the_real_model(world):
     _, test_set, model, processor, prompts, spec = world
     pairs = sup.eval_pairs(dataclasses.replace(MICRO, eval_pairs=4), test_set)
-    scores = sup.evaluate_supervisor(model, processor, prompts["generic"], test_set, pairs, spec, batch=4, max_new_tokens=8)
+    scores = sup.evaluate_supervisor(model, processor, prompts["generic"], test_set, pairs, spec, batch=4,
+                                     max_new_tokens=8)
     assert scores["pairs"] == 4 and 0.0 <= scores["verdict_accuracy"] <= 1.0
     assert set(scores["verdict_accuracy_by_kind"]) <= set(sup.PAIR_KINDS)
 

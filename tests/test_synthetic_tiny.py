@@ -8,8 +8,14 @@ from PIL import Image
 from transformers import Qwen3VLForConditionalGeneration
 
 from saga_train.processor import Qwen3VLImageOnlyProcessor, load_processor
-from saga_train.synthetic.tiny import (IMAGE_TOKEN, build_processor, build_tiny_qwen3vl, build_tokenizer,
-                                       default_deepstack_layers, mrope_sections)
+from saga_train.synthetic.tiny import (
+    IMAGE_TOKEN,
+    build_processor,
+    build_tiny_qwen3vl,
+    build_tokenizer,
+    default_deepstack_layers,
+    mrope_sections,
+)
 
 ANSWER = {"item 1": {"body color": "red", "beak shape": "long"},
           "item 2": {"body color": "blue", "beak shape": "long"},

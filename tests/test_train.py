@@ -7,19 +7,22 @@ item-span finder with "first half = item 1, second half = item 2"); everything e
 import json
 import os
 
-import fakes
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import saga_kernels
-from saga_train import components, rollout, sources, step as step_lib, train as train_lib
-from saga_train.data import stream
+from saga_train import components, rollout, sources
+from saga_train import step as step_lib
+from saga_train import train as train_lib
 from saga_train.__main__ import main
 from saga_train.config import ConfigError, make_config
+from saga_train.data import stream
 from saga_train.model import load_embedder
 from saga_train.prompts import pair_prompt, prompt_spec
 from saga_train.replay import ReplayOptions, completion_states, forward_prefix, local_counts, replay_group
+
+import fakes
 
 pytestmark = pytest.mark.usefixtures("torch_kernels")
 
@@ -215,7 +218,8 @@ def test_unreadable_image_is_named(tmp_path, capsys):
         for i in range(2):
             Image.new("RGB", (20, 20), (60 * c, 10 * i, 90)).save(tmp_path / "data" / f"class{c}" / f"{i}.png")
     (tmp_path / "data" / "class3" / "1.png").write_bytes(b"definitely not a png")
-    code = main(["--model", "tiny-random", "--dataset", "folder", "--data-root", str(tmp_path / "data"), "--image-size", "32",
+    code = main(["--model", "tiny-random", "--dataset", "folder", "--data-root", str(tmp_path / "data"),
+                 "--image-size", "32",
                  "--run-dir", str(tmp_path / "run"), "--classes-per-batch", "2", "--images-per-class", "2",
                  "--embedding-size", "8", "--no-progress"])
     assert code == 2

@@ -5,14 +5,16 @@ import json
 import pytest
 
 from saga_train.__main__ import main
-from saga_train.config import Config, ConfigError, PRESETS, make_config, parse_args
+from saga_train.config import PRESETS, Config, ConfigError, make_config, parse_args
 
 
 def test_defaults_are_the_embedded_cpu_run():
     cfg = parse_args([])
     assert cfg == make_config(**PRESETS["default"]) and cfg.model == "synthetic-supervisor"  # the shipped supervisor
-    assert (cfg.dml, cfg.epochs, cfg.synthetic_test_classes * cfg.synthetic_test_images_per_class) == ("supcon", 6, 1000)
-    assert PRESETS["paper"]["dml"] == "potential_field" and (PRESETS["paper"]["pf_alpha"], PRESETS["paper"]["pf_delta"]) == (4.0, 0.2)
+    assert (cfg.dml, cfg.epochs,
+            cfg.synthetic_test_classes * cfg.synthetic_test_images_per_class) == ("supcon", 6, 1000)
+    assert (PRESETS["paper"]["dml"] == "potential_field"
+            and (PRESETS["paper"]["pf_alpha"], PRESETS["paper"]["pf_delta"]) == (4.0, 0.2))
     assert cfg.dataset == "synthetic" and cfg.device == "auto"
     assert Config().model == "tiny-random"  # Config() alone: a random tiny model (what the tests build)
 

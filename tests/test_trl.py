@@ -28,6 +28,7 @@ import saga_kernels.logprob as logprob_mod
 from saga_kernels.integrations.trl import SagaGRPOTrainer, add_saga_lm_head
 from saga_kernels.reference import linear_logprobs_reference
 from saga_train.synthetic.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
+
 from utils import MatmulFlops
 
 WORDS = "the a bird red blue green small large wing tail beak yes no same different describe image".split()

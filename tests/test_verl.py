@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from saga_kernels.integrations import verl as saga_verl
 from saga_kernels.integrations.verl import linear_cross_entropy
 from saga_kernels.reference import linear_logprobs_reference
+
 from utils import assert_rule
 
 B, T, H, V = 2, 13, 40, 517

@@ -8,8 +8,9 @@ ALIASES = {"inat": "inat_aves"}
 def load_dataset(name: str, root: str = "", split: str = "train", **kw):
     """The ``split`` ("train" | "test"; on-disk readers also take "all") of dataset ``name`` under ``root``.
 
-    Names: cub, cars, aircraft, inat_aves (alias inat), folder, synthetic (``saga_train.synthetic.SyntheticBirds``; ``root`` unused). Extra keyword
-    arguments go to the reader (e.g. ``image_size=224``, ``ratio=0.5`` for folder, ``seed`` for synthetic).
+    Names: cub, cars, aircraft, inat_aves (alias inat), folder, synthetic (``saga_train.synthetic.SyntheticBirds``;
+    ``root`` unused). Extra keyword arguments go to the reader (e.g. ``image_size=224``, ``ratio=0.5`` for folder,
+    ``seed`` for synthetic).
     """
     key = ALIASES.get(name, name)
     if key not in DATASETS:

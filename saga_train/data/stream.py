@@ -74,3 +74,6 @@ def data_loader(dataset, workers: int, **batching):
     return torch.utils.data.DataLoader(
         dataset, num_workers=workers, collate_fn=collate_batch, prefetch_factor=2 if workers else None,
         generator=torch.Generator(), **batching)  # its own generator: the global RNG stays untouched
+
+
+__all__ = ["Batch", "StepBatches", "collate_batch", "data_loader", "data_workers", "epoch_batches", "steps_per_epoch"]

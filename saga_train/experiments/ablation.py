@@ -100,7 +100,8 @@ def r_at_1_curve(run_dir) -> list:
 
 def run_arm(cfg, arm: str) -> dict:
     """Train (or, for ``untrained``, only build) one configuration; its metrics, curve, hits and probes."""
-    from saga_train import components, sources, train as trainer
+    from saga_train import components, sources
+    from saga_train import train as trainer
     from saga_train.evaluate import evaluate
     from saga_train.model import load_embedder
 
@@ -164,9 +165,11 @@ def markdown(record: dict) -> str:
         s = stats.get(key)
         return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}" if s else "–"
 
-    lines = [f"# SAGA ablation on the synthetic world ({meta['seeds']} seeds: {', '.join(map(str, meta['seed_list']))})",
+    lines = [f"# SAGA ablation on the synthetic world ({meta['seeds']} seeds: "
+             f"{', '.join(map(str, meta['seed_list']))})",
              "", meta["note"], "",
-             "| arm | R@1 | R@4 | MAP@R | NMI | reward rate | steps | wall s / run |", "|---|---|---|---|---|---|---|---|"]
+             "| arm | R@1 | R@4 | MAP@R | NMI | reward rate | steps | wall s / run |",
+             "|---|---|---|---|---|---|---|---|"]
     for arm, stats in summary.items():
         lines.append(f"| {arm} | {cell(stats, 'R@1')} | {cell(stats, 'R@4')} | {cell(stats, 'MAP@R')} | "
                      f"{cell(stats, 'NMI')} | {cell(stats, 'reward_rate', 2)} | {cell(stats, 'steps', 0)} | "
@@ -175,7 +178,8 @@ def markdown(record: dict) -> str:
     if paired:
         a, b = meta.get("paired", PAIRED)
         lines += ["", f"Paired difference {a} - {b} in R@1 per seed (same queries; percentile bootstrap over the "
-                      "test queries, 10,000 resamples):", "", "| seed | difference | 95% CI | queries |", "|---|---|---|---|"]
+                      "test queries, 10,000 resamples):", "", "| seed | difference | 95% CI | queries |",
+                  "|---|---|---|---|"]
         for seed, d in paired.items():
             lines.append(f"| {seed} | {d['diff']:+.3f} | [{d['lo']:+.3f}, {d['hi']:+.3f}] | {d['n']} |")
     probes = record.get("probes", {})
@@ -323,7 +327,8 @@ def parse_value(text: str):
 def main(argv=None) -> int:
     from saga_train.config import ConfigError, make_config
 
-    parser = argparse.ArgumentParser(prog="python -m saga_train.experiments.ablation", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m saga_train.experiments.ablation",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="(default: all)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",

@@ -3,7 +3,8 @@
 ``python -m saga_train.experiments.plot RUN_DIR [--out FILE.png]`` (default ``RUN_DIR/training.png``).
 Evaluation records (those with an ``"eval"`` key) give R@1 at their step; step records give the reward rate
 ``rewarded / completions`` and the losses ``loss_dml``, ``loss_grpo``, ``loss_kl`` (each per step and as a
-running mean; L_GRPO and L_KL only of steps that replayed a group, ``groups_kept > 0``). Axes are honest: R@1 and the reward rate on [0, 1], every loss on its own full range.
+running mean; L_GRPO and L_KL only of steps that replayed a group, ``groups_kept > 0``). Axes are honest: R@1 and
+the reward rate on [0, 1], every loss on its own full range.
 """
 import argparse
 import json
@@ -23,9 +24,9 @@ def running_mean(values: list, window: int) -> list:
 def read_curves(metrics_path, window: int = 10) -> dict:
     """Lists from a metrics.jsonl file: ``steps``, ``reward``, ``reward_mean`` (completion-weighted over the last
     ``window`` steps with rollouts), ``eval_steps``, ``r_at_1``, and per loss key of ``LOSSES`` present in the
-    records ``{"steps", "values", "mean"}`` under ``curves["losses"][key]``, and ``logged``: the loss keys any step record
-    had. An incomplete LAST line (a run killed while writing it) is skipped with a warning; any other line that is
-    not JSON raises ValueError naming the file and line."""
+    records ``{"steps", "values", "mean"}`` under ``curves["losses"][key]``, and ``logged``: the loss keys any step
+    record had. An incomplete LAST line (a run killed while writing it) is skipped with a warning; any other line
+    that is not JSON raises ValueError naming the file and line."""
     steps, rewarded, completions, eval_steps, r_at_1 = [], [], [], [], []
     losses = {key: {"steps": [], "values": []} for key in LOSSES}
     logged = set()

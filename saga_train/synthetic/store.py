@@ -84,7 +84,8 @@ def verify_supervisor(path, cfg=None) -> dict:
     if marker is None or not marker.get("complete"):
         raise SupervisorCacheError(f"{path} is not a complete supervisor (no complete {MARKER})")
     if cfg is not None and marker.get("hash") != config_hash(cfg):
-        raise SupervisorCacheError(f"{path} holds the supervisor of config {marker.get('hash')}, not {config_hash(cfg)}")
+        raise SupervisorCacheError(f"{path} holds the supervisor of config {marker.get('hash')}, "
+                                   f"not {config_hash(cfg)}")
     recorded, found = marker.get("sha256") or {}, file_digests(path)
     if not recorded:
         raise SupervisorCacheError(f"{path}: {MARKER} records no sha256")

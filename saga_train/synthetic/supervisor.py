@@ -47,8 +47,17 @@ from transformers import get_cosine_schedule_with_warmup
 from ..model import suppressed_token_ids
 from ..prompts import ITEM_KEYS, PROMPT_STYLES, pair_prompt, prompt_spec
 from .answers import DIFFER, FORMAT_VERSION, MATCH, build_answer, parse_answer, vocabulary
-from .store import (SupervisorCacheError, cache_root, check_writable, config_hash, read_marker, shipped_dir,
-                    supervisor_dir, verify_supervisor, write_marker)
+from .store import (
+    SupervisorCacheError,
+    cache_root,
+    check_writable,
+    config_hash,
+    read_marker,
+    shipped_dir,
+    supervisor_dir,
+    verify_supervisor,
+    write_marker,
+)
 
 PAIR_KINDS = ("same", "one_attribute", "random")
 EVAL_MIX = (0.5, 0.25, 0.25)  # held-out evaluation pairs: same class, one attribute apart, random classes
@@ -218,7 +227,8 @@ def sft_batch(processor, prompts: list, images: list, answers: list) -> dict:
     """
     tokenizer = processor.tokenizer
     if tokenizer.padding_side != "left":
-        raise ValueError("sft_batch needs a left-padding tokenizer (saga_train.synthetic.tiny.build_tokenizer pads left)")
+        raise ValueError("sft_batch needs a left-padding tokenizer "
+                         "(saga_train.synthetic.tiny.build_tokenizer pads left)")
     suffixes = [answer + tokenizer.eos_token for answer in answers]
     if len(prompts) != len(answers) or len(images) != 2 * len(answers):
         raise ValueError(f"sft_batch needs one prompt and two images per answer, got {len(prompts)} prompts, "
@@ -307,7 +317,8 @@ def heldout_images(cfg: SupervisorConfig, test_set, count: int = 512) -> list:
 
 
 def _sft_optimizer(model, cfg: SupervisorConfig):
-    """AdamW: the vision tower's blocks and patch/position embeddings at ``sft_tower_lr``, the rest (LLM, merger) at ``lr``."""
+    """AdamW: the vision tower's blocks and patch/position embeddings at ``sft_tower_lr``, the rest (LLM, merger)
+    at ``lr``."""
     visual = model.model.visual
     merger = {id(p) for name, m in visual.named_children() if "merger" in name for p in m.parameters()}
     tower = [p for p in visual.parameters() if id(p) not in merger]
@@ -318,8 +329,8 @@ def _sft_optimizer(model, cfg: SupervisorConfig):
 
 
 STAGE1_FIELDS = ("seed", "test_classes", "image_size", "noise", "text_hidden", "text_layers", "heads", "kv_heads",
-                 "vision_hidden", "vision_depth", "patch_size", "tower_steps", "tower_batch", "tower_lr", "weight_decay",
-                 "warmup_steps", "grad_clip")
+                 "vision_hidden", "vision_depth", "patch_size", "tower_steps", "tower_batch", "tower_lr",
+                 "weight_decay", "warmup_steps", "grad_clip")
 
 
 def stage1_path(cfg: SupervisorConfig) -> Path:
@@ -438,7 +449,8 @@ def ensure_supervisor(cfg: SupervisorConfig = None, out_dir=None, *, force: bool
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         if read_marker(partial) is None:
-            raise SupervisorCacheError(f"refusing to overwrite {partial}: not written by saga_train.synthetic.supervisor")
+            raise SupervisorCacheError(f"refusing to overwrite {partial}: "
+                                       "not written by saga_train.synthetic.supervisor")
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     write_marker(partial, cfg, complete=False)
