@@ -139,9 +139,11 @@ def side_by_side(name: str, repeats: int, log=print) -> dict:
             rows[f"b_mem_{which}"].append(peak)
             if which == "new":
                 sampled = groups
-        # phase C on every sampled group, fixed advantages so that every group carries a gradient
+        # phase C on every sampled group, fixed advantages so that every group carries a gradient: positive ones, as
+        # a trained supervisor's G completions often coincide, and advantages summing to 0 then cancel exactly
+        # (the true gradient is 0 and both paths return round-off)
         for g in sampled:
-            g.advantages = torch.linspace(-1.0, 1.0, G)
+            g.advantages = torch.linspace(0.25, 1.0, G)
         counts = replay.local_counts(sampled)
         model.train()
         results = {}
