@@ -153,6 +153,8 @@ def evaluate(embeddings, labels, ks: Sequence[int] = (1, 2, 4, 8), *, nmi: bool 
     for start, ids in knn_excluding_self(index, x, k, chunk_size):
         rows = slice(start, start + len(ids))
         keep = answerable[rows]
+        if not keep.any():  # a chunk of queries whose classes have no other member: nothing to score
+            continue
         matches = (y[ids] == y[rows, None])[keep]
         for kk in ks:
             hits[kk] += recall_at_k(matches, kk).sum()

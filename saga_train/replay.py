@@ -34,6 +34,7 @@ checkpointing, so the decoder layers are told through ``_can_checkpoint_with_cac
 (transformers 5.17 and 5.24; without it they would drop the cache: ``caches_under_checkpointing``).
 """
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -120,10 +121,30 @@ def _cache_keyword(language_model) -> str:
     return "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
 
 
+def _reentrant(checkpoint_func) -> bool:
+    """Whether a layer's ``_gradient_checkpointing_func`` (transformers: a ``functools.partial`` of torch's
+    ``checkpoint``) runs reentrant checkpointing (``use_reentrant`` True, or left to torch's default, True)."""
+    func = checkpoint_func
+    while isinstance(func, functools.partial):
+        if "use_reentrant" in func.keywords:
+            return func.keywords["use_reentrant"] is not False
+        func = func.func
+    return func is torch.utils.checkpoint.checkpoint
+
+
 @contextlib.contextmanager
 def caches_under_checkpointing(language_model):
-    """Let checkpointed decoder layers keep this module's caches (their ``update`` has no side effect)."""
+    """Let checkpointed decoder layers keep this module's caches (their ``update`` has no side effect).
+
+    Raises ValueError for reentrant activation checkpointing: it tracks only tensors passed as arguments, and the
+    prefix's keys/values reach the layers inside the cache object, so the tower's gradient would silently be wrong.
+    """
     layers = [m for m in language_model.layers if getattr(m, "gradient_checkpointing", False)]
+    if any(_reentrant(getattr(m, "_gradient_checkpointing_func", None)) for m in layers):
+        raise ValueError("the LLM's decoder layers use reentrant activation checkpointing (use_reentrant=True, "
+                         "torch's default): it does not track the prefix keys/values the replay hands over inside "
+                         "the cache, so the tower's gradient would be wrong. Enable it with "
+                         "gradient_checkpointing_kwargs={'use_reentrant': False} (what the trainer does)")
     if layers and not hasattr(type(layers[0]), "_can_checkpoint_with_cache"):
         raise RuntimeError("this transformers version drops caches in checkpointed layers (no "
                            "_can_checkpoint_with_cache); run with --no-grad-checkpointing")

@@ -106,3 +106,36 @@ def test_bad_inputs():
         evaluate(x, torch.arange(20))
     with pytest.raises(ValueError, match="labels must be integers"):
         evaluate(x, labels.float())
+
+
+def _layout(kind: str, n: int, g: torch.Generator) -> torch.Tensor:
+    """Labels of n items where some classes have a single member (their queries cannot be answered):
+    scattered anywhere, all at the start (a whole first chunk unanswerable), or the last item alone."""
+    labels = torch.randint(0, max(2, n // 4), (n,), generator=g)
+    lone = 10_000 + torch.arange(n)
+    if kind == "scattered":
+        pick = torch.rand(n, generator=g) < 0.3
+    elif kind == "first":
+        pick = torch.arange(n) < n // 3
+    else:  # "last"
+        pick = torch.arange(n) == n - 1
+    labels = torch.where(pick, lone, labels)
+    if not any((labels == c).sum() > 1 for c in labels.unique()):
+        labels[:2] = 0  # at least one answerable query
+    return labels
+
+
+@pytest.mark.parametrize("kind", ["scattered", "first", "last"])
+def test_any_chunk_size_on_any_label_layout_matches_bruteforce(kind):
+    """Property test: every chunk size, lone-class queries anywhere (a chunk whose queries are all lone, the last
+    chunk of size 1), against the float64 brute force."""
+    g = torch.Generator().manual_seed({"scattered": 0, "first": 1, "last": 2}[kind])
+    for trial in range(4):
+        n = int(torch.randint(12, 40, (1,), generator=g))
+        labels = _layout(kind, n, g)
+        x = torch.randn(n, 8, generator=g)
+        gold = _brute_force(x, labels, (1, 2))
+        for chunk_size in sorted({1, 2, 3, 5, n // 3 + 1, n - 1, n, n + 1}):
+            ours = evaluate(x, labels, (1, 2), nmi=False, chunk_size=chunk_size)
+            for key in gold:
+                assert ours[key] == pytest.approx(gold[key], abs=1e-12), (kind, trial, chunk_size, key)
