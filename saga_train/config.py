@@ -7,7 +7,7 @@ preset, which uses the synthetic-world supervisor (``Config()`` alone uses a ran
 import argparse
 import dataclasses
 import inspect
-import json
+import os
 import re
 import tokenize
 import typing
@@ -170,15 +170,23 @@ def make_config(base: Config | None = None, **overrides) -> Config:
 
 
 def load_config_file(path: str) -> dict:
+    """The config keys of the JSON file ``path`` (for ``--config``). A missing, empty, truncated or garbage file, one
+    that is not a JSON object, an unknown key or a value of another type raises ConfigError naming the file."""
+    from .files import damaged, field, read_json
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} " + ("is not a file" if os.path.exists(path) else "does not exist"))
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from e
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config file {path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object, got {type(data).__name__}")
+        data = read_json(path, error=ConfigError)
+        types = _field_types()
+        unknown = sorted(set(data) - set(types))
+        if unknown:
+            raise damaged(path, f"unknown config key(s) {', '.join(unknown)} (known: {', '.join(types)})",
+                          error=ConfigError)
+        for key in data:
+            field(data, key, types[key], path=path, error=ConfigError)
+    except ConfigError as e:
+        raise ConfigError(f"config file {e}") from e
     return data
 
 

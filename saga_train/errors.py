@@ -2,7 +2,8 @@
 
 Every CLI of the project (``python -m saga_train``, ``saga_train.retrieve``, ``saga_train.synthetic``, the
 experiment scripts) prints a ``UserError`` as ``error: <message>`` and exits with status 2; any other exception is
-a bug and keeps its traceback.
+a bug and keeps its traceback. The readers of ``saga_train.files`` turn what json, safetensors, faiss or PIL raise for
+an empty, truncated or garbage file (or one without a key it needs) into a ``UserError`` naming the file.
 """
 
 
@@ -16,3 +17,8 @@ class ConfigError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A file or directory the run needs does not exist."""
+
+
+class DamagedFileError(UserError, ValueError):
+    """A file that exists but cannot be used: empty, truncated, not its format, or without a key it needs. The
+    readers of ``saga_train.files`` raise it (or the caller's own subclass of ``UserError``) naming the file."""

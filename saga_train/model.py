@@ -10,7 +10,6 @@ from typing import NamedTuple
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from torch import nn
 
 from .checkpoints import atomic_save_file, atomic_write_text
@@ -175,19 +174,94 @@ class Embedder(nn.Module):
 
 
 def load_embedder(path: str, device: str = "cpu") -> Embedder:
-    """An Embedder saved by ``Embedder.save`` (what the retrieval tool loads)."""
+    """An Embedder saved by ``Embedder.save`` (what the retrieval tool loads).
+
+    A missing directory or file raises ``MissingFileError``; an empty, truncated or garbage ``embedder.json``,
+    ``preprocessor_config.json`` or ``embedder.safetensors``, one without a key it needs (or with a value of another
+    type), or weights that do not fit ``embedder.json``, raise ``ModelLoadError`` naming the file and what is wrong.
+    """
     import transformers
     from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
+    from .files import damaged, field, read_json, read_safetensors, state_dict_problems
+
+    if not os.path.isdir(path):
+        raise MissingFileError(f"{path!r} is not a saved SAGA embedder: no such directory")
     config_path = os.path.join(path, EMBEDDER_CONFIG)
     if not os.path.isfile(config_path):
         raise MissingFileError(f"{path!r} is not a saved SAGA embedder: {EMBEDDER_CONFIG} is missing")
-    with open(config_path, encoding="utf-8") as f:
-        meta = json.load(f)
-    visual = Qwen3VLVisionModel(Qwen3VLVisionConfig(**meta["vision_config"]))
-    pooler = build_pooler(meta["pooler"], meta["hidden_size"], meta["embedding_size"])
-    image_processor = getattr(transformers, meta["image_processor_class"]).from_pretrained(path)
-    embedder = Embedder(visual, pooler, image_processor, meta["image_size"], meta["pooler"])
-    embedder.load_state_dict(load_file(os.path.join(path, EMBEDDER_WEIGHTS)))
+    meta = read_json(config_path, error=ModelLoadError)
+
+    def bad_config(problem):
+        return damaged(config_path, problem, error=ModelLoadError)
+
+    def get(key, kind):
+        return field(meta, key, kind, path=config_path, error=ModelLoadError)
+
+    vision = get("vision_config", dict)
+    pooler_kind = get("pooler", str)
+    if pooler_kind not in ("attention", "mean"):
+        raise bad_config(f"'pooler' must be 'attention' or 'mean', got {pooler_kind!r}")
+    sizes = {key: get(key, int) for key in ("hidden_size", "embedding_size", "image_size")}
+    for key, value in sizes.items():
+        if value < 1:
+            raise bad_config(f"{key!r} must be >= 1, got {value}")
+    try:
+        vision_config = Qwen3VLVisionConfig(**vision)
+        visual = Qwen3VLVisionModel(vision_config)
+    except Exception as e:  # transformers' config validation raises several types (TypeError, ValueError, ...)
+        raise bad_config(f"'vision_config' does not build a Qwen3-VL vision tower ({type(e).__name__}: {e})") from e
+    if vision_config.out_hidden_size != sizes["hidden_size"]:
+        raise bad_config(f"'hidden_size' {sizes['hidden_size']} is not the vision tower's out_hidden_size "
+                         f"{vision_config.out_hidden_size}")
+    factor = vision_config.patch_size * vision_config.spatial_merge_size
+    if sizes["image_size"] % factor:
+        raise bad_config(f"'image_size' {sizes['image_size']} is not a multiple of patch_size * spatial_merge_size "
+                         f"= {factor}")
+    class_name = get("image_processor_class", str)
+    processor_class = getattr(transformers, class_name, None)
+    if not (isinstance(processor_class, type) and issubclass(processor_class, transformers.ImageProcessingMixin)):
+        raise bad_config(f"'image_processor_class' {class_name!r} is not an image processor class of transformers")
+    image_processor = _load_image_processor(path, processor_class, vision_config, sizes["image_size"])
+    embedder = Embedder(visual, build_pooler(pooler_kind, sizes["hidden_size"], sizes["embedding_size"]),
+                        image_processor, sizes["image_size"], pooler_kind)
+    weights_path = os.path.join(path, EMBEDDER_WEIGHTS)
+    state = read_safetensors(weights_path, error=ModelLoadError)
+    problems = state_dict_problems(embedder.state_dict(), state)
+    if problems:
+        raise damaged(weights_path, f"does not fit {EMBEDDER_CONFIG}: {problems}", error=ModelLoadError)
+    embedder.load_state_dict(state)
     return embedder.to(device).eval()
+
+
+def _load_image_processor(path: str, processor_class, vision_config, image_size: int):
+    """The image processor saved in ``path`` by ``Embedder.save``, checked against the tower's patch geometry and run
+    once on a blank image; ``ModelLoadError`` naming its file when it cannot be used."""
+    from transformers.utils import IMAGE_PROCESSOR_NAME
+
+    from .files import damaged, read_json
+
+    processor_path = os.path.join(path, IMAGE_PROCESSOR_NAME)
+    read_json(processor_path, error=ModelLoadError)  # missing, empty, garbage, truncated: named here
+    try:
+        image_processor = processor_class.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, TypeError, ... for a config it cannot use
+        raise damaged(processor_path, f"not a {processor_class.__name__} config ({type(e).__name__}: {e})",
+                      error=ModelLoadError) from e
+    for key, tower_key in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
+                           ("temporal_patch_size", "temporal_patch_size")):
+        value, wanted = getattr(image_processor, key, None), getattr(vision_config, tower_key)
+        if value is not None and value != wanted:
+            raise damaged(processor_path, f"{key} is {value!r} but the vision tower's {tower_key} is {wanted}",
+                          error=ModelLoadError)
+    try:
+        out = image_processor(images=[Image.new("RGB", (image_size, image_size))], return_tensors="pt")
+        grid = tuple(out["image_grid_thw"].shape), tuple(out["pixel_values"].shape)
+    except Exception as e:  # any setting that keeps it from turning an image into patches
+        raise damaged(processor_path, f"cannot process an image ({type(e).__name__}: {e})",
+                      error=ModelLoadError) from e
+    if grid[0] != (1, 3):
+        raise damaged(processor_path, f"turns one image into a patch grid of shape {grid[0]}, not (1, 3)",
+                      error=ModelLoadError)
+    return image_processor

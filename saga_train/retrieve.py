@@ -8,6 +8,10 @@ The embedder is a checkpoint saved by the trainer (``saga_train.model.load_embed
 ``--embedder module:attr``, any callable ``list[PIL.Image] -> Tensor[B, D]``. A gallery folder's
 images are found recursively; an image's label is its top-level subfolder (class) when it has one.
 Embeddings are L2-normalized and searched by cosine similarity (faiss inner product).
+
+A missing, empty, truncated or garbage file (embedder, gallery, image), or one without a key it needs, stops the
+command line with ``error: <the file and what is wrong>`` and exit status 2 (``cli``); ``main`` raises the
+``UserError``.
 """
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ from PIL import Image, ImageDraw
 
 from saga_train.data.base import ImageLoadError
 from saga_train.data.folder import list_images
+from saga_train.errors import ConfigError, DamagedFileError, MissingFileError, UserError
+from saga_train.files import damaged, list_field, read_faiss_index, read_json, read_safetensors
+from saga_train.files import open_image as open_rgb_image
 
 EMBEDDINGS_FILE = "embeddings.safetensors"
 META_FILE = "gallery.json"
@@ -32,6 +39,11 @@ INDEX_FILE = "index.faiss"
 UNLABELED = -1
 
 EmbedFn = Callable[[list], torch.Tensor]
+
+
+class GalleryError(DamagedFileError):
+    """A saved gallery's file (embeddings, gallery.json, index.faiss) that is damaged or does not match the others;
+    the message names the file."""
 
 
 @dataclass
@@ -49,10 +61,10 @@ def scan_gallery(root: str) -> tuple[list[str], list[int], list[str]]:
     """Images under ``root`` (recursive, sorted); label = index of the top-level subfolder in the sorted
     class names, -1 for images directly in ``root``."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"gallery folder {root} does not exist")
+        raise MissingFileError(f"gallery folder {root} does not exist")
     paths = [os.path.abspath(p) for p in list_images(root)]
     if not paths:
-        raise FileNotFoundError(f"gallery folder {root} holds no image")
+        raise MissingFileError(f"gallery folder {root} holds no image")
     root = os.path.abspath(root)
     tops = [os.path.relpath(p, root).split(os.sep) for p in paths]
     class_names = sorted({t[0] for t in tops if len(t) > 1})
@@ -62,11 +74,8 @@ def scan_gallery(root: str) -> tuple[list[str], list[int], list[str]]:
 
 
 def open_image(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except Exception as e:  # PIL raises several types for unreadable files
-        raise ImageLoadError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    """The image at ``path`` (RGB); ``ImageLoadError`` naming it when missing, empty, truncated or garbage."""
+    return open_rgb_image(path, error=ImageLoadError)
 
 
 def embed_paths(embed_fn: EmbedFn, paths: Sequence[str], batch_size: int = 32, progress: bool = True) -> torch.Tensor:
@@ -79,7 +88,7 @@ def embed_paths(embed_fn: EmbedFn, paths: Sequence[str], batch_size: int = 32, p
             batch = list(paths[start:start + batch_size])
             z = embed_fn([open_image(p) for p in batch])
             if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != len(batch):
-                raise ValueError(f"the embedder must return a Tensor [{len(batch)}, D] for {len(batch)} images, "
+                raise ConfigError(f"the embedder must return a Tensor [{len(batch)}, D] for {len(batch)} images, "
                                  f"got {getattr(z, 'shape', type(z).__name__)}")
             out.append(torch.nn.functional.normalize(z.detach().float().cpu(), dim=1))
             bar.update(len(batch))
@@ -110,31 +119,54 @@ def save_gallery(out_dir: str, gallery: Gallery) -> None:
 
 
 def load_gallery(out_dir: str, rebuild_index: bool = False) -> Gallery:
-    import faiss
-    from safetensors.torch import load_file
-
+    """The gallery saved by ``save_gallery`` in ``out_dir`` (its index rebuilt when asked or when index.faiss is
+    missing). A missing file raises ``MissingFileError``; a damaged one, or files that do not match each other,
+    ``GalleryError`` naming the file and what is wrong."""
     for name in (EMBEDDINGS_FILE, META_FILE):
         if not os.path.isfile(os.path.join(out_dir, name)):
-            raise FileNotFoundError(f"{out_dir} is not a saved gallery: {name} is missing (run `embed` first)")
-    embeddings = load_file(os.path.join(out_dir, EMBEDDINGS_FILE))["embeddings"]
-    with open(os.path.join(out_dir, META_FILE), encoding="utf-8") as f:
-        meta = json.load(f)
-    if len(meta["paths"]) != len(embeddings):
-        raise ValueError(f"{out_dir}: {META_FILE} lists {len(meta['paths'])} images but the embeddings hold "
-                         f"{len(embeddings)}")
+            raise MissingFileError(f"{out_dir} is not a saved gallery: {name} is missing (run `embed` first)")
+    embeddings_path = os.path.join(out_dir, EMBEDDINGS_FILE)
+    embeddings = read_safetensors(embeddings_path, error=GalleryError, keys=("embeddings",))["embeddings"]
+    if embeddings.dim() != 2 or not embeddings.is_floating_point() or 0 in embeddings.shape:
+        raise damaged(embeddings_path, f"'embeddings' must be a float tensor [N, D] with N, D >= 1, got "
+                                       f"{embeddings.dtype} {list(embeddings.shape)}", error=GalleryError)
+    meta_path = os.path.join(out_dir, META_FILE)
+    meta = read_json(meta_path, error=GalleryError)
+    paths = list_field(meta, "paths", str, path=meta_path, error=GalleryError)
+    labels = list_field(meta, "labels", int, path=meta_path, error=GalleryError)
+    class_names = list_field(meta, "class_names", str, path=meta_path, error=GalleryError)
+    if len(paths) != len(embeddings):
+        raise damaged(meta_path, f"lists {len(paths)} images but {EMBEDDINGS_FILE} holds {len(embeddings)} "
+                                 "embeddings", error=GalleryError)
+    if len(labels) != len(paths):
+        raise damaged(meta_path, f"has {len(labels)} labels for {len(paths)} paths", error=GalleryError)
+    for i, label in enumerate(labels):
+        if not UNLABELED <= label < len(class_names):
+            raise damaged(meta_path, f"'labels'[{i}] is {label}: neither {UNLABELED} (no class) nor one of the "
+                                     f"{len(class_names)} class_names", error=GalleryError)
     index_path = os.path.join(out_dir, INDEX_FILE)
-    index = build_index(embeddings) if rebuild_index or not os.path.isfile(index_path) else faiss.read_index(index_path)
-    return Gallery(embeddings, meta["paths"], meta["labels"], meta["class_names"], index)
+    if rebuild_index or not os.path.isfile(index_path):
+        index = build_index(embeddings)
+    else:
+        rebuild = f" (rebuild it: python -m saga_train.retrieve index --gallery {out_dir})"
+        try:
+            index = read_faiss_index(index_path, error=GalleryError)
+        except GalleryError as e:
+            raise GalleryError(f"{e}{rebuild}") from e
+        if (index.ntotal, index.d) != tuple(embeddings.shape):
+            raise damaged(index_path, f"indexes {index.ntotal} vectors of {index.d} dims but {EMBEDDINGS_FILE} "
+                                      f"holds {len(embeddings)} of {embeddings.shape[1]}{rebuild}", error=GalleryError)
+    return Gallery(embeddings, paths, labels, class_names, index)
 
 
 def search(gallery: Gallery, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(cosine scores, gallery ids), each [Q, k'] with k' = min(k, gallery size), best first."""
     if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+        raise ConfigError(f"k must be >= 1, got {k}")
     k = min(k, len(gallery.paths))
     q = np.ascontiguousarray(torch.nn.functional.normalize(queries.float(), dim=1).numpy())
     if q.shape[1] != gallery.embeddings.shape[1]:
-        raise ValueError(f"query embeddings have {q.shape[1]} dims, the gallery {gallery.embeddings.shape[1]}: "
+        raise ConfigError(f"query embeddings have {q.shape[1]} dims, the gallery {gallery.embeddings.shape[1]}: "
                          "use the embedder the gallery was built with")
     return gallery.index.search(q, k)
 
@@ -191,17 +223,21 @@ def render_grid(query_paths, ids, scores, gallery: Gallery, query_labels: Sequen
 def load_embed_fn(checkpoint: str | None = None, embedder: str | None = None, device: str = "cpu") -> EmbedFn:
     """The image -> embedding callable: a trainer checkpoint directory, or ``module:attr`` naming a callable."""
     if (checkpoint is None) == (embedder is None):
-        raise ValueError("give exactly one of --checkpoint DIR or --embedder module:attr")
+        raise ConfigError("give exactly one of --checkpoint DIR or --embedder module:attr")
     if checkpoint is not None:
         from saga_train.model import load_embedder  # the trainer's module, imported only when needed
 
         return load_embedder(checkpoint, device=device).embed_images
     module_name, sep, attr = embedder.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"--embedder must look like module:attr, got {embedder!r}")
-    fn = getattr(importlib.import_module(module_name), attr, None)
+        raise ConfigError(f"--embedder must look like module:attr, got {embedder!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"--embedder {embedder!r}: cannot import {module_name} ({type(e).__name__}: {e})") from e
+    fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ValueError(f"--embedder {embedder!r}: {module_name} has no callable {attr!r}")
+        raise ConfigError(f"--embedder {embedder!r}: {module_name} has no callable {attr!r}")
     return fn
 
 
@@ -254,18 +290,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     labels = [query_label(p, gallery.class_names) for p in args.images]
     print(format_table(args.images, scores, ids, gallery, labels))
     if args.grid:
-        render_grid(args.images, ids, scores, gallery, labels, args.thumb).save(args.grid)
+        grid = render_grid(args.images, ids, scores, gallery, labels, args.thumb)
+        try:
+            grid.save(args.grid)
+        except ValueError as e:  # PIL: an extension it cannot write
+            raise ConfigError(f"--grid {args.grid}: {e}") from e
         print(f"wrote {args.grid}")
     return 0
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """``main`` for the command line: a bad path, image or argument prints one line instead of a traceback."""
+    """``main`` for the command line: a ``UserError`` (a bad argument, a missing or damaged file) or an OS error on a
+    path prints ``error: <message>`` and returns 2; anything else is a bug and keeps its traceback."""
     try:
         return main(argv)
-    except (OSError, ValueError) as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":

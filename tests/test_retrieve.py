@@ -130,8 +130,8 @@ def test_python_m_entry_point(setup, capsys):
                          check=True, env=env, capture_output=True, text=True)
     rows = res.stdout.splitlines()
     assert rows[0].endswith("[green]") and [r.split()[2] for r in rows[2:4]] == ["yes", "yes"]
-    # the command line reports a bad path in one line
+    # the command line reports a bad path in one line, with the exit status of every UserError
     capsys.readouterr()
-    assert cli(["query", str(setup / "nope.png"), "--gallery", out, "--embedder", "toy_embed:embed"]) == 1
+    assert cli(["query", str(setup / "nope.png"), "--gallery", out, "--embedder", "toy_embed:embed"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot read image") and "nope.png" in err

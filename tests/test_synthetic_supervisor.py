@@ -290,5 +290,5 @@ def test_nothing_is_written_into_the_package_and_nothing_half_written_stays(tmp_
 
 def test_corrupt_marker_is_named(tmp_path):
     (tmp_path / store.MARKER).write_text('{"hash": "abc", "compl')
-    with pytest.raises(store.SupervisorCacheError, match="SUPERVISOR.json is corrupt"):
+    with pytest.raises(store.SupervisorCacheError, match="SUPERVISOR.json: not valid JSON"):
         store.verify_supervisor(tmp_path)

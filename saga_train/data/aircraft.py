@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from .base import DatasetError, FileImageDataset, half_split, read_table, require_file
+from .base import DatasetError, FileImageDataset, half_split, read_table
 
 NAME = "FGVC-Aircraft"
 BANNER_PX = 20
@@ -22,9 +22,8 @@ def _data_dir(root: str) -> str:
 def load_aircraft(root: str, split: str = "train", image_size: int | None = None, check_files: bool = True,
                   crop_banner: bool = True):
     data = _data_dir(root)
-    variants_path = require_file(os.path.join(data, "variants.txt"), NAME)
-    with open(variants_path, encoding="utf-8") as f:
-        variants = [line.strip() for line in f if line.strip()]
+    variants_path = os.path.join(data, "variants.txt")
+    variants = [row[0] for row in read_table(variants_path, NAME, 1, int_columns=(), rest=True)]
     if len(set(variants)) != len(variants):
         raise DatasetError(f"{NAME}: {variants_path} lists a variant twice")
     keep = half_split(variants, split, NAME)

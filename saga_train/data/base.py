@@ -8,6 +8,7 @@ from typing import Sequence
 from PIL import Image
 
 from ..errors import UserError
+from ..files import open_image, read_lines
 
 
 class DatasetError(UserError, ValueError):
@@ -35,24 +36,24 @@ def read_table(path: str, what: str, columns: int, int_columns: Sequence[int] = 
     """Rows of a whitespace-separated text file (blank lines skipped).
 
     ``columns`` fields per row (``rest=True``: the last field takes the rest of the line, spaces included);
-    fields listed in ``int_columns`` are parsed as ints. A bad line raises DatasetError "file:line: ...".
+    fields listed in ``int_columns`` are parsed as ints. A bad line (too few or many fields, not an integer, not
+    UTF-8 text) raises DatasetError "file:line: ..."; an empty file (or one of blank lines) raises DatasetError.
     """
     require_file(path, what)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            fields = line.split(maxsplit=columns - 1) if rest else line.split()
-            if len(fields) != columns:
-                raise DatasetError(f"{what}: {path}:{lineno}: expected {columns} fields, got {len(fields)}: {line!r}")
-            try:
-                row = [int(v) if k in int_columns else v for k, v in enumerate(fields)]
-            except ValueError:
-                raise DatasetError(f"{what}: {path}:{lineno}: expected an integer in column(s) "
-                                   f"{[k + 1 for k in int_columns]}: {line!r}") from None
-            rows.append(row)
+    for lineno, line in read_lines(path, error=DatasetError, what=what):
+        line = line.strip()
+        if not line:
+            continue
+        fields = line.split(maxsplit=columns - 1) if rest else line.split()
+        if len(fields) != columns:
+            raise DatasetError(f"{what}: {path}:{lineno}: expected {columns} fields, got {len(fields)}: {line!r}")
+        try:
+            row = [int(v) if k in int_columns else v for k, v in enumerate(fields)]
+        except ValueError:
+            raise DatasetError(f"{what}: {path}:{lineno}: expected an integer in column(s) "
+                               f"{[k + 1 for k in int_columns]}: {line!r}") from None
+        rows.append(row)
     if not rows:
         raise DatasetError(f"{what}: {path} is empty")
     return rows
@@ -96,12 +97,9 @@ class FileImageDataset:
         return len(self.paths)
 
     def load(self, path: str) -> Image.Image:
-        """Open one image as RGB (cropped / resized as configured)."""
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except Exception as e:  # PIL raises several types for truncated / foreign files
-            raise ImageLoadError(f"{self.name}: cannot read image {path}: {type(e).__name__}: {e}") from e
+        """Open one image as RGB (cropped / resized as configured); a missing, empty, truncated or garbage file
+        raises ImageLoadError naming it."""
+        img = open_image(path, error=ImageLoadError, what=self.name)
         if self.crop_bottom:
             w, h = img.size
             if h <= self.crop_bottom:

@@ -34,7 +34,10 @@ def _variable(mat: dict, key: str, path: str):
 def _annotations(path: str, fields: tuple) -> list[tuple]:
     """(field values...) per entry of the ``annotations`` struct array, erroring on a missing/bad field."""
     rows = []
-    for n, entry in enumerate(_variable(_loadmat(path), "annotations", path), 1):
+    entries = _variable(_loadmat(path), "annotations", path)
+    if not len(entries):
+        raise DatasetError(f"{NAME}: {path}: 'annotations' is empty")
+    for n, entry in enumerate(entries, 1):
         values = []
         for f in fields:
             if not hasattr(entry, f):
@@ -49,7 +52,10 @@ def _annotations(path: str, fields: tuple) -> list[tuple]:
 
 
 def _class_names(path: str) -> list[str]:
-    return [str(v) for v in _variable(_loadmat(path), "class_names", path)]
+    names = [str(v) for v in _variable(_loadmat(path), "class_names", path)]
+    if not names:
+        raise DatasetError(f"{NAME}: {path}: 'class_names' is empty")
+    return names
 
 
 def _find(root: str, name: str) -> str:

@@ -5,9 +5,9 @@ Zero-shot split: the species whose class is Aves (``"class": "Aves"``, or a supe
 """
 from __future__ import annotations
 
-import json
 import os
 
+from ..files import field, list_field, read_json
 from .base import DatasetError, FileImageDataset, half_split, require_file
 
 NAME = "iNaturalist-2021 Aves"
@@ -19,36 +19,34 @@ def is_bird(category: dict) -> bool:
 
 def load_inat_aves(root: str, split: str = "train", image_size: int | None = None, check_files: bool = True,
                    annotation_file: str = "train_mini.json"):
+    """A missing, empty, truncated or garbage annotation file, or an entry without a key it needs (or with a value
+    of another type), raises DatasetError naming the file (and the entry)."""
     path = require_file(os.path.join(root, annotation_file), NAME)
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{NAME}: {path}:{e.lineno}: malformed JSON: {e.msg}") from None
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(meta.get(key) if isinstance(meta, dict) else None, list):
-            raise DatasetError(f"{NAME}: {path} has no list {key!r} (expected COCO-style train_mini.json)")
+    meta = read_json(path, error=DatasetError, what=NAME)
+    sections = {key: list_field(meta, key, dict, path=path, error=DatasetError, what=NAME)
+                for key in ("images", "annotations", "categories")}
 
-    def field(entry, key, where):
-        if not isinstance(entry, dict) or key not in entry:
-            raise DatasetError(f"{NAME}: {path}: {where} entry without {key!r}: {str(entry)[:200]}")
-        return entry[key]
+    def entries(section: str, *keys):
+        """``(entry, its values of keys)`` of every entry of ``section``, each value checked (ids: ints, file names:
+        strings)."""
+        for i, entry in enumerate(sections[section]):
+            where = f"{section!r}[{i}]: "
+            yield entry, [field(entry, key, str if key == "file_name" else int, path=path, error=DatasetError,
+                                what=NAME, where=where) for key in keys]
 
-    birds = {field(c, "id", "categories"): c for c in meta["categories"] if is_bird(c)}
+    birds = {cid: c for c, (cid,) in entries("categories", "id") if is_bird(c)}
     if not birds:
         raise DatasetError(f"{NAME}: {path} has no category of class Aves")
     keep = half_split(birds, split, NAME)
     label_of = {cid: i for i, cid in enumerate(keep)}
-    file_of = {field(im, "id", "images"): field(im, "file_name", "images") for im in meta["images"]}
+    file_of = {image_id: file_name for _, (image_id, file_name) in entries("images", "id", "file_name")}
     paths, labels = [], []
-    for ann in meta["annotations"]:
-        cid = field(ann, "category_id", "annotations")
+    for _, (cid, image_id) in entries("annotations", "category_id", "image_id"):
         if cid not in label_of:
             continue
-        image_id = field(ann, "image_id", "annotations")
         if image_id not in file_of:
             raise DatasetError(f"{NAME}: {path}: annotation for image id {image_id}, which 'images' does not list")
         paths.append(os.path.join(root, file_of[image_id]))
         labels.append(label_of[cid])
-    names = [birds[c].get("common_name") or birds[c].get("name") or str(c) for c in keep]
+    names = [str(birds[c].get("common_name") or birds[c].get("name") or c) for c in keep]
     return FileImageDataset(NAME, split, paths, labels, names, image_size=image_size, check_files=check_files)

@@ -1,10 +1,13 @@
 """The batch stream of a run: class-balanced batches per epoch (a pure function of the seed and the epoch, so a
-resumed run sees the batches an uninterrupted one would), decoded by DataLoader workers into ``Batch`` objects."""
+resumed run sees the batches an uninterrupted one would), decoded by DataLoader workers into ``Batch`` objects.
+An image a worker cannot read raises its ``ImageLoadError`` in the main process as it is (one line naming the file),
+not torch's "Caught ImageLoadError in DataLoader worker" with the worker's traceback in the message."""
 import os
 from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserError
 from .base import FileImageDataset
 from .samplers import ClassBalancedBatchSampler
 
@@ -46,7 +49,38 @@ class Batch:
 
 
 def collate_batch(items) -> Batch:
+    """A ``Batch`` of ``(image, label)`` items; the first ``UserError`` among them (``_ErrorsAsItems``) instead."""
+    failed = next((item for item in items if isinstance(item, UserError)), None)
+    if failed is not None:
+        return failed
     return Batch([image for image, _ in items], [label for _, label in items])
+
+
+class _ErrorsAsItems(torch.utils.data.Dataset):
+    """``dataset`` whose item is the ``UserError`` that reading it raised (a damaged image), so that a DataLoader
+    worker hands the error back as a value (``collate_batch``) and ``_Loader`` raises it in the main process."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        try:
+            return self.dataset[i]
+        except UserError as e:
+            return e
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """A DataLoader over ``_ErrorsAsItems`` raising the ``UserError`` a batch carries instead of yielding it."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            if isinstance(batch, UserError):
+                raise batch
+            yield batch
 
 
 class StepBatches:
@@ -71,8 +105,8 @@ class StepBatches:
 def data_loader(dataset, workers: int, **batching):
     """A DataLoader yielding ``Batch`` objects, images decoded in ``workers`` processes (0: in this one);
     ``batching``: ``batch_sampler=`` or ``batch_size=``."""
-    return torch.utils.data.DataLoader(
-        dataset, num_workers=workers, collate_fn=collate_batch, prefetch_factor=2 if workers else None,
+    return _Loader(
+        _ErrorsAsItems(dataset), num_workers=workers, collate_fn=collate_batch, prefetch_factor=2 if workers else None,
         generator=torch.Generator(), **batching)  # its own generator: the global RNG stays untouched
 
 

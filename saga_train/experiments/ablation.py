@@ -326,6 +326,7 @@ def parse_value(text: str):
 
 def main(argv=None) -> int:
     from saga_train.config import ConfigError, make_config
+    from saga_train.errors import UserError
 
     parser = argparse.ArgumentParser(prog="python -m saga_train.experiments.ablation",
                                      description=__doc__.split("\n")[0])
@@ -340,9 +341,17 @@ def main(argv=None) -> int:
                         help="instead of running: unite ablation.json files (e.g. one process per seed) into --out")
     args = parser.parse_args(argv)
     if args.merge:
+        records = []
         try:
-            record = merge_records([read_record(p) for p in args.merge])
-        except (OSError, ValueError) as e:
+            for path in args.merge:
+                try:
+                    records.append(read_record(path))
+                except (UserError, OSError, ValueError) as e:  # e.g. not UTF-8: name the file when e does not
+                    raise UserError(str(e) if str(path) in str(e) else f"{path}: {e}") from e
+                except TypeError as e:  # e.g. "meta" is not an object
+                    raise UserError(f"{path} is not an ablation record ({e})") from e
+            record = merge_records(records)
+        except (UserError, OSError, ValueError) as e:
             print(f"error: --merge: {e}", file=sys.stderr)
             return 2
         write_record(record, args.out)
@@ -357,7 +366,7 @@ def main(argv=None) -> int:
             overrides[key] = parse_value(value)
         base = make_config(**overrides)
         record = run_ablation(base, args.seeds, args.arms, args.run_root, args.out)
-    except (ConfigError, ValueError) as e:
+    except (UserError, ValueError) as e:  # a setting, a path, a missing or damaged file (e.g. metrics.jsonl)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(markdown(record))

@@ -11,6 +11,9 @@ import json
 import sys
 from pathlib import Path
 
+from saga_train.errors import ConfigError, DamagedFileError, MissingFileError, UserError
+from saga_train.files import is_kind, read_bytes
+
 METRICS_FILE = "metrics.jsonl"
 LOSSES = {"loss_dml": "L_DML", "loss_grpo": "L_GRPO", "loss_kl": "L_KL"}
 
@@ -21,24 +24,59 @@ def running_mean(values: list, window: int) -> list:
             for i in range(len(values))]
 
 
+def _record(line: bytes):
+    """The JSON object on one line of a metrics file; ValueError (the reason) when it is not one."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text, byte {e.start + 1}") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{e.msg}: column {e.colno}") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    return record
+
+
+NUMBERS = ("R@1", "completions", "rewarded", "groups_kept") + tuple(LOSSES)
+
+
+def _check_types(record: dict, where: str) -> None:
+    """The values the plot reads are numbers (``step`` an integer, required where a value is plotted)."""
+    for key in NUMBERS:
+        if key in record and not is_kind(record[key], (int, float)):
+            raise DamagedFileError(f"{where}: {key!r} must be a number, got {record[key]!r}")
+    if "step" in record and not is_kind(record["step"], int):
+        raise DamagedFileError(f"{where}: 'step' must be an integer, got {record['step']!r}")
+    if "eval" not in record and "step" not in record and any(key in record for key in ("completions", *LOSSES)):
+        raise DamagedFileError(f"{where}: a step record without 'step'")
+
+
 def read_curves(metrics_path, window: int = 10) -> dict:
     """Lists from a metrics.jsonl file: ``steps``, ``reward``, ``reward_mean`` (completion-weighted over the last
     ``window`` steps with rollouts), ``eval_steps``, ``r_at_1``, and per loss key of ``LOSSES`` present in the
     records ``{"steps", "values", "mean"}`` under ``curves["losses"][key]``, and ``logged``: the loss keys any step
     record had. An incomplete LAST line (a run killed while writing it) is skipped with a warning; any other line
-    that is not JSON raises ValueError naming the file and line."""
+    that is not a JSON object (torn, garbage, not UTF-8), a value the plot reads that is not a number, or a file
+    without any record raises ``DamagedFileError`` (a ValueError) naming the file and the line."""
     steps, rewarded, completions, eval_steps, r_at_1 = [], [], [], [], []
     losses = {key: {"steps": [], "values": []} for key in LOSSES}
     logged = set()
-    lines = [(n, line) for n, line in enumerate(Path(metrics_path).read_text().splitlines(), 1) if line.strip()]
+    raw = read_bytes(metrics_path, allow_empty=True)
+    lines = [(n, line) for n, line in enumerate(raw.split(b"\n"), 1) if line.strip()]
+    records = []
     for k, (n, line) in enumerate(lines):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
+            records.append((n, _record(line)))
+        except ValueError as e:
             if k == len(lines) - 1:  # a run killed while writing its last line: plot what came before
                 print(f"warning: {metrics_path}:{n}: incomplete last line skipped", file=sys.stderr)
                 break
-            raise ValueError(f"{metrics_path}:{n} is not a JSON record ({e})") from e
+            raise DamagedFileError(f"{metrics_path}:{n} is not a JSON record ({e}); only a torn last line is "
+                                   "skipped") from e
+    if not records:
+        raise DamagedFileError(f"{metrics_path}: " + ("the file is empty" if not lines else "no complete record"))
+    for n, record in records:
+        _check_types(record, f"{metrics_path}:{n}")
         logged.update(key for key in LOSSES if key in record)
         if "eval" in record:
             if "R@1" in record:
@@ -74,7 +112,7 @@ def plot_run(run_dir, out=None) -> Path:
     run_dir = Path(run_dir)
     metrics = run_dir / METRICS_FILE
     if not metrics.is_file():
-        raise FileNotFoundError(f"no {METRICS_FILE} in {run_dir}")
+        raise MissingFileError(f"no {METRICS_FILE} in {run_dir}")
     curves = read_curves(metrics)
     fig, axes = plt.subplots(3, 2, figsize=(10, 9), sharex=True)
     r1, reward, *loss_axes = axes.flat
@@ -110,8 +148,12 @@ def plot_run(run_dir, out=None) -> Path:
     fig.suptitle(run_dir.name)
     fig.tight_layout()
     out = Path(out) if out else run_dir / "training.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=100)
+    except ValueError as e:  # matplotlib: an extension it cannot write
+        raise ConfigError(f"--out {out}: {e}") from e
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -122,7 +164,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         print(plot_run(args.run_dir, args.out))
-    except (FileNotFoundError, ValueError) as e:
+    except (UserError, OSError) as e:  # anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -25,19 +25,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _number(value) -> float:
+    """``value`` as a float, NaN when a (hand-edited) marker holds something else."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+
+
 def describe_metrics(metrics: dict) -> str:
     """One line per prompt style: verdict accuracy (per pair kind) and per-attribute accuracy on held-out pairs."""
     lines = []
     for key, style in (("heldout", "dataset prompt"), ("heldout_generic", "generic prompt")):
-        held = metrics.get(key)
-        if not held:
+        held = (metrics or {}).get(key)
+        if not isinstance(held, dict) or not held:
             continue
-        kinds = held["verdict_accuracy_by_kind"]
-        lines.append(f"{style}: verdict {held['verdict_accuracy']:.3f} (same {kinds.get('same', float('nan')):.2f}, "
-                     f"one attribute {kinds.get('one_attribute', float('nan')):.2f}, random "
-                     f"{kinds.get('random', float('nan')):.2f}; chance 0.5), attributes "
-                     + ", ".join(f"{n} {v:.2f}" for n, v in held["attribute_accuracy_by_name"].items())
-                     + f" ({held['pairs']} held-out-class pairs)")
+        kinds = held.get("verdict_accuracy_by_kind")
+        kinds = kinds if isinstance(kinds, dict) else {}
+        attributes = held.get("attribute_accuracy_by_name")
+        attributes = attributes if isinstance(attributes, dict) else {}
+        lines.append(f"{style}: verdict {_number(held.get('verdict_accuracy')):.3f} "
+                     f"(same {_number(kinds.get('same')):.2f}, one attribute {_number(kinds.get('one_attribute')):.2f}"
+                     f", random {_number(kinds.get('random')):.2f}; chance 0.5), attributes "
+                     + ", ".join(f"{n} {_number(v):.2f}" for n, v in attributes.items())
+                     + f" ({held.get('pairs', '?')} held-out-class pairs)")
     return "\n".join(lines)
 
 
@@ -49,17 +57,19 @@ def main(argv=None) -> int:
         target = Path(out) if out else supervisor_dir(cfg)
         reused = check_writable(target, cfg, force) == "reuse"
         path = ensure_supervisor(cfg, target, force=force)
-    except (UserError, ValueError) as e:
+        metrics = read_marker(path)["metrics"] or {}
+        shipped = shipped_dir(cfg)
+        shipped_metrics = read_marker(shipped)["metrics"] if shipped is not None else None
+    except (UserError, ValueError) as e:  # a setting, a foreign, missing or damaged directory or file
         print(f"error: {e}", file=sys.stderr)
         return 2
-    metrics = read_marker(path)["metrics"]
     print(json.dumps(metrics, indent=2))
-    print(f"supervisor {'reused from' if reused else 'saved to'} {path} (trained {metrics['train_seconds']} s)")
+    print(f"supervisor {'reused from' if reused else 'saved to'} {path} "
+          f"(trained {metrics.get('train_seconds', '?')} s)")
     print(describe_metrics(metrics))
-    shipped = shipped_dir(cfg)
     if shipped is not None and shipped.resolve() != path.resolve():
         print(f"the shipped supervisor of this config ({shipped}), for comparison:")
-        print(describe_metrics(read_marker(shipped)["metrics"]))
+        print(describe_metrics(shipped_metrics))
     return 0
 
 

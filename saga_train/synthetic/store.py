@@ -15,7 +15,8 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
-from ..errors import UserError
+from ..errors import MissingFileError, UserError
+from ..files import damaged, field, one_line, read_json, require_file, safetensors_shapes
 from ..model import load_qwen3vl
 from ..prompts import PROMPT_STYLES, instruction, prompt_spec
 from .answers import FORMAT_VERSION
@@ -49,18 +50,23 @@ def supervisor_dir(cfg) -> Path:
     return cache_root() / f"supervisor-{config_hash(cfg)}"
 
 
+MARKER_FIELDS = {"hash": str, "complete": bool, "config": dict, "metrics": (dict, type(None)),
+                 "sha256": (dict, type(None))}
+
+
 def read_marker(path) -> dict:
-    """The marker of a supervisor directory, or None when there is none; a marker that is not a JSON object
-    raises ``SupervisorCacheError`` naming it."""
+    """The marker of a supervisor directory, or None when there is none; a marker that is empty, truncated, garbage,
+    not a JSON object, or without one of ``MARKER_FIELDS`` (or with a value of another type) raises
+    ``SupervisorCacheError`` naming it."""
     marker = Path(path) / MARKER
     if not marker.is_file():
         return None
-    try:
-        record = json.loads(marker.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SupervisorCacheError(f"{marker} is corrupt (not JSON: {e})") from e
-    if not isinstance(record, dict):
-        raise SupervisorCacheError(f"{marker} is corrupt (not a JSON object)")
+    record = read_json(marker, error=SupervisorCacheError)
+    for key, kind in MARKER_FIELDS.items():
+        field(record, key, kind, path=marker, error=SupervisorCacheError)
+    for name, digest in (record["sha256"] or {}).items():
+        if not isinstance(digest, str):
+            raise damaged(marker, f"'sha256'[{name!r}] must be a string, got {digest!r}", error=SupervisorCacheError)
     return record
 
 
@@ -83,6 +89,9 @@ def verify_supervisor(path, cfg=None) -> dict:
     marker = read_marker(path)
     if marker is None or not marker.get("complete"):
         raise SupervisorCacheError(f"{path} is not a complete supervisor (no complete {MARKER})")
+    if marker["metrics"] is None:
+        raise damaged(Path(path) / MARKER, "a complete supervisor's marker without 'metrics'",
+                      error=SupervisorCacheError)
     if cfg is not None and marker.get("hash") != config_hash(cfg):
         raise SupervisorCacheError(f"{path} holds the supervisor of config {marker.get('hash')}, "
                                    f"not {config_hash(cfg)}")
@@ -131,5 +140,60 @@ def write_marker(path: Path, cfg, complete: bool, metrics: dict = None) -> None:
 
 
 def load_supervisor(path, attn_implementation: str = None):
-    """``(model, processor)`` of a saved supervisor directory (offline; a Qwen3-VL checkpoint like any other)."""
-    return load_qwen3vl(str(path), attn_implementation=attn_implementation)
+    """``(model, processor)`` of a saved supervisor directory (offline; a Qwen3-VL checkpoint like any other,
+    loaded by ``saga_train.model.load_qwen3vl``).
+
+    Its files are checked first, so that a damaged one is named: a missing directory, config.json or weights raise
+    ``MissingFileError``; an empty, truncated or garbage JSON or safetensors file, a config.json transformers cannot
+    use, tokenizer / processor files it cannot load, or weights without a tensor of the model (or with one of another
+    shape) raise ``SupervisorCacheError`` naming the file and what is wrong."""
+    import torch
+    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
+
+    from ..model import QWEN3VL_MODEL_TYPES
+    from ..processor import load_processor
+
+    path = Path(path)
+    if not path.is_dir():
+        raise MissingFileError(f"supervisor directory {path} does not exist")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise MissingFileError(f"{path} is not a saved supervisor: no *.safetensors weights in it")
+    config_path = require_file(path / "config.json", hint=" (the supervisor's model config)")
+    for name in sorted(path.glob("*.json")):
+        read_json(name, error=SupervisorCacheError)
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        if config.model_type not in QWEN3VL_MODEL_TYPES:
+            raise ValueError(f"model_type {config.model_type!r} is not Qwen3-VL's ('qwen3_vl')")
+        with torch.device("meta"):  # the tensors the weights must hold, without allocating them
+            wanted = {k: tuple(v.shape) for k, v in Qwen3VLForConditionalGeneration(config).state_dict().items()}
+    except Exception as e:  # transformers' config validation raises several types (ValueError, TypeError, ...)
+        raise damaged(config_path, f"not a usable Qwen3-VL config ({type(e).__name__}: {e})",
+                      error=SupervisorCacheError) from e
+    shapes = {}
+    for name in weights:
+        shapes.update(safetensors_shapes(name, error=SupervisorCacheError))
+    where = weights[0] if len(weights) == 1 else path
+    other = [f"{k!r} {shapes[k]} (wanted {shape})" for k, shape in wanted.items() if k in shapes and shapes[k] != shape]
+    if other:
+        raise damaged(where, f"{len(other)} tensor(s) of another shape than config.json gives: {', '.join(other[:3])}",
+                      error=SupervisorCacheError)
+    try:
+        load_processor(path)
+    except Exception as e:  # tokenizers / transformers raise KeyError, ValueError, OSError, ... for damaged files
+        names = ", ".join(sorted(f.name for f in path.iterdir() if f.name.startswith(("tokenizer", "processor",
+                                                                                          "chat_template"))))
+        raise SupervisorCacheError(one_line(f"{path}: its tokenizer and processor files ({names}) cannot be loaded "
+                                            f"({type(e).__name__}: {e})")) from e
+    try:
+        model, processor = load_qwen3vl(str(path), attn_implementation=attn_implementation)
+    except Exception as e:  # what the checks above did not foresee, still named by directory
+        raise SupervisorCacheError(one_line(f"{path}: cannot load the supervisor ({type(e).__name__}: {e})")) from e
+    state = model.state_dict()
+    stored = {state[k].data_ptr() for k in state if k in shapes}  # tied weights are stored once
+    missing = [k for k in state if k not in shapes and state[k].data_ptr() not in stored]
+    if missing:
+        raise damaged(where, f"{len(missing)} tensor(s) of the model missing: {', '.join(missing[:3])}",
+                      error=SupervisorCacheError)
+    return model, processor
