@@ -4,18 +4,28 @@ import sys
 
 from .config import parse_args
 from .errors import UserError
+from .preemption import EXIT_PREEMPTED
 from .train import format_metrics, train
 
 
 def main(argv=None) -> int:
+    """Exit status: 0 done, 2 a ``UserError`` (printed as ``error: ...``), ``EXIT_PREEMPTED`` (75) stopped by a
+    preemption signal with a checkpoint (resume with ``--resume`` / ``--auto-resume``)."""
     try:
         cfg = parse_args(argv)
         result = train(cfg)
+        if result.get("preempted"):
+            return EXIT_PREEMPTED
+        if result["rank"] == 0:  # torchrun: rank 0 reports
+            report(result)
     except UserError as e:  # what the user can fix; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if result["rank"] != 0:  # torchrun: rank 0 reports
-        return 0
+    return 0
+
+
+def report(result: dict) -> None:
+    """What a finished run prints: retrieval before -> after, the rollout totals, the plot and the run directory."""
     if result.get("after"):
         before, after = result.get("before"), result["after"]
         gain = f" (R@1 {after['R@1'] - before['R@1']:+.3f})" if before else ""
@@ -36,7 +46,6 @@ def main(argv=None) -> int:
 
     print(f"R@1, reward rate and losses over training: {os.path.abspath(plot_run(result['run_dir']))}")
     print(f"run directory: {os.path.abspath(result['run_dir'])}")
-    return 0
 
 
 if __name__ == "__main__":

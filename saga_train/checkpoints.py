@@ -3,50 +3,126 @@
 ``save_checkpoint`` writes encoder + pooler + proxies + optimizer + scheduler + RNG states + step into one
 safetensors file (metadata: the step, the optimizer's param groups, the scheduler, the Python / numpy RNG states and
 the config); ``load_checkpoint`` restores all of it and refuses a checkpoint written with other settings than those
-in ``RESUME_MAY_CHANGE``. A write goes to a temporary file in the same directory and ``os.replace`` puts it in
-place, so a reader never sees a half-written file.
+in ``RESUME_MAY_CHANGE``.
+
+Crash consistency (a process killed at any instant): every write goes to a temporary file (``.<name>.<random>.tmp``)
+in the same directory, is flushed to the disk (``fsync``) and put in place by ``os.replace``, then the directory is
+synced, so a reader sees the old file or the new one, never a half-written one. The newest checkpoint is
+``checkpoint.safetensors``, the one before ``checkpoint.previous.safetensors`` (rotated by the save); the loader
+takes the newest that reads whole and warns when it falls back. ``atomic_replace_dir`` does the same for a directory
+(the embedder).
 """
+import contextlib
+import glob
 import json
 import os
 import random
+import shutil
 import tempfile
+import warnings
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from .config import ConfigError
+from .errors import DamagedFileError, MissingFileError
+from .files import damaged, one_line
 
 CHECKPOINT = "checkpoint.safetensors"
+PREVIOUS = "checkpoint.previous.safetensors"
+META_KEYS = ("step", "optim_param_groups", "scheduler", "rng_python", "rng_numpy", "config")
 # settings a resumed run may change; any other difference from the checkpoint's config is an error
-RESUME_MAY_CHANGE = ("resume", "stop_after", "progress", "eval_before", "eval_every_epoch", "eval_every",
-                     "checkpoint_every", "threads", "device", "workers", "replay_tokens", "shard_llm")
+RESUME_MAY_CHANGE = ("resume", "auto_resume", "preempt_signal", "stop_after", "progress", "eval_before",
+                     "eval_every_epoch", "eval_every", "checkpoint_every", "threads", "device", "workers",
+                     "replay_tokens", "shard_llm")
+
+
+def _sync_dir(directory: str) -> None:
+    """fsync a directory (the renames in it), where the OS allows it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _temp_path(path: str) -> str:
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    return tmp
+
+
+@contextlib.contextmanager
+def _atomic(path: str, previous: str | None = None):
+    """Yield a temporary path beside ``path``; on success fsync it and ``os.replace`` it onto ``path`` (the file it
+    replaces first renamed to ``previous`` when given)."""
+    tmp = _temp_path(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if previous and os.path.exists(path):
+            os.replace(path, previous)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _sync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def atomic_save_file(tensors: dict, path: str, metadata: dict | None = None) -> None:
-    """safetensors ``save_file`` through a temp file in the same directory + ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
+    """safetensors ``save_file`` through a synced temp file in the same directory + ``os.replace``."""
+    with _atomic(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """``text`` into ``path`` (UTF-8) through a temp file in the same directory + ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    """``text`` into ``path`` (UTF-8) through a synced temp file in the same directory + ``os.replace``."""
+    with _atomic(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+
+
+def atomic_replace_dir(path: str, write) -> None:
+    """``write(directory)`` fills a fresh temporary directory beside ``path``, which then replaces ``path``: the old
+    directory is renamed away, the new one renamed in, the old one removed. A kill between the two renames leaves
+    no ``path`` (never a mixed one); the trainer writes it again on resume."""
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+    try:
+        write(tmp)
+        for file in glob.glob(os.path.join(tmp, "**"), recursive=True):
+            if os.path.isfile(file):
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".old")
+            os.replace(path, os.path.join(old, name))
         os.replace(tmp, path)
+        _sync_dir(parent)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temporaries(directory: str) -> list:
+    """Remove what killed writers left in ``directory`` (``.<name>.<random>.tmp`` / ``.old``); returns the paths."""
+    stale = glob.glob(os.path.join(directory, ".*.tmp")) + glob.glob(os.path.join(directory, ".*.old"))
+    for path in stale:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+    return stale
 
 
 def _trainable_state(comps) -> dict:
@@ -56,7 +132,8 @@ def _trainable_state(comps) -> dict:
 
 
 def save_checkpoint(comps, optimizer, scheduler, step: int, path: str) -> None:
-    """Encoder + pooler + proxies + optimizer + scheduler + RNG states + step, one atomic safetensors file."""
+    """Encoder + pooler + proxies + optimizer + scheduler + RNG states + step, one atomic safetensors file at
+    ``path``; the checkpoint it replaces becomes ``checkpoint.previous.safetensors`` beside it."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in _trainable_state(comps).items()}
     opt = optimizer.state_dict()
     for pid, st in opt["state"].items():
@@ -76,21 +153,83 @@ def save_checkpoint(comps, optimizer, scheduler, step: int, path: str) -> None:
         "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "config": comps.cfg.to_dict(),
     }
-    atomic_save_file(tensors, path, metadata={"saga": json.dumps(meta)})
+    with _atomic(path, previous=previous_path(path)) as tmp:
+        save_file(tensors, tmp, metadata={"saga": json.dumps(meta)})
 
 
-def load_checkpoint(comps, optimizer, scheduler, path: str) -> int:
-    """Restore everything ``save_checkpoint`` wrote; returns the step to continue from."""
-    from safetensors import safe_open
+def previous_path(path: str) -> str:
+    """Where the checkpoint before ``path`` is kept."""
+    return os.path.join(os.path.dirname(path), PREVIOUS)
 
-    with safe_open(path, framework="pt") as f:
-        meta = json.loads(f.metadata()["saga"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+
+def checkpoint_files(path: str) -> list:
+    """The checkpoints a resume may read, newest first: ``path`` and the previous one, those that exist."""
+    return [p for p in (path, previous_path(path)) if os.path.isfile(p)]
+
+
+def read_checkpoint(path: str) -> tuple:
+    """``(metadata, tensors)`` of the checkpoint ``path``; ``DamagedFileError`` naming it when it is empty,
+    truncated, not safetensors or without the trainer's metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise MissingFileError(f"no checkpoint at {path}")
+    if os.path.getsize(path) == 0:
+        raise damaged(path, "the file is empty")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise damaged(path, f"not a whole safetensors file ({one_line(e)})") from e
+    try:
+        meta = json.loads(header["saga"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise damaged(path, f"not a saga_train checkpoint: no readable 'saga' metadata ({one_line(e)})") from e
+    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+    missing += [k for k in ("rng.torch",) if k not in tensors]
+    if missing:
+        raise damaged(path, f"not a saga_train checkpoint: it lacks {', '.join(map(repr, missing))}")
+    return meta, tensors
+
+
+def load_checkpoint(comps, optimizer, scheduler, path: str, warn=None) -> int:
+    """Restore everything ``save_checkpoint`` wrote; returns the step to continue from.
+
+    Reads ``path``, or, when it is missing or damaged (a crash while it was replaced, a damaged disk), the previous
+    checkpoint, with a warning through ``warn`` (default ``warnings.warn``). Raises ``MissingFileError`` when there is
+    neither, ``DamagedFileError`` naming each file when none reads whole, ``ConfigError`` when the checkpoint was
+    written with other settings than the run's (outside ``RESUME_MAY_CHANGE``).
+    """
+    warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
+    candidates = checkpoint_files(path)
+    if not candidates:
+        raise MissingFileError(f"--resume: no checkpoint at {path}")
+    problems = []
+    for candidate in candidates:
+        try:
+            meta, tensors = read_checkpoint(candidate)
+            break
+        except DamagedFileError as e:
+            problems.append(str(e))
+    else:
+        raise DamagedFileError("--resume: no readable checkpoint: " + "; ".join(problems))
+    if problems or candidate != path:
+        warn(f"WARNING: resuming from the previous checkpoint {candidate} (step {meta['step']}): "
+             + ("; ".join(problems) if problems else f"{path} is missing (the run was killed while replacing it)"))
     current = comps.cfg.to_dict()
     changed = sorted(k for k, v in meta["config"].items() if k not in RESUME_MAY_CHANGE and current.get(k) != v)
     if changed:
-        raise ConfigError(f"--resume: {path} was written with other settings for: "
+        raise ConfigError(f"--resume: {candidate} was written with other settings for: "
                           + ", ".join(f"{k} ({meta['config'][k]!r} -> {current.get(k)!r})" for k in changed))
+    try:
+        _restore(comps, optimizer, scheduler, meta, tensors)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise damaged(candidate, f"does not fit this run's model or optimizer ({one_line(e)})") from e
+    return int(meta["step"])
+
+
+def _restore(comps, optimizer, scheduler, meta, tensors) -> None:
     comps.embedder.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("embedder.")})
     comps.metric_loss.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("metric.")})
     state = {}
@@ -108,8 +247,8 @@ def load_checkpoint(comps, optimizer, scheduler, path: str) -> int:
     random.setstate((py[0], tuple(py[1]), py[2]))
     npst = meta["rng_numpy"]
     np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
-    return int(meta["step"])
 
 
-__all__ = ["CHECKPOINT", "RESUME_MAY_CHANGE", "atomic_save_file", "atomic_write_text", "load_checkpoint",
-           "save_checkpoint"]
+__all__ = ["CHECKPOINT", "PREVIOUS", "RESUME_MAY_CHANGE", "atomic_replace_dir", "atomic_save_file",
+           "atomic_write_text", "checkpoint_files", "load_checkpoint", "previous_path", "read_checkpoint",
+           "remove_stale_temporaries", "save_checkpoint"]

@@ -75,7 +75,9 @@ class Config:
     # run
     seed: int = 0
     run_dir: str = "runs/saga-default"
-    resume: bool = False
+    resume: bool = False  # continue from run_dir's checkpoint (an error when there is none)
+    auto_resume: bool = False  # continue from run_dir's checkpoint when there is one, else start fresh (requeued jobs)
+    preempt_signal: str = "USR1"  # stops the run like SIGTERM: step in flight, checkpoint, exit 75 ("" = SIGTERM only)
     eval_before: bool = True
     eval_every_epoch: bool = True
     eval_every: int = 0  # also evaluate every this many steps (0 = only before and at epoch ends)
@@ -114,6 +116,10 @@ class Config:
             raise ConfigError(f"need 0 < top_p <= 1 and temperature > 0, got {self.top_p}, {self.temperature}")
         if self.group_size < 2 and self.lambda_lm > 0:
             raise ConfigError("group_size must be >= 2 for group-normalized advantages")
+        if self.preempt_signal:
+            from .preemption import signal_number
+
+            signal_number(self.preempt_signal)
         if self.images_per_class < 2:
             raise ConfigError("images_per_class must be >= 2 so that a batch holds same-class pairs")
 

@@ -1,6 +1,13 @@
-"""The run's bookkeeping: per-step records as JSON lines, totals over steps and ranks, the progress bar."""
+"""The run's bookkeeping: per-step records as JSON lines, totals over steps and ranks, the progress bar.
+
+``metrics.jsonl`` holds one JSON object per line: ``{"step": k, ...}`` after step k (1-based), ``{"eval": name,
+"step": k, ...}`` for an evaluation after k steps. Each record is appended with one ``write`` and synced to the disk;
+a resumed run first cuts the file back to its checkpoint (``restore_records``), so that after any crash and resume
+it holds exactly one record per step and per evaluation.
+"""
 import contextlib
 import json
+import os
 import time
 
 from . import distributed as dist_lib
@@ -82,9 +89,44 @@ class RunLog:
 
 
 def write_record(path: str, record: dict) -> None:
-    """Append ``record`` to the JSON-lines file ``path``."""
+    """Append ``record`` to the JSON-lines file ``path`` (one write, then fsync)."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
-__all__ = ["RunLog", "write_record"]
+def restore_records(path: str, step: int) -> list:
+    """Cut the metrics file ``path`` back to a checkpoint after ``step`` steps; returns the records kept.
+
+    Keeps the records with ``"step" <= step`` (those written after the checkpoint are written again by the resumed
+    run) and drops a last line a kill cut short; rewrites the file atomically. Raises ``DamagedFileError`` naming the
+    file and line for any other line that is not a JSON record (the file was damaged, not cut short by a kill).
+    """
+    from .checkpoints import atomic_write_text
+    from .errors import DamagedFileError
+
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    kept = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and isinstance(record.get("step"), int)
+        except json.JSONDecodeError:
+            ok = False
+        if not ok:
+            if number == len(lines):  # the last line, without its newline: a write cut short
+                break
+            raise DamagedFileError(f"{path}: line {number} is not a metrics record: {line[:80]!r}")
+        if record["step"] <= step:
+            kept.append(record)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+__all__ = ["RunLog", "restore_records", "write_record"]

@@ -1,9 +1,17 @@
 """The SAGA training loop: ``train(cfg) -> dict`` runs a whole training (or resumes one) and returns the final metrics.
 
-The run directory gets ``config.json``, ``metrics.jsonl`` (runlog.py), ``checkpoint.safetensors`` (checkpoints.py)
-and ``embedder/`` (what the retrieval tool loads with ``saga_train.model.load_embedder``). The pieces: the run's
-components (components.py), its batch stream (data/stream.py), one step = phases A, B, C (step.py), the
-bookkeeping (runlog.py), evaluation (evaluate.py).
+The run directory gets ``config.json``, ``metrics.jsonl`` (runlog.py), ``checkpoint.safetensors`` and
+``checkpoint.previous.safetensors`` (checkpoints.py) and ``embedder/`` (what the retrieval tool loads with
+``saga_train.model.load_embedder``). The pieces: the run's components (components.py), its batch stream
+(data/stream.py), one step = phases A, B, C (step.py), the bookkeeping (runlog.py), evaluation (evaluate.py),
+preemption (preemption.py).
+
+After each step: the checkpoint when one is due (epoch end, ``--checkpoint-every``, the last step, a preemption
+signal), then the evaluation when one is due. A process killed at any instant and resumed (``--resume``,
+``--auto-resume``) continues from the newest readable checkpoint: the metrics written after it are cut
+(``runlog.restore_records``), an evaluation due at its step that did not finish runs first, and the embedder is
+written again when training was already complete; the weights end bitwise equal to an uninterrupted run's
+(tests/test_crash_consistency.py).
 
 Determinism: the step's RNG is reseeded from ``(seed, step, rank)`` at the start of every step, the batches of an
 epoch are a pure function of ``(seed, epoch)`` and the step's pairs and completions of ``(seed, step)``, so a
@@ -17,26 +25,66 @@ import time
 
 import torch
 
+from . import checkpoints
 from . import distributed as dist_lib
-from .checkpoints import CHECKPOINT, atomic_write_text, load_checkpoint, save_checkpoint
 from .components import autocast, build_components, build_optimizer, resolve_device
 from .data.stream import StepBatches, data_loader, data_workers, steps_per_epoch
 from .errors import MissingFileError
 from .evaluate import evaluate_embedder
-from .runlog import RunLog
+from .preemption import PreemptionWatch
+from .runlog import RunLog, restore_records
 from .step import step_plan, step_seed, train_step
 
 METRICS = "metrics.jsonl"
+EMBEDDER = "embedder"
 RANDOM_INIT_NOTICE = ("NOTE: the MLLM is a randomly initialized tiny Qwen3-VL: its verdicts are noise, so the "
                       "GRPO / attention-distillation signal in this run means nothing; only the metric loss teaches.")
 
 
 def train(cfg, log=print) -> dict:
-    """Train (or resume) per ``cfg``; returns ``{"before": metrics, "after": metrics, ...}``."""
-    t_start = time.perf_counter()
-    ckpt_path = os.path.join(cfg.run_dir, CHECKPOINT)
-    if cfg.resume and not os.path.isfile(ckpt_path):
+    """Train (or resume) per ``cfg``; returns ``{"before": metrics, "after": metrics, ...}``, with ``"preempted":
+    k`` when a preemption signal stopped it after step k (a checkpoint holds step k)."""
+    with PreemptionWatch(cfg.preempt_signal) as watch:
+        return _train(cfg, log, watch)
+
+
+def resuming(cfg, ckpt_path: str, log=print) -> bool:
+    """Whether the run continues from a checkpoint: ``--resume`` (MissingFileError when there is none) or
+    ``--auto-resume`` with a checkpoint in the run directory."""
+    found = checkpoints.checkpoint_files(ckpt_path)
+    if cfg.resume and not found:
         raise MissingFileError(f"--resume: no checkpoint at {ckpt_path}")
+    if cfg.auto_resume and not found:
+        log(f"--auto-resume: no checkpoint in {cfg.run_dir}: starting fresh")
+    return bool(found) and (cfg.resume or cfg.auto_resume)
+
+
+def evaluation_due(cfg, done: int, spe: int, total: int) -> str | None:
+    """The name of the evaluation due once ``done`` >= 1 steps are done (``"epoch e"``, ``"step k"``), or None."""
+    if cfg.eval_every_epoch and (done % spe == 0 or done == total):
+        return f"epoch {(done - 1) // spe}"
+    if cfg.eval_every and done % cfg.eval_every == 0:
+        return f"step {done}"
+    return None
+
+
+def _start_fresh(cfg, metrics_path: str, log) -> None:
+    """A fresh run owns its directory: the metrics, checkpoints and stale temporaries of an earlier run go."""
+    names = (checkpoints.CHECKPOINT, checkpoints.PREVIOUS)
+    old = [p for p in (metrics_path, *(os.path.join(cfg.run_dir, n) for n in names)) if os.path.exists(p)]
+    if any(p.endswith(".safetensors") for p in old):
+        log(f"starting fresh in {cfg.run_dir}: removing the checkpoints of an earlier run (--auto-resume or "
+            "--resume continues one)")
+    for path in old:
+        os.remove(path)
+    checkpoints.remove_stale_temporaries(cfg.run_dir)
+    checkpoints.atomic_write_text(os.path.join(cfg.run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
+
+
+def _train(cfg, log, watch: PreemptionWatch) -> dict:
+    t_start = time.perf_counter()
+    ckpt_path = os.path.join(cfg.run_dir, checkpoints.CHECKPOINT)
+    resume = resuming(cfg, ckpt_path, log)
     probe_device = resolve_device(cfg)
     if probe_device.type == "cpu" and cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -51,14 +99,16 @@ def train(cfg, log=print) -> dict:
     metrics_path = os.path.join(cfg.run_dir, METRICS)
     main = dist.is_main
 
-    start = 0
-    if cfg.resume:
-        start = load_checkpoint(comps, optimizer, scheduler, ckpt_path)
-        log(f"resumed from {ckpt_path} at step {start}/{total}")
+    start, records = 0, []
+    if resume:
+        start = checkpoints.load_checkpoint(comps, optimizer, scheduler, ckpt_path, warn=log)
+        log(f"resumed from {cfg.run_dir} at step {start}/{total}")
+        if main:
+            checkpoints.remove_stale_temporaries(cfg.run_dir)
+            records = restore_records(metrics_path, start)
     elif main:
-        if os.path.exists(metrics_path):
-            os.remove(metrics_path)
-        atomic_write_text(os.path.join(cfg.run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
+        _start_fresh(cfg, metrics_path, log)
+    dist_lib.barrier(dist)
     if main:
         log(f"model: {comps.model_description}; {comps.train_set!r} / {comps.test_set!r}")
         log(f"LLM parameters on rank 0: decoder layers {llm_bytes['decoder_layers'] / 2**20:.1f} MiB of "
@@ -71,46 +121,56 @@ def train(cfg, log=print) -> dict:
     run_log = RunLog(metrics_path, dist, start=start, stop=stop, progress=cfg.progress, log=log)
     result = {"run_dir": cfg.run_dir, "steps": total, "model": comps.model_description, "rank": dist.rank,
               "random_init": comps.random_init, "llm_parameter_bytes": llm_bytes}
-    if start == 0 and cfg.eval_before and main:
-        result["before"] = evaluate_run(comps)
-        run_log.evaluation("before", 0, result["before"])
-        log("before training: " + format_metrics(result["before"]))
+    result.update({r["eval"].replace(" ", "_"): _metrics(r) for r in records if "eval" in r})
+
+    def evaluation(name: str, done: int) -> None:
+        metrics = result[name.replace(" ", "_")] = evaluate_run(comps)
+        run_log.evaluation(name, done, metrics)
+        run_log.write(f"{'before training' if name == 'before' else name}: " + format_metrics(metrics))
+
+    pending = evaluation_due(cfg, start, spe, total) if start else ("before" if cfg.eval_before else None)
+    if main and pending and not any(r.get("eval") == pending and r["step"] == start for r in records):
+        evaluation(pending, start)  # an evaluation the checkpoint was written before (killed or preempted)
     dist_lib.barrier(dist)
 
     loader = data_loader(comps.train_set, data_workers(cfg, comps.train_set, comps.device),
                          batch_sampler=StepBatches(cfg, comps.train_set, start, stop, spe))
+    done = start
     for step, batch in zip(range(start, stop), loader):
-        epoch = step // spe
         torch.manual_seed(step_seed(cfg.seed, step, dist.rank))
-        run_log.begin(step, epoch)
+        run_log.begin(step, step // spe)
         train_step(comps, plan, optimizer, scheduler, batch, step, run_log)
         run_log.end()
-        end_of_epoch = (step + 1) % spe == 0 or step + 1 == total
-        if end_of_epoch and cfg.eval_every_epoch and main:
-            metrics = evaluate_run(comps)
-            result[f"epoch_{epoch}"] = metrics
-            run_log.evaluation(f"epoch {epoch}", step + 1, metrics)
-            run_log.write(f"epoch {epoch}: " + format_metrics(metrics))
-        elif cfg.eval_every and (step + 1) % cfg.eval_every == 0 and main:
-            metrics = evaluate_run(comps)
-            run_log.evaluation(f"step {step + 1}", step + 1, metrics)
-            run_log.write(f"step {step + 1}: " + format_metrics(metrics))
-        periodic = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
-        if main and (end_of_epoch or periodic or step + 1 == stop):
-            save_checkpoint(comps, optimizer, scheduler, step + 1, ckpt_path)
+        done = step + 1
+        preempted = done < stop and watch.requested(dist)
+        periodic = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
+        if main and (done % spe == 0 or done == total or periodic or done == stop or preempted):
+            checkpoints.save_checkpoint(comps, optimizer, scheduler, done, ckpt_path)
+        dist_lib.barrier(dist)
+        if preempted:
+            result["preempted"] = done
+            if main:
+                run_log.write(f"preempted at step {done}; resume with --resume (or --auto-resume)")
+            break
+        name = evaluation_due(cfg, done, spe, total)
+        if name and main:
+            evaluation(name, done)
         dist_lib.barrier(dist)
     run_log.close()
 
-    done = stop - start
-    if main and done:
-        if stop == total:
-            result["after"] = result.get(f"epoch_{(stop - 1) // spe}")
-            comps.embedder.save(os.path.join(cfg.run_dir, "embedder"))
-        result.update(run_log.summary(done, rollouts=plan is not None))
+    if main and done == total and "preempted" not in result:
+        result["after"] = result.get(f"epoch_{(total - 1) // spe}")
+        checkpoints.atomic_replace_dir(os.path.join(cfg.run_dir, EMBEDDER), comps.embedder.save)
+    if main and done > start:
+        result.update(run_log.summary(done - start, rollouts=plan is not None))
     result["parameter_digest"] = parameter_digest(comps.trainable_parameters())
     result["wall_seconds"] = time.perf_counter() - t_start
-    result["final_step"] = stop
+    result["final_step"] = done
     return result
+
+
+def _metrics(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("eval", "step")}
 
 
 def evaluate_run(comps) -> dict:
