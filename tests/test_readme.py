@@ -3,6 +3,7 @@ directory, on the torch fallbacks), so the documented API cannot drift from the 
 import os
 import pathlib
 import re
+import shlex
 import subprocess
 import sys
 
@@ -13,6 +14,27 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def training_commands() -> list[list[str]]:
+    """The flags of every `-m saga_train` command in the README's ```bash blocks (continuations joined)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            found = re.search(r"-m saga_train(?![.\w])(.*)", line)
+            if found:
+                commands.append(shlex.split(found.group(1).split("#")[0].split("'")[0].split("|")[0]))
+    return commands
+
+
+def test_readme_training_commands_parse():
+    """The shell examples (quick start, multi-GPU, the SLURM script) use flags that exist."""
+    from saga_train.config import parse_args
+
+    commands = training_commands()
+    assert len(commands) >= 10 and any("--auto-resume" in argv for argv in commands)
+    for argv in commands:
+        parse_args(argv)
 
 
 def test_readme_has_examples():
