@@ -29,7 +29,7 @@ from saga_kernels.integrations.trl import SagaGRPOTrainer, add_saga_lm_head
 from saga_kernels.reference import linear_logprobs_reference
 from saga_train.synthetic.tiny import build_processor, build_tiny_qwen3vl, build_tokenizer
 
-from utils import MatmulFlops
+from utils import MatmulFlops, assert_rule
 
 WORDS = "the a bird red blue green small large wing tail beak yes no same different describe image".split()
 PROMPTS = ["the red bird", "a small blue wing", "the large tail", "green beak same"]
@@ -282,18 +282,25 @@ def _run(model, ids, mask, **kw):
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _assert_outputs_equal(ours, theirs):
-    (o, og), (t, tg) = ours, theirs
+def _compare_with_trl(ours_model, theirs_model, ids, mask, **call):
+    """Ours against TRL's head by the tolerance rule (tests/utils.py): gold = TRL's head on a float64 copy of the
+    model, peer = TRL's head in fp32; every field and gradient no further from the gold than the peer's plus 1e-5
+    of its size (fp32 round-off of a sum over the vocabulary, whatever vector width ATen picks)."""
+    gold_model = copy.deepcopy(theirs_model).double()
+    (o, og), (t, tg), (g, gg) = (_run(m, ids, mask, **call) for m in (ours_model, theirs_model, gold_model))
     assert isinstance(o, FusedCausalLMOutput)
     for field in ("loss", "log_probs", "entropy", "label_mask", "aux_loss"):
-        a, b = getattr(o, field), getattr(t, field)
+        a, b, gold = getattr(o, field), getattr(t, field), getattr(g, field)
         assert (a is None) == (b is None), field
-        if a is not None:
-            torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=field)
+        if a is not None and a.dtype == torch.bool:
+            assert torch.equal(a, b), field
+        elif a is not None:
+            assert_rule(a, gold, b, rel_slack=1e-5, what=field)
     for field in ("log_sum_sq_probs", "mean_logits", "is_top1"):
         assert getattr(o, field) is None
+    assert og.keys() == tg.keys()
     for name in tg:
-        torch.testing.assert_close(og[name], tg[name], rtol=1e-4, atol=1e-7, msg=name)
+        assert_rule(og[name], gg[name], tg[name], rel_slack=1e-5, what=name)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(num_items_in_batch=torch.tensor(17.0)), dict(shift=True)])
@@ -303,7 +310,7 @@ def test_contract_fields_match_trl(tokenizer, kw):
     call = dict(shift_labels=labels[:, 1:]) if kw.pop("shift", False) else dict(labels=labels)
     call.update(kw)
     ids_in, mask_in = (ids[:, :-1], mask[:, :-1]) if "shift_labels" in call else (ids, mask)
-    _assert_outputs_equal(_run(ours, ids_in, mask_in, **call), _run(theirs, ids_in, mask_in, **call))
+    _compare_with_trl(ours, theirs, ids_in, mask_in, **call)
 
 
 def test_entropy_detached_is_the_same_value_without_gradient(tokenizer):
@@ -336,7 +343,7 @@ def test_logit_scale_and_softcap_follow_trl(tokenizer, fields):
     """The config fields TRL's head reads (Gemma 2's softcap, Granite's logits_scaling, Cohere's logit_scale)."""
     theirs, ours = _pair(tokenizer, **fields)
     ids, mask, labels = _batch(tokenizer, seed=3)
-    _assert_outputs_equal(_run(ours, ids, mask, labels=labels), _run(theirs, ids, mask, labels=labels))
+    _compare_with_trl(ours, theirs, ids, mask, labels=labels)
 
 
 @pytest.mark.parametrize("fields,match", [(dict(final_logit_softcapping=0.0), "config.final_logit_softcapping"),
@@ -354,6 +361,7 @@ def test_moe_router_aux_loss_follows_trl(tokenizer):
                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                             num_experts=4, num_experts_per_tok=2, output_router_logits=True,
                             router_aux_loss_coef=0.01, pad_token_id=tokenizer.pad_token_id)
+    config._experts_implementation = "eager"  # torch._grouped_mm has no float64 (the gold)
     models = []
     for add in (add_fused_lm_head, add_saga_lm_head):
         with torch.random.fork_rng(devices=[]):
@@ -362,9 +370,8 @@ def test_moe_router_aux_loss_follows_trl(tokenizer):
         add(model, outputs=("log_probs", "entropy"))
         models.append(model)
     ids, mask, labels = _batch(tokenizer, seed=4)
-    theirs, ours = (_run(m, ids, mask, labels=labels) for m in models)
-    assert ours[0].aux_loss is not None
-    _assert_outputs_equal(ours, theirs)
+    assert _run(models[1], ids, mask, labels=labels)[0].aux_loss is not None
+    _compare_with_trl(models[1], models[0], ids, mask, labels=labels)
 
 
 def test_autocast_bf16_is_closer_to_float64_than_trls_head(tokenizer):
