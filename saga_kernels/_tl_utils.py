@@ -11,6 +11,9 @@ Device functions
     softcap_logits  ``cap * tanh(scale * raw / cap) / T`` and its derivative factor (Gemma-style logit softcap)
 Host helpers
     dot_config      the (operand dtype, input_precision) pair every ``tl.dot`` of a launch uses
+    grad_dtype      the dtype computed gradient weights travel in (dot operand, buffer): never fp16
+    grad_buffer_dtype  the dtype of a gradient tile a kernel writes for cuBLAS (grad_dtype on a GPU, else fp32)
+    grad_dot_config dot_config for the dots of a fused backward, whose A operand is such a gradient tile
     on_device       the context every launch runs in: the inputs' CUDA device, not torch's current one
     mm_fp32         a @ b with an fp32 result (half operands accumulate in cuBLAS's fp32, no upcast copy)
     next_pow2, cdiv block-size arithmetic
@@ -24,6 +27,15 @@ default) -> "tf32x3" (three TF32 products, about fp32 accuracy at tensor-core ra
 ``SAGA_FP32_DOT=ieee`` (or ``tf32`` / ``tf32x3`` to override torch's setting). An op whose accuracy needs
 more than TF32 passes ``min_fp32_precision="tf32x3"``. In the interpreter (CPU) every dot runs in fp32:
 its half-precision arithmetic is unreliable and it ignores ``input_precision``.
+
+Half precision between and inside kernels: inputs may be bf16/fp16, but every probability, exp-sum, log-sum-exp
+state, partial sum and accumulator is fp32. What a kernel computes and hands to a product (a backward's gradient
+tile ``W`` for ``W @ x``, logprob's dlogits chunk) is held in bf16 at most (:func:`grad_dtype`): bf16 has fp32's
+range, so a tiny probability stays a tiny number rounded relatively (as eager bf16 rounds its own gradient), while
+fp16 flushes values below 6e-8 to 0, keeps a few bits below 6e-5 and overflows above 65504 (a probability times 1/N
+under an unscaled loss, a Potential Field force d^-(alpha+2), the inverse norms of short rows). fp16 inputs
+therefore run such products on fp32 operands: "tf32" tensor-core dots (:func:`grad_dot_config`; an fp16 value
+converts to tf32 exactly, so a recomputed similarity equals the fp16 dot's) and fp32 buffers for cuBLAS.
 """
 from __future__ import annotations
 
@@ -158,6 +170,30 @@ def dot_config(dtype: torch.dtype, device: torch.device, *, min_fp32_precision: 
     if dtype == torch.float64:
         return tl.float64, "ieee"
     return tl.float32, fp32_dot_precision(min_fp32_precision)
+
+
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which computed gradient weights travel for inputs of ``dtype`` (a fused backward's dot operand,
+    a gradient tile cuBLAS consumes): fp16 becomes fp32 (its range cannot hold them, see the module docstring),
+    bf16 and fp32 stay. Also the dtype whose launch configuration such a backward uses."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def grad_buffer_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """dtype of a gradient tile a kernel writes for cuBLAS to consume (a metric loss's ``W`` chunk, logprob's dlogits
+    chunk), for inputs of ``dtype`` on ``device``: :func:`grad_dtype` on a GPU (bf16 stays bf16: half the bytes and
+    a bf16 product; fp16 and fp32 give fp32), fp32 elsewhere (the CPU's products run in fp32)."""
+    return grad_dtype(dtype) if device.type == "cuda" else torch.float32
+
+
+def grad_dot_config(dtype: torch.dtype, device: torch.device, *, min_fp32_precision: str | None = None):
+    """(operand dtype, input_precision) for the dots of a fused backward over inputs of ``dtype``, whose A operand
+    is a computed gradient tile: as :func:`dot_config`, except fp16 inputs on a GPU, which run on fp32 operands as
+    "tf32" (fp16 values convert to tf32 exactly: the recomputed similarity equals the fp16 dot's, and the gradient
+    tile keeps fp16's 10-bit mantissa without fp16's range)."""
+    if device.type == "cuda" and dtype == torch.float16:
+        return tl.float32, "tf32"
+    return dot_config(dtype, device, min_fp32_precision=min_fp32_precision)
 
 
 def on_device(*tensors):

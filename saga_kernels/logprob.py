@@ -18,12 +18,20 @@ Three paths, chosen per call from what needs a gradient (flops for N_active rows
    vocab tiles with an online log-sum-exp (the entropy, when asked, from the same pass). 2NHV.
 2. Jacobian (hidden needs a gradient, the head and bias are frozen, the entropy is not asked or only read:
    ``return_entropy="detached"``): the forward also forms J per row, by an online-rescaled accumulation of
-   P_tile @ W_tile next to the online log-sum-exp. The target column is left out of that sum and
-   1 - p_y = sum_{v != y} p_v is summed directly (rather than -expm1(logprob): lse = m + log(sum) has already
-   lost the tiny part when p_y -> 1), so J keeps its relative precision there; for the same reason
-   logprob = log1p(-(1 - p_y)) once p_y > 1/2. The backward is d_hidden = g J: O(NH), no recompute. 4NHV.
-3. recompute (a differentiated entropy, or the head / bias trains): the forward keeps (lse, E_p[z]); the
-   backward recomputes logit tiles and forms dlogits chunk by chunk. 6NHV (8NHV with a trained head).
+   P_tile @ W_tile next to the online log-sum-exp. The backward is d_hidden = g J: O(NH), no recompute. 4NHV.
+3. recompute (a differentiated entropy, or the head / bias trains): the forward keeps (lse, 1 - p_y, E_p[z],
+   p_y (z_y - E_p[z])); the backward recomputes logit tiles and forms dlogits chunk by chunk, the target column from
+   those statistics. 6NHV (8NHV with a trained head).
+
+Near-certain targets (p_y -> 1, the usual case for a policy's own samples). Every path holds the target column
+apart: the streaming state is the NON-target maximum mx, sx = sum_{v != y} exp(z_v - mx), the entropy's
+sum_{v != y} exp(z_v - mx)(z_v - mx) and z_y, all fp32. With L = mx + log(sx) - z_y, logprob = -softplus(L),
+1 - p_y = sigmoid(L) and the entropy (``_row_stats``) keep their relative precision however far the target
+leads (no 1 - p_y, no z_y - lse: lse has already lost the tiny part). Path 2's probabilities are stored and
+summed relative to mx, so the largest one is 1 (a half-precision dot operand cannot flush the rivals of a
+near-certain token to 0: exp(-18) is 1.5e-8, below fp16's smallest number) and J = (1 - p_y) d_y W_y -
+exp(mx - lse) E keeps its relative precision. Path 3 takes the target column's dlogit from the forward's
+1 - p_y and z_y - E_p[z] instead of recomputed logits, which would cancel.
 
 Rows whose target is ``ignore_index`` (prompt tokens, padding) get log-prob 0, entropy 0 and an exactly zero
 gradient, and cost nothing on any path, in flops or in saved memory. In the forwards a stable sort puts the live
@@ -35,13 +43,18 @@ for the matmul sizes). While a CUDA graph is being captured, no sync: every row,
 Memory (beyond inputs and outputs): path 1 keeps a few fp32 numbers per row and vocab split. Path 2 saves J of
 the live rows ([N_live, H] fp32: one rounding less than a half-precision J, so d_hidden = g J is rounded once,
 like eager's) instead of the hidden states, and works on one row chunk at a time (``_JAC_ROWS`` rows): an fp32
-[rows, H] accumulator and the probability tile of one vocab segment ([rows, ``_JAC_SEGMENT``] in the hidden
-dtype), about 50 MiB at H = 4096. Path 3 writes dlogits for at most ``_DZ_CHUNK_BYTES`` at a time.
+[rows, H] accumulator and the probability tile of one vocab segment ([rows, ``_JAC_SEGMENT``], fp32 whatever
+the inputs' dtype: probabilities never travel in a half dtype), about 80 MiB at H = 4096 (64 MiB of it the tile,
+twice a half-precision tile's). Path 3 writes dlogits for at most ``_DZ_CHUNK_BYTES`` at a time.
 
 Dtypes: hidden and head may differ (a half-precision model under autocast with an fp32 head): on CUDA the matmuls
 run in the hidden states' dtype, each weight tile converted as it is loaded (never a V x H copy; path 3's cuBLAS
-products convert one vocab chunk at a time); the CPU fallback computes in fp32. An enclosing autocast region
-(forward or backward) does not change any of it.
+products convert one vocab chunk at a time); the CPU fallback computes in fp32. Every probability, exp-sum and
+accumulator is fp32. Path 3's dlogits chunk, which cuBLAS consumes, is bf16 for bf16 hidden states (fp32's
+range: a tiny dlogit is rounded relatively, as eager bf16 rounds its own) and fp32 for fp16 ones (fp16 flushes
+dlogits below 6e-8 to 0: a near-certain token's rivals under an unscaled upstream gradient), so an fp16 model's
+path-3 products run as fp32 cuBLAS products on upcast vocab chunks. An enclosing autocast region (forward or
+backward) does not change any of it.
 
 Triton kernels (sm_90 tiles: 128 rows x 128 vocab x 64 hidden, 8 warps, fp32 accumulation; half inputs
 on the tensor cores as they are, fp32 per ``_tl_utils.dot_config``; smaller tiles with a softcap or an fp32
@@ -50,7 +63,8 @@ head under half hidden states, see the launch configurations):
   row block and differ in the split, so the resident programs (about 8 row blocks x 16 splits) keep
   their hidden rows and the W tiles they share in L2 at any N. 16 splits (32 for small N).
 - ``_expect_kernel`` (path 2): per vocab segment, E[rows, H-block] = E * alpha + P @ W[segment] where
-  P = the stats kernel's stored tile probabilities rescaled to the segment's running maximum.
+  P = the stats kernel's stored fp32 tile probabilities (0 at the target column) rescaled to the running
+  non-target maximum (<= 1, so the half-precision dot operand keeps every term that matters).
 - ``_dlogits_kernel`` (path 3): one dlogits tile per program; cuBLAS turns the chunk into gradients.
 ``SAGA_AUTOTUNE=1`` autotunes the two forward kernels on CUDA (key: H, V); else one fixed config.
 The torch fallback runs the same algorithms on [rows x vocab] chunks of fp32 logits (<= 32 MiB each).
@@ -71,7 +85,7 @@ from torch import Tensor
 
 from ._checks import check_finite_rows, check_index_range, check_number, check_same_device, check_tensor
 from ._dispatch import resolve_impl
-from ._tl_utils import cdiv, dot_config, mm_fp32, on_device, softcap_logits, tile_dot
+from ._tl_utils import cdiv, dot_config, grad_buffer_dtype, mm_fp32, on_device, softcap_logits, tile_dot
 from ._triton import tl, triton
 
 _HALF_OR_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
@@ -97,20 +111,24 @@ _TRITON_ROWS_PER_CHUNK = 2048
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _stats_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, order_ptr, n_active_ptr,
-                  m_ptr, s_ptr, t_ptr, zt_ptr, sx_ptr, p_ptr, mt_ptr,
+                  mx_ptr, sx_ptr, tx_ptr, zt_ptr, p_ptr, mt_ptr,
                   row0, R, v_begin, v_end, vocab_per_split, H, V, stride_h, stride_w, stride_p, stride_mt, inv_temp,
                   scale, cap, SPLITS: tl.constexpr, FIRST: tl.constexpr, HAS_BIAS: tl.constexpr,
                   WITH_ENT: tl.constexpr, WRITE_P: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Online log-sum-exp state of one row block over one vocab split of [v_begin, v_end).
+    """Streaming statistics of one row block over one vocab split of [v_begin, v_end), the target column held
+    apart from the others (``_row_stats`` turns them into log-prob, lse, 1 - p_y and the entropy).
 
     Rows are compacted: local row l is row ``order[row0 + l]`` of h; rows past the active count are
-    skipped. State [SPLITS, R] (m = running max, s = sum exp(z - m), t = sum exp(z - m) z when
-    WITH_ENT, zt = target logit if in this split, sx = sum over v != y of exp(z - m)) is initialized
-    (FIRST) or continued from memory.
-    WRITE_P: also stores each tile's exp(z - m_running) into p[l, v - v_begin] (times dz/draw's softcap
-    factor 1 - tanh^2 when SOFTCAP) and the running max it is relative to into mt[l, (v - v_begin) // BLOCK_V]
-    (path 2's probabilities, rescaled later). Logits: z = raw * inv_temp, or with SOFTCAP
+    skipped. State [SPLITS, R], all fp32: mx = running max of the NON-target logits (-inf before the first),
+    sx = sum_{v != y} exp(z_v - mx), tx = sum_{v != y} exp(z_v - mx) (z_v - mx) when WITH_ENT (relative to mx:
+    no cancellation against large absolute logits), zt = the target logit if in this split (else 0). It is
+    initialized (FIRST) or continued from memory.
+    WRITE_P: also stores each tile's exp(z - mx_running) (0 at the target column; times dz/draw's softcap factor
+    1 - tanh^2 when SOFTCAP) in fp32 into p[l, v - v_begin] and the running maximum it is relative to into
+    mt[l, (v - v_begin) // BLOCK_V] (path 2's probabilities, rescaled later). Relative to the non-target maximum
+    the largest stored value is 1, however far the target leads: nothing that matters underflows, in fp32 here
+    or in a half-precision dot operand later. Logits: z = raw * inv_temp, or with SOFTCAP
     z = cap * tanh(scale * raw / cap) * inv_temp.
     """
     pid = tl.program_id(0).to(tl.int64)
@@ -128,19 +146,17 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, order_ptr, n_active_ptr,
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     state = split * R + local
     if FIRST:
-        m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-        s = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        mx = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
         sx = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        tx = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
     else:
-        m = tl.load(m_ptr + state, mask=row_ok, other=float("-inf"))
-        s = tl.load(s_ptr + state, mask=row_ok, other=0.0)
-        t = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        if WITH_ENT:
-            t = tl.load(t_ptr + state, mask=row_ok, other=0.0)
-        zt = tl.load(zt_ptr + state, mask=row_ok, other=0.0)
+        mx = tl.load(mx_ptr + state, mask=row_ok, other=float("-inf"))
         sx = tl.load(sx_ptr + state, mask=row_ok, other=0.0)
+        tx = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if WITH_ENT:
+            tx = tl.load(tx_ptr + state, mask=row_ok, other=0.0)
+        zt = tl.load(zt_ptr + state, mask=row_ok, other=0.0)
     v_start = v_begin + split * vocab_per_split
     v_stop = tl.minimum(v_start + vocab_per_split, v_end)
     for v0 in range(v_start, v_stop, BLOCK_V):
@@ -154,42 +170,50 @@ def _stats_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, order_ptr, n_active_ptr,
             z, dcap = softcap_logits(z, pre, c, inv_t)
         else:
             z = z * inv_t
-        z = tl.where(col_ok[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has a valid column
-        e = tl.exp(z - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        s = s * alpha + tl.sum(e, axis=1)
-        if WITH_ENT:
-            t = t * alpha + tl.sum(e * tl.where(col_ok[None, :], z, 0.0), axis=1)
+        # a masked column never equals the target: splits and segments are whole BLOCK_V tiles, so only the tiles
+        # at the end of the vocabulary hang over (columns >= V)
         is_tgt = cols[None, :] == tgt[:, None]
         zt += tl.sum(tl.where(is_tgt, z, 0.0), axis=1)
-        sx = sx * alpha + tl.sum(tl.where(is_tgt, 0.0, e), axis=1)
+        z = tl.where(col_ok[None, :] & ~is_tgt, z, float("-inf"))  # from here on the non-target logits only
+        mx_new = tl.maximum(mx, tl.max(z, axis=1))  # -inf while a row has seen no non-target column
+        shift = tl.where(mx_new == float("-inf"), 0.0, mx_new)
+        z = z - shift[:, None]
+        e = tl.exp(z)  # <= 1; 0 at the target and masked columns
         if WRITE_P:
+            # int32 offsets (a tile holds < 2^31 entries): fewer address registers than int64 ones (no spill)
+            p_off = (local.to(tl.int32)[:, None] * stride_p + (v0 - v_begin).to(tl.int32)
+                     + tl.arange(0, BLOCK_V)[None, :])
             if SOFTCAP:
-                e = e * dcap
-            tl.store(p_ptr + local[:, None] * stride_p + (cols - v_begin)[None, :], e.to(p_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & col_ok[None, :])
-            tl.store(mt_ptr + local * stride_mt + (v0 - v_begin) // BLOCK_V, m_new, mask=row_ok)
-        m = m_new
-    tl.store(m_ptr + state, m, mask=row_ok)
-    tl.store(s_ptr + state, s, mask=row_ok)
-    tl.store(zt_ptr + state, zt, mask=row_ok)
+                tl.store(p_ptr + p_off, e * dcap, mask=row_ok[:, None] & col_ok[None, :])
+            else:
+                tl.store(p_ptr + p_off, e, mask=row_ok[:, None] & col_ok[None, :])
+            tl.store(mt_ptr + local * stride_mt + (v0 - v_begin) // BLOCK_V, mx_new, mask=row_ok)
+        alpha = tl.exp(mx - shift)
+        if WITH_ENT:
+            moved = tl.where(mx == float("-inf"), 0.0, mx - shift)  # sx = 0 there
+            tx = (tx + sx * moved) * alpha + tl.sum(e * tl.maximum(z, -3.0e38), axis=1)  # 0 * finite at -inf
+        sx = sx * alpha + tl.sum(e, axis=1)
+        mx = mx_new
+    tl.store(mx_ptr + state, mx, mask=row_ok)
     tl.store(sx_ptr + state, sx, mask=row_ok)
+    tl.store(zt_ptr + state, zt, mask=row_ok)
     if WITH_ENT:
-        tl.store(t_ptr + state, t, mask=row_ok)
+        tl.store(tx_ptr + state, tx, mask=row_ok)
 
 
 @triton.jit
-def _expect_kernel(p_ptr, mt_ptr, w_ptr, tgt_ptr, order_ptr, n_active_ptr, m_ptr, mprev_ptr, e_ptr,
+def _expect_kernel(p_ptr, mt_ptr, w_ptr, n_active_ptr, m_ptr, mprev_ptr, e_ptr,
                    row0, R, v_begin, v_end, H, stride_p, stride_mt, stride_w, stride_e,
                    FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_HO: tl.constexpr,
                    BLOCK_K: tl.constexpr, TILE_V: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """E[l, hcols] = E[l, hcols] * exp(M_prev - M) + sum_{v in segment, v != y} exp(z_v - M) W[v, hcols].
 
-    M = ``m[l]``, the maximum logit of row l over every vocab column seen so far (this segment
-    included), M_prev = ``mprev[l]`` the same before this segment (unused when FIRST). The stats
-    kernel's tile probabilities p (relative to mt) are rescaled by exp(mt - M). One program per
-    (row block, H block); H blocks vary fastest so resident programs share their probability rows in L2.
+    M = ``m[l]``, the maximum NON-target logit of row l over every vocab column seen so far (this segment
+    included), M_prev = ``mprev[l]`` the same before this segment (unused when FIRST); -inf while none was
+    seen (then E = 0). The stats kernel's fp32 tile probabilities p (relative to mt, 0 at the target column)
+    are rescaled by exp(mt - M) <= 1: the dot operand's largest entry per row is 1, so a half-precision operand
+    cannot underflow for the terms that matter. One program per (row block, H block); H blocks vary fastest so
+    resident programs share their probability rows in L2.
     """
     pid = tl.program_id(0).to(tl.int64)
     h_blocks = tl.cdiv(H, BLOCK_HO)
@@ -200,8 +224,6 @@ def _expect_kernel(p_ptr, mt_ptr, w_ptr, tgt_ptr, order_ptr, n_active_ptr, m_ptr
         return
     local = rb * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = (local < R) & (row0 + local < n_active)
-    rows = tl.load(order_ptr + row0 + local, mask=row_ok, other=0)
-    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
     m_ref = tl.load(m_ptr + local, mask=row_ok, other=0.0)
     hcols = hb * BLOCK_HO + tl.arange(0, BLOCK_HO).to(tl.int64)
     h_ok = hcols < H
@@ -209,31 +231,33 @@ def _expect_kernel(p_ptr, mt_ptr, w_ptr, tgt_ptr, order_ptr, n_active_ptr, m_ptr
     for k0 in range(v_begin, v_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         col_ok = cols < v_end
-        mt = tl.load(mt_ptr + local * stride_mt + (k0 - v_begin) // TILE_V, mask=row_ok, other=0.0)
-        scale = tl.where(row_ok, tl.exp(mt - m_ref), 0.0)
+        mt = tl.load(mt_ptr + local * stride_mt + (k0 - v_begin) // TILE_V, mask=row_ok, other=float("-inf"))
+        scale = tl.where(mt == float("-inf"), 0.0, tl.exp(mt - m_ref))  # mt = -inf: no stored probability yet
         p = tl.load(p_ptr + local[:, None] * stride_p + (cols - v_begin)[None, :],
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        p = tl.where(cols[None, :] == tgt[:, None], 0.0, p * scale[:, None])
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         w = tl.load(w_ptr + cols[:, None] * stride_w + hcols[None, :], mask=col_ok[:, None] & h_ok[None, :],
                     other=0.0)
-        acc = tl.dot(p.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        acc = tl.dot((p * scale[:, None]).to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
     out = e_ptr + local[:, None] * stride_e + hcols[None, :]
     ok = row_ok[:, None] & h_ok[None, :]
     if not FIRST:
-        m_prev = tl.load(mprev_ptr + local, mask=row_ok, other=0.0)
-        acc += tl.load(out, mask=ok, other=0.0) * tl.exp(m_prev - m_ref)[:, None]
+        m_prev = tl.load(mprev_ptr + local, mask=row_ok, other=float("-inf"))
+        carry = tl.where(m_prev == float("-inf"), 0.0, tl.exp(m_prev - m_ref))  # E = 0 while m_prev = -inf
+        acc += tl.load(out, mask=ok, other=0.0) * carry[:, None]
     tl.store(out, acc, mask=ok)
 
 
 @triton.jit
-def _dlogits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, ge_ptr, ez_ptr, dz_ptr,
+def _dlogits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, ge_ptr, ez_ptr, dzy_ptr, dz_ptr,
                     N, v_start, v_stop, H, stride_h, stride_w, stride_dz, inv_temp, scale, cap, ignore_index,
                     HAS_BIAS: tl.constexpr, WITH_ENT: tl.constexpr, SOFTCAP: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """dz[rows, cols - v_start] = d(loss)/d(raw logits) for vocab columns [v_start, v_stop): one
     [BLOCK_N, BLOCK_V] tile per program, logits recomputed from h and W (transformed as in the stats
-    kernel); 0 at ignored rows."""
+    kernel); 0 at ignored rows. Per row: lse, g, (WITH_ENT) g_ent and E_p[z], and dzy = d(loss)/dz_y, the
+    target column's value, formed from the forward's precise statistics (``_target_dlogit``: recomputed, 1 - p_y =
+    1 - exp(z_y - lse) and z_y - E_p[z] would cancel when the target is near-certain)."""
     pid_n = tl.program_id(0).to(tl.int64)
     pid_v = tl.program_id(1).to(tl.int64)
     inv_t = tl.cast(inv_temp, tl.float32)
@@ -256,11 +280,14 @@ def _dlogits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, ge_ptr, ez_ptr
     else:
         z = z * inv_t
     p = tl.exp(z - lse[:, None])
-    dz = g[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
     if WITH_ENT:
         g_ent = tl.load(ge_ptr + rows, mask=active, other=0.0)
         ez = tl.load(ez_ptr + rows, mask=active, other=0.0)
-        dz -= g_ent[:, None] * p * (z - ez[:, None])
+        dz = -p * (g[:, None] + g_ent[:, None] * (z - ez[:, None]))
+    else:
+        dz = -g[:, None] * p
+    dzy = tl.load(dzy_ptr + rows, mask=active, other=0.0)
+    dz = tl.where(cols[None, :] == tgt[:, None], dzy[:, None], dz)
     if SOFTCAP:
         dz = dz * dcap * (pre * inv_t)
     else:
@@ -277,22 +304,24 @@ def _dlogits_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, g_ptr, ge_ptr, ez_ptr
 # shows wgmma and no spills: half inputs 128 x 128 x 64 with 8 warps and 3 stages; fp32 inputs run three
 # TF32 products per dot (tf32x3) and hold hi/lo operand halves, so their tiles are halved along one side.
 # A softcap holds a second fp32 tile (the tanh factor): 64-row blocks. An fp32 head under half hidden states
-# (autocast) loads fp32 weight tiles and converts them: half the hidden (K) step. In the interpreter 64-row
-# blocks (same code, fewer numpy ops per program).
+# (autocast) loads fp32 weight tiles and converts them: half the hidden (K) step (a quarter in path 2's stats
+# launch, which also stores the fp32 probability tile). In the interpreter 64-row blocks (same code, fewer numpy
+# ops per program).
 def _wide_head(dtype: torch.dtype, w_dtype: torch.dtype | None) -> bool:
     return w_dtype is not None and torch.finfo(w_dtype).bits > torch.finfo(dtype).bits
 
 
 def stats_config(device: torch.device, dtype: torch.dtype, w_dtype: torch.dtype | None = None,
-                 softcap: bool = False) -> dict:
+                 softcap: bool = False, write_p: bool = False) -> dict:
     """Tiles of ``_stats_kernel`` (rows x vocab x hidden per dot step) for hidden states of ``dtype`` and a head
-    of ``w_dtype`` (default the same)."""
+    of ``w_dtype`` (default the same); ``write_p``: path 2's launch, which also stores the fp32 probability tile
+    (with an fp32 head under half hidden states that store needs the 16-wide hidden step: 32 spills)."""
     if device.type != "cuda":
         return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64)
     if dtype == torch.float32:
         return dict(BLOCK_N=64 if softcap else 128, BLOCK_V=64, BLOCK_H=32, num_warps=8, num_stages=3)
-    return dict(BLOCK_N=64 if softcap else 128, BLOCK_V=128, BLOCK_H=32 if _wide_head(dtype, w_dtype) else 64,
-                num_warps=8, num_stages=3)
+    block_h = (16 if write_p and not softcap else 32) if _wide_head(dtype, w_dtype) else 64
+    return dict(BLOCK_N=64 if softcap else 128, BLOCK_V=128, BLOCK_H=block_h, num_warps=8, num_stages=3)
 
 
 def expect_config(device: torch.device, dtype: torch.dtype, w_dtype: torch.dtype | None = None) -> dict:
@@ -339,7 +368,7 @@ def _tuned(name: str, kernel):
         configs = [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
                                  num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in _AUTOTUNE_SPACE[name]]
         # benchmarking reruns a launch: restore what a launch accumulates into (the split state, E)
-        key, restore = (["H", "V"], ["m_ptr", "s_ptr", "t_ptr", "zt_ptr", "sx_ptr"]) if name == "stats" else (
+        key, restore = (["H", "V"], ["mx_ptr", "sx_ptr", "tx_ptr", "zt_ptr"]) if name == "stats" else (
             ["H", "v_end"], ["e_ptr"])
         _autotuned[name] = triton.autotune(configs=configs, key=key, restore_value=restore)(kernel)
     return _autotuned[name]
@@ -414,12 +443,12 @@ def _active_rows(tgt, ignore_index):
 def _launch_stats(h, w, b, tgt, order, n_active, state, p, mt, row0, rows, v_begin, v_end, lg, *,
                   first, with_ent, splits, cfg):
     """One launch of ``_stats_kernel`` over compacted rows [row0, row0 + rows) and vocab [v_begin, v_end)."""
-    m, s, t, zt, sx = state
+    mx, sx, tx, zt = state
     block_v = cfg["BLOCK_V"]
     per_split = cdiv(cdiv(v_end - v_begin, block_v), splits) * block_v
     dot_dtype, precision = dot_config(h.dtype, h.device)
-    args = (h, w, b if b is not None else h, tgt, order, n_active, m, s, t, zt, sx,
-            p if p is not None else h, mt if mt is not None else m,
+    args = (h, w, b if b is not None else h, tgt, order, n_active, mx, sx, tx, zt,
+            p if p is not None else mx, mt if mt is not None else mx,
             row0, rows, v_begin, v_end, per_split, h.shape[1], w.shape[0], h.stride(0), w.stride(0),
             p.stride(0) if p is not None else 0, mt.stride(0) if mt is not None else 0, *lg.kernel_args())
     meta = dict(SPLITS=splits, FIRST=first, HAS_BIAS=b is not None, WITH_ENT=with_ent, WRITE_P=p is not None,
@@ -432,64 +461,88 @@ def _launch_stats(h, w, b, tgt, order, n_active, state, p, mt, row0, rows, v_beg
 
 
 def _combine(state):
-    """(lse, zt, ez, rest, total) per row from the split states [5, SPLITS, R]: the log-sum-exp, the
-    target logit, E_p[z], rest = 1 - p_y = sum_{v != y} p_v (summed directly: no cancellation as
-    p_y -> 1) and total = sum exp(z - M) for M = the maximum logit."""
-    m, s, t, zt, sx = state
-    m_all = m.max(dim=0).values
-    scale = torch.exp(m - m_all)
-    total = (s * scale).sum(dim=0)
-    ez, rest = (t * scale).sum(dim=0) / total, (sx * scale).sum(dim=0) / total
-    return m_all + torch.log(total), zt.sum(dim=0), ez, rest, total
+    """The split states [4, SPLITS, R] of ``_stats_kernel`` merged into one per row: (mx, sx, tx, zt) as the
+    kernel defines them, relative to mx = the maximum non-target logit over every split."""
+    mx, sx, tx, zt = state
+    m_all = mx.max(dim=0).values
+    shift = torch.where(m_all == float("-inf"), 0.0, m_all)
+    weight = torch.exp(mx - shift)  # 0 for a split that saw no non-target column (mx = -inf, sx = tx = 0)
+    moved = torch.where(mx == float("-inf"), 0.0, mx - shift)
+    return m_all, (sx * weight).sum(dim=0), ((tx + sx * moved) * weight).sum(dim=0), zt.sum(dim=0)
 
 
-def logprob_from_stats(zt, lse, rest):
-    """log p_y: z_y - lse, or log1p(-rest) once p_y > 1/2 (there z_y - lse cancels, log1p does not)."""
-    return torch.where(rest < 0.5, torch.log1p(-rest.clamp(max=0.5)), zt - lse)
+def _row_stats(mx, sx, tx, zt, with_ent: bool):
+    """(logp, lse, rest, rx, entropy, E_p[z]) per row from the merged statistics (the target column held apart:
+    mx the maximum non-target logit, sx = sum_{v != y} exp(z_v - mx), tx = sum_{v != y} exp(z_v - mx) (z_v - mx),
+    zt the target logit). With L = log(sum_{v != y} p_v / p_y) = mx + log(sx) - zt:
+
+        log p_y = -softplus(L),   lse = zt + softplus(L),   rest = 1 - p_y = sigmoid(L),   rx = exp(mx - lse)
+        entropy = p_y softplus(L) + rest (log(sx) + softplus(-L) - tx / sx),   E_p[z] = lse - entropy
+
+    (the entropy's second term is sum_{v != y} p_v (lse - z_v), with lse - mx = log(sx) + softplus(-L)). Every one
+    keeps its relative precision however close p_y is to 1 (no 1 - p_y, no z_y - lse) or to 0, and the entropy
+    sums non-negative terms that do not involve the absolute size of the logits. rx is the probability of the
+    largest non-target logit, the factor that turns path 2's sum (relative to mx) into probabilities. A row
+    without a non-target column (V = 1) has L = -inf: log p_y = 0, rest = rx = 0, entropy 0. entropy / E_p[z]
+    are None unless ``with_ent``."""
+    lead = mx + torch.log(sx) - zt
+    soft = torch.nn.functional.softplus(lead)
+    logp, lse = -soft, zt + soft
+    rest, rx = torch.sigmoid(lead), torch.exp(mx - lse)
+    if not with_ent:
+        return logp, lse, rest, rx, None, None
+    has_rest = sx > 0
+    spread = torch.log(sx) + torch.nn.functional.softplus(-lead) - tx / torch.where(has_rest, sx, 1.0)
+    ent = torch.sigmoid(-lead) * soft + torch.where(has_rest, rest * spread, 0.0)
+    return logp, lse, rest, rx, ent, lse - ent
 
 
 def _triton_forward(h, w, b, tgt, lg, ignore_index, with_ent, jacobian):
-    """Returns (logp, lse, ez-or-None, J-or-None, J's rows-or-None): logp/lse/ez fp32 [N] in original row order (0
-    at ignored rows); path 2's J [L, H] fp32 for the L live rows, ``rows`` [L] their indices (``_live_count``)."""
+    """Returns (logp, lse, entropy-or-None, E_p[z]-or-None, J-or-None, J's rows-or-None): the first four fp32 [N]
+    in original row order (0 at ignored rows); path 2's J [L, H] fp32 for the L live rows, ``rows`` [L] their
+    indices (``_live_count``)."""
     n, hd = h.shape
     v = w.shape[0]
+    n_out = 4 if with_ent else 2
     if n == 0:
-        empty = torch.zeros(0, device=h.device, dtype=torch.float32)
+        empty = [torch.zeros(0, device=h.device, dtype=torch.float32) for _ in range(n_out)] + [None] * (4 - n_out)
         jac = (h.new_zeros((0, hd), dtype=torch.float32), tgt.new_zeros(0)) if jacobian else (None, None)
-        return (empty, empty.clone(), (empty.clone() if with_ent else None)) + jac
+        return tuple(empty) + jac
     order, n_active = _compact(tgt, ignore_index)
     jac_rows = None
-    scfg = stats_config(h.device, h.dtype, w.dtype, lg.cap is not None)
+    scfg = stats_config(h.device, h.dtype, w.dtype, lg.cap is not None, write_p=jacobian)
     if not jacobian:
         splits = _num_splits(cdiv(n, scfg["BLOCK_N"]), cdiv(v, scfg["BLOCK_V"]))
-        state = torch.empty((5, splits, n), device=h.device, dtype=torch.float32)
+        state = torch.empty((4, splits, n), device=h.device, dtype=torch.float32)
         _launch_stats(h, w, b, tgt, order, n_active, state, None, None, 0, n, 0, v, lg,
                       first=True, with_ent=with_ent, splits=splits, cfg=scfg)
-        lse_c, zt, ez_c, rest, _ = _combine(state)
-        logp_c, jac = logprob_from_stats(zt, lse_c, rest), None
+        logp, lse, _, _, ent, ez = _row_stats(*_combine(state), with_ent)
+        compact, jac = [logp, lse, ent, ez][:n_out], None
     else:
         live = _live_count(n_active, n)
-        lse_c, logp_c, ez_c = (torch.zeros(n, device=h.device, dtype=torch.float32) for _ in range(3))
+        compact = [torch.zeros(n, device=h.device, dtype=torch.float32) for _ in range(n_out)]
         jac = torch.zeros((live, hd), device=h.device, dtype=torch.float32)
         jac_rows = order[:live]
         ecfg = expect_config(h.device, h.dtype, w.dtype)
         rows_per_chunk = max(1, min(live, _JAC_ROWS))
-        segment = min(v, _JAC_SEGMENT)
+        segment = min(v, cdiv(_JAC_SEGMENT, scfg["BLOCK_V"]) * scfg["BLOCK_V"])  # whole tiles (see _stats_kernel)
         splits = _num_splits(cdiv(rows_per_chunk, scfg["BLOCK_N"]), cdiv(segment, scfg["BLOCK_V"]))
-        p = torch.empty((rows_per_chunk, segment), device=h.device, dtype=h.dtype)
+        # fp32, whatever the inputs' dtype: the tile holds probabilities (a half dtype would flush a near-certain
+        # token's rivals to 0, and with them the whole gradient)
+        p = torch.empty((rows_per_chunk, segment), device=h.device, dtype=torch.float32)
         mt = torch.empty((rows_per_chunk, cdiv(segment, scfg["BLOCK_V"])), device=h.device, dtype=torch.float32)
         acc = torch.empty((rows_per_chunk, hd), device=h.device, dtype=torch.float32)
         dot_dtype, precision = dot_config(h.dtype, h.device)
         for r0 in range(0, live, rows_per_chunk):
             rows = min(rows_per_chunk, live - r0)
-            state = torch.empty((5, splits, rows), device=h.device, dtype=torch.float32)
+            state = torch.empty((4, splits, rows), device=h.device, dtype=torch.float32)
             m_prev = None
             for v0 in range(0, v, segment):
                 v1 = min(v, v0 + segment)
                 _launch_stats(h, w, b, tgt, order, n_active, state, p, mt, r0, rows, v0, v1, lg,
                               first=m_prev is None, with_ent=with_ent, splits=splits, cfg=scfg)
-                m_cur = state[0].max(dim=0).values  # running max over every column so far
-                args = (p, mt, w, tgt, order, n_active, m_cur, m_cur if m_prev is None else m_prev, acc,
+                m_cur = state[0].max(dim=0).values  # running non-target max over every column so far
+                args = (p, mt, w, n_active, m_cur, m_cur if m_prev is None else m_prev, acc,
                         r0, rows, v0, v1, hd, p.stride(0), mt.stride(0), w.stride(0), acc.stride(0))
                 meta = dict(FIRST=m_prev is None, TILE_V=scfg["BLOCK_V"], DOT_DTYPE=dot_dtype, PRECISION=precision)
                 with on_device(h):
@@ -500,16 +553,17 @@ def _triton_forward(h, w, b, tgt, lg, ignore_index, with_ent, jacobian):
                         grid = (cdiv(rows, ecfg["BLOCK_M"]) * cdiv(hd, ecfg["BLOCK_HO"]),)
                         _expect_kernel[grid](*args, **meta, **ecfg)
                 m_prev = m_cur
-            lse_rows, zt, ez_rows, rest, total = _combine(state)
-            lse_c[r0:r0 + rows], logp_c[r0:r0 + rows] = lse_rows, logprob_from_stats(zt, lse_rows, rest)
-            ez_c[r0:r0 + rows] = ez_rows
+            mx, sx, tx, zt = _combine(state)
+            logp, lse, rest, rx, ent, ez = _row_stats(mx, sx, tx, zt, with_ent)
+            for buf, val in zip(compact, (logp, lse, ent, ez)):
+                buf[r0:r0 + rows] = val
             _finish_jacobian(jac[r0:r0 + rows], w, tgt, order[r0:r0 + rows], n_active, r0, rest,
-                             acc[:rows] / total[:, None], zt, lg)
+                             acc[:rows] * rx[:, None], zt, lg)
     active_c = torch.arange(n, device=h.device) < n_active
-    out = [torch.zeros(n, device=h.device, dtype=torch.float32) for _ in range(3 if with_ent else 2)]
-    for buf, val in zip(out, (logp_c, lse_c) + ((ez_c,) if with_ent else ())):
+    out = [torch.zeros(n, device=h.device, dtype=torch.float32) for _ in range(n_out)]
+    for buf, val in zip(out, compact):
         buf[order] = torch.where(active_c, val, 0.0)
-    return out[0], out[1], (out[2] if with_ent else None), jac, jac_rows
+    return tuple(out) + (None,) * (4 - n_out) + (jac, jac_rows)
 
 
 def _live_count(n_active, n: int) -> int:
@@ -533,20 +587,24 @@ def _finish_jacobian(jac_chunk, w, tgt, order_rows, n_active, r0, rest, expect_r
     jac_chunk.copy_(torch.where(ok, j * lg.grad_scale, 0.0))
 
 
-def _triton_backward(h, w, b, tgt, lse, g, g_ent, ez, lg, ignore_index, need_dh, need_dw, need_db):
-    """Path 3. Returns (fp32 d_hidden or None, fp32 d_weight or None, fp32 d_bias or None).
+def _triton_backward(h, w, b, tgt, lse, dzy, g, g_ent, ez, lg, ignore_index, need_dh, need_dw, need_db):
+    """Path 3. Returns (fp32 d_hidden or None, fp32 d_weight or None, fp32 d_bias or None); the per-row
+    statistics as ``_dlogits_kernel`` takes them.
 
     Only the rows whose target is not ignored are computed (``_active_rows``), in chunks gathered from them.
     Per (row chunk, vocab chunk) the dlogits kernel writes the chunk (at most _DZ_CHUNK_BYTES, in the matmul
-    dtype: the hidden states') and dense matmuls consume it: d_hidden_rows += dz @ W_chunk (an fp32
-    accumulator per row chunk), and only for a trainable head d_weight_chunk += dz.T @ h_rows. No atomics.
+    dtype ``grad_buffer_dtype``) and dense matmuls consume it: d_hidden_rows += dz @ W_chunk (an fp32 accumulator
+    per row chunk), and only for a trainable head d_weight_chunk += dz.T @ h_rows. No atomics.
     """
     n, hd = h.shape
     v = w.shape[0]
     with_ent = g_ent is not None
     cfg = dlogits_config(h.device, h.dtype, w.dtype, lg.cap is not None)
     dot_dtype, precision = dot_config(h.dtype, h.device)
-    mm_dtype = h.dtype if h.device.type == "cuda" else torch.float32  # interpreter: fp32 throughout
+    # the dlogits chunk's dtype: bf16 for bf16 hidden states on CUDA (fp32's range: a tiny p_v g stays a tiny number,
+    # rounded relatively as eager bf16 rounds its own gradient), else fp32 (fp16 flushes p_v g below 6e-8 to 0 and
+    # keeps a few bits below 6e-5: a near-certain token's rivals under an unscaled upstream gradient)
+    mm_dtype = grad_buffer_dtype(h.dtype, h.device)
     dh = torch.zeros((n, hd), device=h.device, dtype=torch.float32) if need_dh else None
     dw = torch.zeros((v, hd), device=h.device, dtype=torch.float32) if need_dw else None
     db = torch.zeros((v,), device=h.device, dtype=torch.float32) if need_db else None
@@ -564,7 +622,7 @@ def _triton_backward(h, w, b, tgt, lse, g, g_ent, ez, lg, ignore_index, need_dh,
         count = rows.numel()
         tgt_rows = tgt[rows]
         h_rows = h[rows]
-        ent_rows = (g_ent[rows], ez[rows]) if with_ent else (lse[rows], lse[rows])
+        ent_rows = (g_ent[rows], ez[rows]) if with_ent else (lse[rows],) * 2
         h_mm = torch.where((tgt_rows != ignore_index)[:, None], h_rows, 0).to(mm_dtype) if need_dw else None
         acc = torch.zeros((count, hd), device=h.device, dtype=torch.float32) if need_dh else None
         for v0 in range(0, v, vocab_per_chunk):
@@ -572,7 +630,7 @@ def _triton_backward(h, w, b, tgt, lse, g, g_ent, ez, lg, ignore_index, need_dh,
             dz = dz_buf[:count, : v1 - v0]
             with on_device(h):
                 _dlogits_kernel[(cdiv(count, cfg["BLOCK_N"]), cdiv(v1 - v0, cfg["BLOCK_V"]))](
-                    h_rows, w, b if b is not None else h, tgt_rows, lse[rows], g[rows], *ent_rows, dz,
+                    h_rows, w, b if b is not None else h, tgt_rows, lse[rows], g[rows], *ent_rows, dzy[rows], dz,
                     count, v0, v1, hd, h_rows.stride(0), w.stride(0), dz.stride(0), inv_t, scale, cap, ignore_index,
                     HAS_BIAS=b is not None, WITH_ENT=with_ent, SOFTCAP=lg.cap is not None, DOT_DTYPE=dot_dtype,
                     PRECISION=precision, **cfg,
@@ -601,57 +659,55 @@ def _chunk_logits(h32, w, b, v0, v1, lg):
 
 
 def _torch_forward(h, w, b, tgt, lg, ignore_index, with_ent, jacobian):
-    """Returns (logp, lse, ez-or-None, J-or-None, J's rows-or-None) like ``_triton_forward``; only live rows are
-    computed."""
+    """Returns (logp, lse, entropy-or-None, E_p[z]-or-None, J-or-None, J's rows-or-None) like ``_triton_forward``,
+    with the same statistics (the target column held apart, ``_row_stats``); only live rows are computed."""
     n, hd = h.shape
     v = w.shape[0]
     idx = torch.nonzero(tgt != ignore_index)[:, 0]
-    lse = torch.zeros(n, device=h.device, dtype=torch.float32)
-    logp = torch.zeros_like(lse)
-    ez = torch.zeros_like(lse) if with_ent else None
+    out = [torch.zeros(n, device=h.device, dtype=torch.float32) for _ in range(4 if with_ent else 2)]
     jac = torch.zeros((idx.numel(), hd), device=h.device, dtype=torch.float32) if jacobian else None
     for c0 in range(0, idx.numel(), _TORCH_ROWS_PER_CHUNK):
         rows = idx[c0:c0 + _TORCH_ROWS_PER_CHUNK]
         h32 = h[rows].float()
         y = tgt[rows]
-        m = torch.full((rows.numel(),), float("-inf"), device=h.device)
-        s = torch.zeros_like(m)
-        t = torch.zeros_like(m) if with_ent else None
-        z_y = torch.zeros_like(m)
-        s_rest = torch.zeros_like(m)
+        mx = torch.full((rows.numel(),), float("-inf"), device=h.device)
+        sx = torch.zeros_like(mx)
+        tx = torch.zeros_like(mx)
+        zt = torch.zeros_like(mx)
         acc = torch.zeros((rows.numel(), hd), device=h.device) if jacobian else None
         for v0 in range(0, v, _TORCH_VOCAB_PER_CHUNK):
             v1 = min(v, v0 + _TORCH_VOCAB_PER_CHUNK)
             z, d = _chunk_logits(h32, w, b, v0, v1, lg)
-            m_new = torch.maximum(m, z.max(dim=1).values)
-            alpha = torch.exp(m - m_new)
-            e = torch.exp(z - m_new[:, None])
-            s = s * alpha + e.sum(dim=1)
-            if with_ent:
-                t = t * alpha + (e * z).sum(dim=1)
             local = y - v0
             hit = (local >= 0) & (local < v1 - v0)
             at = local.clamp(0, v1 - v0 - 1)[:, None]
-            z_y += torch.where(hit, z.gather(1, at)[:, 0], 0.0)
-            e.scatter_(1, at, torch.where(hit[:, None], 0.0, e.gather(1, at)))  # the target column left out
-            s_rest = s_rest * alpha + e.sum(dim=1)
-            if jacobian:  # sum over v != y of exp(z_v - m) d_v W_v, rescaled online
+            zt += torch.where(hit, z.gather(1, at)[:, 0], 0.0)
+            z.scatter_(1, at, torch.where(hit[:, None], float("-inf"), z.gather(1, at)))  # the target column apart
+            mx_new = torch.maximum(mx, z.max(dim=1).values)
+            shift = torch.where(mx_new == float("-inf"), 0.0, mx_new)
+            alpha = torch.exp(mx - shift)
+            z -= shift[:, None]
+            e = torch.exp(z)  # <= 1, 0 at the target column
+            if with_ent:
+                moved = torch.where(mx == float("-inf"), 0.0, mx - shift)
+                tx = (tx + sx * moved) * alpha + torch.where(e > 0, e * z, 0.0).sum(dim=1)
+            sx = sx * alpha + e.sum(dim=1)
+            if jacobian:  # sum over v != y of exp(z_v - mx) d_v W_v, rescaled online
                 acc = torch.addmm(acc * alpha[:, None], e if d is None else e * d, w[v0:v1].float())
-            m = m_new
-        lse_rows, rest = m + torch.log(s), s_rest / s
-        lse[rows], logp[rows] = lse_rows, logprob_from_stats(z_y, lse_rows, rest)
-        if with_ent:
-            ez[rows] = t / s
+            mx = mx_new
+        logp, lse, rest, rx, ent, ez = _row_stats(mx, sx, tx, zt, with_ent)
+        for buf, val in zip(out, (logp, lse, ent, ez)):
+            buf[rows] = val
         if jacobian:
-            d_y = lg.target_factor(z_y)
-            j = (rest if d_y is None else rest * d_y)[:, None] * w[y].float() - acc / s[:, None]
+            d_y = lg.target_factor(zt)
+            j = (rest if d_y is None else rest * d_y)[:, None] * w[y].float() - acc * rx[:, None]
             jac[c0:c0 + rows.numel()] = j * lg.grad_scale
-    return logp, lse, ez, jac, (idx if jacobian else None)
+    return tuple(out) + (None,) * (4 - len(out)) + (jac, idx if jacobian else None)
 
 
-def _torch_backward(h, w, b, tgt, lse, g, g_ent, ez, lg, ignore_index, need_dh, need_dw, need_db):
+def _torch_backward(h, w, b, tgt, lse, dzy, g, g_ent, ez, lg, ignore_index, need_dh, need_dw, need_db):
     """Path 3: fp32 (d_hidden, d_weight, d_bias), each None unless needed; recomputes the logits of the rows
-    whose target is not ignored, chunk by chunk."""
+    whose target is not ignored, chunk by chunk (the target column is ``dzy``, as in ``_dlogits_kernel``)."""
     n, hd = h.shape
     v = w.shape[0]
     idx = torch.nonzero(tgt != ignore_index)[:, 0]
@@ -671,7 +727,7 @@ def _torch_backward(h, w, b, tgt, lse, g, g_ent, ez, lg, ignore_index, need_dh, 
                 -g_rows[:, None] * p - g_ent[rows, None] * p * (z - ez[rows, None]))
             local = tgt[rows] - v0
             hit = torch.nonzero((local >= 0) & (local < v1 - v0))[:, 0]
-            dz[hit, local[hit]] += g_rows[hit]
+            dz[hit, local[hit]] = dzy[rows[hit]]
             dz.mul_(lg.grad_scale)
             if d is not None:
                 dz.mul_(d)
@@ -701,27 +757,41 @@ def _no_autocast(device: torch.device):
 
 
 def _forward(h, w, b, tgt, lg, ignore_index, with_ent, impl, path):
-    """(logp, ent, lse, ez, jac, jac_rows): ent / ez are empty without entropy; path 2's J [L, H] fp32 of the L
+    """(logp, ent, stats, jac, jac_rows): ent is empty without entropy; ``stats`` fp32 [2, N] = (lse, 1 - p_y), with
+    entropy [4, N] = (lse, 1 - p_y, E_p[z], p_y (z_y - E_p[z])): what path 3's backward reads per row, the target
+    column's terms from the forward's precise statistics (``_dlogits_kernel``); path 2's J [L, H] fp32 of the L
     live rows and their indices [L] (both empty on other paths)."""
     forward_fn = _triton_forward if impl == "triton" else _torch_forward
     with _no_autocast(h.device):
-        logp, lse, ez, jac, jac_rows = forward_fn(h, w, b, tgt, lg, ignore_index, with_ent, path == "jacobian")
-        if with_ent:
-            ent = torch.where(tgt == ignore_index, 0.0, lse - ez)
+        logp, lse, ent, ez, jac, jac_rows = forward_fn(h, w, b, tgt, lg, ignore_index, with_ent, path == "jacobian")
+        stats = [lse, -torch.expm1(logp)]
+        if with_ent:  # (the entropy is 0 at ignored rows)
+            stats += [ez, torch.exp(logp) * (logp + ent)]  # z_y - E_p[z] = log p_y + entropy
         else:
-            ent, ez = logp.new_empty(0), logp.new_empty(0)
+            ent = logp.new_empty(0)
+        stats = torch.stack(stats)
     if jac is None:
         jac, jac_rows = h.new_empty((0, h.shape[1]), dtype=torch.float32), tgt.new_empty(0)
-    return logp, ent, lse, ez, jac, jac_rows
+    return logp, ent, stats, jac, jac_rows
 
 
-def _backward_recompute(h, w, b, tgt, lse, ez, g_logp, g_ent, lg, ignore_index, impl, need_dh, need_dw, need_db):
-    """Path 3's gradients (dh, dw, db) in the inputs' dtypes, each None unless needed."""
+def _target_dlogit(stats, g, g_ent):
+    """d(loss)/dz_y per row [N] fp32 for upstream gradients g (log-prob) and g_ent (entropy, or None):
+    g (1 - p_y) - g_ent p_y (z_y - E_p[z]), from ``_forward``'s precise statistics."""
+    if g_ent is None:
+        return g * stats[1]
+    return g * stats[1] - g_ent * stats[3]
+
+
+def _backward_recompute(h, w, b, tgt, stats, g_logp, g_ent, lg, ignore_index, impl, need_dh, need_dw, need_db):
+    """Path 3's gradients (dh, dw, db) in the inputs' dtypes, each None unless needed; ``stats`` as ``_forward``
+    returns it."""
+    lse, ez = stats[0], (stats[2] if g_ent is not None else None)
     g = g_logp.float().contiguous() if g_logp is not None else torch.zeros_like(lse)
     g_ent = g_ent.float().contiguous() if g_ent is not None else None
     backward_fn = _triton_backward if impl == "triton" else _torch_backward
     with _no_autocast(h.device):
-        dh, dw, db = backward_fn(h, w, b, tgt, lse, g, g_ent, ez if g_ent is not None else None, lg, ignore_index,
+        dh, dw, db = backward_fn(h, w, b, tgt, lse, _target_dlogit(stats, g, g_ent), g, g_ent, ez, lg, ignore_index,
                                  need_dh, need_dw, need_db and b is not None)
     return (dh.to(h.dtype) if dh is not None else None, dw.to(w.dtype) if dw is not None else None,
             db.to(b.dtype) if db is not None else None)
@@ -740,13 +810,13 @@ class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, tgt, lg, ignore_index, with_ent, entropy_grad, impl, path, weight_context):
         """``path``: "forward" (no gradient will be asked), "jacobian" or "recompute" (module docstring)."""
-        logp, ent, lse, ez, jac, jac_rows = _forward(h, w, b, tgt, lg, ignore_index, with_ent, impl, path)
+        logp, ent, stats, jac, jac_rows = _forward(h, w, b, tgt, lg, ignore_index, with_ent, impl, path)
         if not entropy_grad:
             ctx.mark_non_differentiable(ent)
         if path == "jacobian":
             ctx.save_for_backward(jac, jac_rows, tgt)
         elif path == "recompute":
-            ctx.save_for_backward(h, w, b, tgt, lse, ez)
+            ctx.save_for_backward(h, w, b, tgt, stats)
         ctx.lg, ctx.ignore_index, ctx.impl, ctx.entropy_grad, ctx.path = lg, ignore_index, impl, entropy_grad, path
         ctx.h_dtype, ctx.n, ctx.weight_context = h.dtype, h.shape[0], weight_context
         return logp, ent
@@ -759,9 +829,9 @@ class _LinearLogprobs(torch.autograd.Function):
             jac, jac_rows, tgt = ctx.saved_tensors
             return (_jacobian_grad(jac, jac_rows, tgt, g_logp, ctx.ignore_index, ctx.n, ctx.h_dtype), None,
                     None) + none
-        h, w, b, tgt, lse, ez = ctx.saved_tensors
+        h, w, b, tgt, stats = ctx.saved_tensors
         with ctx.weight_context() if ctx.weight_context is not None else contextlib.nullcontext():
-            grads = _backward_recompute(h, w, b, tgt, lse, ez, g_logp, g_ent if ctx.entropy_grad else None, ctx.lg,
+            grads = _backward_recompute(h, w, b, tgt, stats, g_logp, g_ent if ctx.entropy_grad else None, ctx.lg,
                                         ctx.ignore_index, ctx.impl, need_dh, need_dw, need_db)
         return grads + none
 
@@ -769,8 +839,8 @@ class _LinearLogprobs(torch.autograd.Function):
 @torch.library.custom_op("saga_kernels::linear_logprobs_forward", mutates_args=())
 def _forward_op(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tgt: torch.Tensor, scale: float,
                 cap: float | None, inv_temp: float, ignore_index: int, with_ent: bool, impl: str,
-                path: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(logp, ent, lse, ez, jac, jac_rows) of ``_forward``, as an op torch.compile does not trace into."""
+                path: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(logp, ent, stats, jac, jac_rows) of ``_forward``, as an op torch.compile does not trace into."""
     return _forward(h, w, b, tgt, LogitTransform(scale, cap, inv_temp), ignore_index, with_ent, impl, path)
 
 
@@ -780,34 +850,34 @@ def _(h, w, b, tgt, scale, cap, inv_temp, ignore_index, with_ent, impl, path):
     vec = h.new_empty(n, dtype=torch.float32)
     stat = h.new_empty(n if with_ent else 0, dtype=torch.float32)
     live = torch.library.get_ctx().new_dynamic_size() if path == "jacobian" else 0  # the live rows: data-dependent
-    return (vec, stat, vec.clone(), stat.clone(), h.new_empty((live, hd), dtype=torch.float32),
-            tgt.new_empty(live, dtype=torch.int64))
+    stats = h.new_empty((4 if with_ent else 2, n), dtype=torch.float32)
+    return (vec, stat, stats, h.new_empty((live, hd), dtype=torch.float32), tgt.new_empty(live, dtype=torch.int64))
 
 
 @torch.library.custom_op("saga_kernels::linear_logprobs_backward", mutates_args=())
-def _backward_op(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tgt: torch.Tensor, lse: torch.Tensor,
-                 ez: torch.Tensor, g_logp: torch.Tensor, g_ent: torch.Tensor | None, scale: float, cap: float | None,
+def _backward_op(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tgt: torch.Tensor, stats: torch.Tensor,
+                 g_logp: torch.Tensor, g_ent: torch.Tensor | None, scale: float, cap: float | None,
                  inv_temp: float, ignore_index: int, impl: str, need_dh: bool, need_dw: bool,
                  need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Path 3's (dh, dw, db) as an op; a gradient not needed is an empty tensor."""
-    grads = _backward_recompute(h, w, b, tgt, lse, ez, g_logp, g_ent, LogitTransform(scale, cap, inv_temp),
+    grads = _backward_recompute(h, w, b, tgt, stats, g_logp, g_ent, LogitTransform(scale, cap, inv_temp),
                                 ignore_index, impl, need_dh, need_dw, need_db)
     return tuple(g if g is not None else h.new_empty(0) for g in grads)
 
 
 @_backward_op.register_fake
-def _(h, w, b, tgt, lse, ez, g_logp, g_ent, scale, cap, inv_temp, ignore_index, impl, need_dh, need_dw, need_db):
+def _(h, w, b, tgt, stats, g_logp, g_ent, scale, cap, inv_temp, ignore_index, impl, need_dh, need_dw, need_db):
     return (torch.empty_like(h) if need_dh else h.new_empty(0), torch.empty_like(w) if need_dw else h.new_empty(0),
             torch.empty_like(b) if need_db and b is not None else h.new_empty(0))
 
 
 def _setup_op_context(ctx, inputs, output):
     h, w, b, tgt, scale, cap, inv_temp, ignore_index, with_ent, impl, path = inputs
-    _, _, lse, ez, jac, jac_rows = output
+    _, _, stats, jac, jac_rows = output
     if path == "jacobian":
         ctx.save_for_backward(jac, jac_rows, tgt)
     elif path == "recompute":
-        ctx.save_for_backward(h, w, b, tgt, lse, ez)
+        ctx.save_for_backward(h, w, b, tgt, stats)
     ctx.transform, ctx.ignore_index, ctx.with_ent, ctx.impl, ctx.path = (scale, cap, inv_temp), ignore_index, \
         with_ent, impl, path
     ctx.h_dtype, ctx.n = h.dtype, h.shape[0]
@@ -820,9 +890,9 @@ def _op_backward(ctx, g_logp, g_ent, *_):
         jac, jac_rows, tgt = ctx.saved_tensors
         return (_jacobian_grad(jac, jac_rows, tgt, g_logp, ctx.ignore_index, ctx.n, ctx.h_dtype), None,
                 None) + none
-    h, w, b, tgt, lse, ez = ctx.saved_tensors
-    g_logp = g_logp if g_logp is not None else torch.zeros_like(lse)
-    dh, dw, db = _backward_op(h, w, b, tgt, lse, ez, g_logp, g_ent if ctx.with_ent else None, *ctx.transform,
+    h, w, b, tgt, stats = ctx.saved_tensors
+    g_logp = g_logp if g_logp is not None else torch.zeros_like(stats[0])
+    dh, dw, db = _backward_op(h, w, b, tgt, stats, g_logp, g_ent if ctx.with_ent else None, *ctx.transform,
                               ctx.ignore_index, ctx.impl, need_dh, need_dw, need_db and b is not None)
     return (dh if need_dh else None, dw if need_dw else None, db if need_db and b is not None else None) + none
 

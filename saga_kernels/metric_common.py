@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from ._checks import FLOAT_DTYPES, check_finite, check_same_device, check_tensor
-from ._tl_utils import cdiv, mm_fp32, on_device
+from ._tl_utils import cdiv, grad_buffer_dtype, mm_fp32, on_device
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -171,13 +171,14 @@ def launch_grad_chunks(kernel, cfg: dict, chunk_args: Callable, a: torch.Tensor,
     """:func:`chunked_grad_products` with a gradient-tile kernel as the chunk writer: chunk ``w`` (rows
     ``[r0, r1)``, columns ``[c0, c1)``) is one launch ``kernel[grid](*chunk_args(w, r0, r1, c0, c1), **cfg)``
     over its [BLOCK_M, BLOCK_N] tiles, on the inputs' device (``cfg``: the launch configuration plus the
-    kernel's constexprs). The chunk buffer holds ``dtype`` for half inputs on a GPU, fp32 otherwise."""
+    kernel's constexprs). The chunk buffer holds bf16 for bf16 inputs on a GPU, fp32 otherwise (fp16 cannot hold
+    gradient weights: ``_tl_utils.grad_buffer_dtype``)."""
 
     def write_chunk(w, r0, r1, c0, c1):
         grid = (cdiv(r1 - r0, cfg["BLOCK_M"]), cdiv(c1 - c0, cfg["BLOCK_N"]))
         with on_device(a):
             kernel[grid](*chunk_args(w, r0, r1, c0, c1), **cfg)
 
-    buf_dtype = dtype if (a.is_cuda and is_half(dtype)) else torch.float32
+    buf_dtype = grad_buffer_dtype(dtype, a.device)
     return chunked_grad_products(write_chunk, a, b, need_da=need_da, need_db=need_db, buf_dtype=buf_dtype,
                                  block_rows=cfg["BLOCK_M"], block_cols=cfg["BLOCK_N"])

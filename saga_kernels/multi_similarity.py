@@ -31,11 +31,12 @@ int32 ids from :func:`~saga_kernels.pair_common.label_ids`, without a host sync)
 * ``_ms_fwd_kernel``: row block x all column tiles, similarity streamed over D in BLOCK_K chunks; with the
   miner two passes (row min positive / max negative, then the two online log-sum-exps and the kept-pair
   counts): 2 similarity-sized matmuls (1 without the miner).
-* ``_ms_bwd_kernel`` (D <= ``fused_max_d``: ``_MAX_FUSED_D`` = 256 for bf16/fp16, 64 for fp32): one pass,
+* ``_ms_bwd_kernel`` (D <= ``fused_max_d``: ``_MAX_FUSED_D`` = 256 for bf16, 64 for fp32 and fp16, which runs
+  on fp32 operands as tf32: ``W`` is a dot operand and fp16 cannot hold it, ``_tl_utils.grad_dot_config``): one pass,
   row block resident in shared memory x all column tiles, each column tile loaded once for both the
   recomputed similarity and ``W @ x_cols`` (``W = (G + G^T) r r``), accumulated in a ``[64, next_pow2(D)]``
   fp32 register tile: 2 matmuls. Larger D does not fit in 255 registers on sm_90 (see supcon.py).
-* ``_ms_grad_tile_kernel`` (larger D): writes ``W`` for a chunk of at most 64 MiB once (bf16/fp16 for half
+* ``_ms_grad_tile_kernel`` (larger D): writes ``W`` for a chunk of at most 64 MiB once (bf16 for bf16
   inputs on a GPU, else fp32), cuBLAS does ``W @ x``: 2 matmuls.
 
 The gradient-tile kernel recomputes ``s_ij`` with the forward's BLOCK_K chunks; the fused kernel in one dot
@@ -49,7 +50,18 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import resolve_impl
-from ._tl_utils import block_range, cdiv, dot_config, load_rows, lse_update, next_pow2, on_device, store_rows
+from ._tl_utils import (
+    block_range,
+    cdiv,
+    dot_config,
+    grad_dot_config,
+    grad_dtype,
+    load_rows,
+    lse_update,
+    next_pow2,
+    on_device,
+    store_rows,
+)
 from ._triton import tl, triton
 from .metric_common import (
     block_k,
@@ -281,16 +293,17 @@ def _triton_backward(x, r, labels, stats, coef, alpha, beta, base, eps):
     n, d = x.shape
     if n == 0:
         return torch.zeros(n, d, dtype=torch.float32, device=x.device)
-    dot_dtype, precision = dot_config(x.dtype, x.device)
     params = (alpha, beta, base, 0.0 if eps is None else eps)
-    if d <= fused_max_d(x.dtype):
-        cfg = bwd_config(d, x.dtype)
+    if d <= fused_max_d(grad_dtype(x.dtype)):
+        cfg = bwd_config(d, grad_dtype(x.dtype))
+        dot_dtype, precision = grad_dot_config(x.dtype, x.device)  # the gradient tile is an operand: never fp16
         u = torch.empty(n, d, dtype=torch.float32, device=x.device)
         with on_device(x):
             _ms_bwd_kernel[(cdiv(n, cfg["BLOCK_M"]),)](
                 x, r, labels, *stats, coef, u, n, d, x.stride(0), u.stride(0), *params,
                 USE_MINER=eps is not None, DOT_DTYPE=dot_dtype, PRECISION=precision, **cfg)
         return u
+    dot_dtype, precision = dot_config(x.dtype, x.device)
     cfg = dict(grad_tile_config(d, x.dtype), USE_MINER=eps is not None, DOT_DTYPE=dot_dtype,
                PRECISION=precision)
 

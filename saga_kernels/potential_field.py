@@ -31,11 +31,13 @@ source (embeddings or proxies) as its rows and sweeps both sources as columns. S
 (n x n x D products, counting both row launches together) per call:
 
 * ``_pf_fwd_kernel``: row sums of psi over a split of the columns (split when rows are few). 1 matmul.
-* ``_pf_bwd_kernel`` (D <= ``_MAX_FUSED_D`` = 512 for bf16/fp16, half that for fp32: :func:`fused_backward`):
+* ``_pf_bwd_kernel`` (D <= ``_MAX_FUSED_D`` = 512 for bf16, half that for fp32 and fp16, which runs on fp32
+  operands as tf32: the force ``W r r`` (up to d^-(alpha+2) = 1e12) is a dot operand and overflows fp16,
+  ``_tl_utils.grad_dot_config``):
   recomputes the cosine tile once and accumulates ``(W r r) @ s`` into a [BLOCK_M, next_pow2(D)] fp32
   accumulator held by one program. 2 matmuls.
 * ``_pf_grad_tile_kernel`` (larger D): writes ``W r r`` for a chunk of rows against a chunk of the columns
-  of one source (at most ``GRAD_CHUNK_BYTES``; bf16/fp16 for half inputs on a GPU, else fp32) once; cuBLAS
+  of one source (at most ``GRAD_CHUNK_BYTES``; bf16 for bf16 inputs on a GPU, else fp32) once; cuBLAS
   does the product (:func:`~saga_kernels.metric_common.launch_grad_chunks`, once per row source and
   column source). 2 matmuls.
 
@@ -52,7 +54,17 @@ import torch
 
 from ._checks import check_mode
 from ._dispatch import resolve_impl
-from ._tl_utils import block_range, cdiv, cosine_tile, dot_config, load_rows, on_device, store_rows
+from ._tl_utils import (
+    block_range,
+    cdiv,
+    cosine_tile,
+    dot_config,
+    grad_dot_config,
+    grad_dtype,
+    load_rows,
+    on_device,
+    store_rows,
+)
 from ._triton import tl, triton
 from .metric_common import (
     block_k,
@@ -305,12 +317,16 @@ def _row_launches(pts, needed=(True, True)):
         offset += t.shape[0]
 
 
-def _launch_setup(pts, config):
-    """(n, D, launch dtype, dot operand dtype, dot precision, ``config(D, dtype)``) of a launch over ``pts``."""
+def _launch_setup(pts, config, fused_backward=False):
+    """(n, D, launch dtype, dot operand dtype, dot precision, ``config(D, dtype)``) of a launch over ``pts``;
+    ``fused_backward``: the dots of ``_pf_bwd_kernel``, whose gradient tile is an operand (never fp16:
+    ``_tl_utils.grad_dot_config``, and the configuration of that dtype)."""
     (x, _, _), (w, _, _) = pts
     d, dtype = w.shape[1], launch_dtype(x, w)
-    dot_dtype, precision = dot_config(dtype, w.device, min_fp32_precision="tf32x3")
-    return x.shape[0] + w.shape[0], d, dtype, dot_dtype, precision, config(d, dtype)
+    choose = grad_dot_config if fused_backward else dot_config
+    dot_dtype, precision = choose(dtype, w.device, min_fp32_precision="tf32x3")
+    return (x.shape[0] + w.shape[0], d, dtype, dot_dtype, precision,
+            config(d, grad_dtype(dtype) if fused_backward else dtype))
 
 
 def _triton_forward(pts, alpha: float, delta: float) -> torch.Tensor:
@@ -332,7 +348,7 @@ def _triton_forward(pts, alpha: float, delta: float) -> torch.Tensor:
 
 
 def _fused_backward(pts, coef, alpha, delta, needed):
-    n, d, _, dot_dtype, precision, cfg = _launch_setup(pts, bwd_config)
+    n, d, _, dot_dtype, precision, cfg = _launch_setup(pts, bwd_config, fused_backward=True)
     w = pts[1][0]
     us = [None, None]
     row_programs = sum(cdiv(t.shape[0], cfg["BLOCK_M"]) for (t, _, _), need in zip(pts, needed) if need)
@@ -372,7 +388,7 @@ def _unfused_backward(pts, coef, alpha, delta, needed):
 
 def _triton_backward(pts, coef, alpha, delta, needed):
     (x, _, _), (w, _, _) = pts
-    if not fused_backward(w.shape[1], launch_dtype(x, w)):
+    if not fused_backward(w.shape[1], grad_dtype(launch_dtype(x, w))):
         return _unfused_backward(pts, coef, alpha, delta, needed)
     return _fused_backward(pts, coef, alpha, delta, needed)
 

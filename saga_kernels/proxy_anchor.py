@@ -29,12 +29,13 @@ Similarity-sized matmuls (N x C x D products) per call:
 * ``_pa_fwd_kernel``: rows = a block of proxies, columns = a split of the embeddings; an online
   log-sum-exp per proxy and sign (:func:`~saga_kernels._tl_utils.lse_update`), the splits merged by torch ops
   (few proxies still fill the GPU). 1 matmul.
-* ``_pa_bwd_kernel`` (D <= ``_MAX_FUSED_D`` = 512 for bf16/fp16, half that for fp32: :func:`fused_backward`):
+* ``_pa_bwd_kernel`` (D <= ``_MAX_FUSED_D`` = 512 for bf16, half that for fp32 and fp16, which runs on fp32
+  operands as tf32: ``G r q`` is a dot operand and fp16 cannot hold it, ``_tl_utils.grad_dot_config``):
   rows = embeddings (u) or proxies (v, ``PROXY_ROWS``), columns split when rows are few;
   each recomputes the cosine tile once and accumulates ``(G r q) @ other`` into a [BLOCK_M, next_pow2(D)]
   fp32 accumulator held by one program. 2 + 2 = 4 (2 when one input is frozen).
 * ``_pa_grad_tile_kernel`` (larger D): writes ``G r q`` for a chunk of embedding rows and proxies (at most
-  ``GRAD_CHUNK_BYTES``; bf16/fp16 for half inputs on a GPU, else fp32) once; cuBLAS forms ``u`` and ``v``
+  ``GRAD_CHUNK_BYTES``; bf16 for bf16 inputs on a GPU, else fp32) once; cuBLAS forms ``u`` and ``v``
   from it (:func:`~saga_kernels.metric_common.launch_grad_chunks`). 1 + 2 = 3.
 
 The torch fallback computes the same math in fp32 (fp64 for fp64 inputs) on [chunk_rows(C), C] tiles.
@@ -52,6 +53,8 @@ from ._tl_utils import (
     cdiv,
     cosine_tile,
     dot_config,
+    grad_dot_config,
+    grad_dtype,
     load_rows,
     lse_update,
     on_device,
@@ -263,8 +266,8 @@ def _fused_pass(proxy_rows, a, b, ra, rb, labels, lse_pos, lse_neg, coefs, alpha
     """One row pass of the fused backward (``_pa_bwd_kernel``): fp32 [a rows, D] sums over all rows of ``b``."""
     (na, d), nb = a.shape, b.shape[0]
     dtype = launch_dtype(a, b)
-    dot_dtype, precision = dot_config(dtype, a.device)
-    cfg = bwd_config(d, dtype)
+    dot_dtype, precision = grad_dot_config(dtype, a.device)  # the gradient tile is an operand: never fp16
+    cfg = bwd_config(d, grad_dtype(dtype))
     row_programs = cdiv(na, cfg["BLOCK_M"])
     splits, per_split = column_splits(row_programs, nb, cfg["BLOCK_N"], cap=partial_sums_cap(na, d))
     out = torch.empty((splits, na, d), device=a.device, dtype=torch.float32)
@@ -292,7 +295,7 @@ def _unfused_backward(x, w, rx, rw, labels, lse_pos, lse_neg, coefs, alpha, marg
 
 def _triton_backward(x, w, rx, rw, labels, lse_pos, lse_neg, coefs, alpha, margin, need_x, need_w):
     """(u, v) in fp32 (None where not needed); see the module docstring."""
-    if not fused_backward(x.shape[1], launch_dtype(x, w)):
+    if not fused_backward(x.shape[1], grad_dtype(launch_dtype(x, w))):
         return _unfused_backward(x, w, rx, rw, labels, lse_pos, lse_neg, coefs, alpha, margin, need_x, need_w)
     common = (labels, lse_pos, lse_neg, coefs, alpha, margin)
     u = _fused_pass(False, x, w, rx, rw, *common) if need_x else None

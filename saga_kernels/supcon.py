@@ -34,14 +34,15 @@ labels as int32 ids from :func:`~saga_kernels.pair_common.label_ids`, without a 
 
 * ``_supcon_fwd_kernel``: row block x all key tiles, the similarity streamed over D in BLOCK_K chunks
   (``cosine_tile``); online log-sum-exp and the positive-logit sum per row. 1 similarity-sized matmul.
-* ``_supcon_bwd_kernel`` (D <= ``fused_max_d``: ``_MAX_FUSED_D`` = 256 for bf16/fp16, 64 for fp32): row block
-  of ``a`` resident in shared memory x all tiles of ``b``; each b tile is loaded once and feeds both the
+* ``_supcon_bwd_kernel`` (D <= ``fused_max_d``: ``_MAX_FUSED_D`` = 256 for bf16, 64 for fp32 and fp16, which
+  runs on fp32 operands as tf32: ``W`` is a dot operand and fp16 cannot hold it, ``_tl_utils.grad_dot_config``):
+  row block of ``a`` resident in shared memory x all tiles of ``b``; each b tile is loaded once and feeds both the
   recomputed similarity and ``W @ b`` (``W = coef G r r`` from the stats of the rows of ``a``, of ``b``, or
   both), accumulated in a ``[64, next_pow2(D)]`` fp32 register tile. Self: one launch (a = b = x, both
   stats), 2 matmuls. Reference set: a rows launch (a = x, b = k) and a columns launch (a = k, b = x), 4.
   Above those D the [64, D] accumulator does not fit next to the tile math in 255 registers on sm_90
   (D = 512 bf16 spills at any BLOCK_N >= 32; fp32's tf32x3 split operands spill from D = 128).
-* ``_supcon_grad_tile_kernel`` (larger D): writes ``W`` for a chunk of at most 64 MiB once (bf16/fp16 for half
+* ``_supcon_grad_tile_kernel`` (larger D): writes ``W`` for a chunk of at most 64 MiB once (bf16 for bf16
   inputs on a GPU, else fp32); cuBLAS does ``W @ x`` (self: 2 matmuls in all) or ``W @ k`` and ``W^T @ x``
   (reference set: 3), accumulating in fp32.
 
@@ -56,7 +57,18 @@ import torch
 
 from ._checks import check_same_device, check_tensor
 from ._dispatch import resolve_impl
-from ._tl_utils import block_range, cdiv, dot_config, load_rows, lse_update, next_pow2, on_device, store_rows
+from ._tl_utils import (
+    block_range,
+    cdiv,
+    dot_config,
+    grad_dot_config,
+    grad_dtype,
+    load_rows,
+    lse_update,
+    next_pow2,
+    on_device,
+    store_rows,
+)
 from ._triton import tl, triton
 from .metric_common import (
     block_k,
@@ -257,8 +269,8 @@ def _fused_products(a, b, ra, rb, la, lb, stats_a, stats_b, coef, inv_temp, excl
     None (that side's term is left out)."""
     na, d = a.shape
     u = torch.empty(na, d, dtype=torch.float32, device=a.device)
-    dot_dtype, precision = dot_config(a.dtype, a.device)
-    cfg = bwd_config(d, a.dtype)
+    dot_dtype, precision = grad_dot_config(a.dtype, a.device)  # the gradient tile is an operand: never fp16
+    cfg = bwd_config(d, grad_dtype(a.dtype))
     sa = stats_a if stats_a is not None else (None, None)  # that side's term is compiled out
     sb = stats_b if stats_b is not None else (None, None)
     with on_device(a):
@@ -278,7 +290,7 @@ def _triton_backward(q, k, rq, rk, lq, lk, stats, coef, inv_temp, exclude_diagon
     if n == 0 or m == 0:
         zeros = lambda rows: torch.zeros(rows, d, dtype=torch.float32, device=q.device)  # noqa: E731
         return zeros(n) if (need_dq or k is None) else None, zeros(m) if (need_dk and k is not None) else None
-    if d <= fused_max_d(q.dtype):
+    if d <= fused_max_d(grad_dtype(q.dtype)):
         if k is None:
             return _fused_products(q, q, rq, rq, lq, lq, stats, stats, coef, inv_temp, exclude_diagonal), None
         u_q = u_k = None

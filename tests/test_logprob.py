@@ -481,7 +481,7 @@ def _logprob_specs(dtype: str, dot, precision, cfgs=None, *, softcap=False, w_dt
     w_dtype = w_dtype or dtype
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     torch_w = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[w_dtype]
-    cfg_s, cfg_e, cfg_d = cfgs or (logprob_mod.stats_config(_CUDA, torch_dtype, torch_w, softcap),
+    cfg_s, cfg_e, cfg_d = cfgs or (logprob_mod.stats_config(_CUDA, torch_dtype, torch_w, softcap, write_p=True),
                                    logprob_mod.expect_config(_CUDA, torch_dtype, torch_w),
                                    logprob_mod.dlogits_config(_CUDA, torch_dtype, torch_w, softcap))
     warps = lambda c: dict(num_warps=c["num_warps"], num_stages=c["num_stages"])  # noqa: E731
@@ -489,25 +489,27 @@ def _logprob_specs(dtype: str, dot, precision, cfgs=None, *, softcap=False, w_dt
     half = dtype != "fp32" or precision != "ieee"
     f32 = "*fp32"
     label = dtype + (f" hidden, {w_dtype} head" if w_dtype != dtype else "") + (", softcap" if softcap else "")
+    # path 2's probability tile is fp32 whatever the dtype; path 3's dlogits chunk bf16 for bf16, else fp32
     stats = Spec("saga_kernels.logprob", "_stats_kernel",
                  dict(h_ptr="*" + dtype, w_ptr="*" + w_dtype, b_ptr="*" + dtype, tgt_ptr="*i64", order_ptr="*i64",
-                      n_active_ptr="*i64", m_ptr=f32, s_ptr=f32, t_ptr=f32, zt_ptr=f32, sx_ptr=f32,
-                      p_ptr="*" + dtype, mt_ptr=f32, inv_temp="fp32", scale="fp32", cap="fp32", **_INTS),
+                      n_active_ptr="*i64", mx_ptr=f32, sx_ptr=f32, tx_ptr=f32, zt_ptr=f32,
+                      p_ptr=f32, mt_ptr=f32, inv_temp="fp32", scale="fp32", cap="fp32", **_INTS),
                  dict(SPLITS=16, FIRST=False, HAS_BIAS=False, WITH_ENT=True, WRITE_P=True, SOFTCAP=softcap,
                       DOT_DTYPE=dot, PRECISION=precision, **blocks(cfg_s)),
                  label=f"{label} path 2", expect_wgmma=half,
                  divisible=("row0", "R", "v_begin", "v_end", "vocab_per_split", "H", "V", "stride_h", "stride_w",
                             "stride_p", "stride_mt"), **warps(cfg_s))
     expect = Spec("saga_kernels.logprob", "_expect_kernel",
-                  dict(p_ptr="*" + dtype, mt_ptr=f32, w_ptr="*" + w_dtype, tgt_ptr="*i64", order_ptr="*i64",
-                       n_active_ptr="*i64", m_ptr=f32, mprev_ptr=f32, e_ptr=f32),
+                  dict(p_ptr=f32, mt_ptr=f32, w_ptr="*" + w_dtype, n_active_ptr="*i64", m_ptr=f32, mprev_ptr=f32,
+                       e_ptr=f32),
                   dict(FIRST=False, TILE_V=cfg_s["BLOCK_V"], DOT_DTYPE=dot, PRECISION=precision, **blocks(cfg_e)),
                   label=label, expect_wgmma=half,
                   divisible=("row0", "R", "v_begin", "v_end", "H", "stride_p", "stride_mt", "stride_w", "stride_e"),
                   **warps(cfg_e))
     dlogits = Spec("saga_kernels.logprob", "_dlogits_kernel",
                    dict(h_ptr="*" + dtype, w_ptr="*" + w_dtype, b_ptr="*" + dtype, tgt_ptr="*i64", lse_ptr=f32,
-                        g_ptr=f32, ge_ptr=f32, ez_ptr=f32, dz_ptr="*" + dtype, inv_temp="fp32", scale="fp32",
+                        g_ptr=f32, ge_ptr=f32, ez_ptr=f32, dzy_ptr=f32,
+                        dz_ptr="*" + ("bf16" if dtype == "bf16" else "fp32"), inv_temp="fp32", scale="fp32",
                         cap="fp32"),
                    dict(HAS_BIAS=False, WITH_ENT=True, SOFTCAP=softcap, DOT_DTYPE=dot, PRECISION=precision,
                         **blocks(cfg_d)),
@@ -520,6 +522,7 @@ def _aot_specs():
     import triton.language as tl
 
     return (_logprob_specs("bf16", tl.bfloat16, "tf32") + _logprob_specs("fp32", tl.float32, "tf32x3")
+            + _logprob_specs("fp16", tl.float16, "tf32")  # fp32 probability tile and dlogits chunk under fp16 dots
             # a bf16 model with an fp32 head (autocast), Gemma-2's logit softcap, and both
             + _logprob_specs("bf16", tl.bfloat16, "tf32", w_dtype="fp32")
             + _logprob_specs("bf16", tl.bfloat16, "tf32", softcap=True)
@@ -532,7 +535,7 @@ AOT_SPECS = _aot_specs() if logprob_mod.triton.__class__.__name__ != "_MissingTr
 
 @skip_on_gpu
 def test_kernels_compile_for_sm90():
-    """bf16 and fp32 (tf32x3) kernels at real shapes: wgmma, no spills, <= 255 registers, shared < 228 KB."""
+    """bf16, fp16 and fp32 (tf32x3) kernels at real shapes: wgmma, no spills, <= 255 registers, shared < 228 KB."""
     assert_specs(AOT_SPECS)
 
 

@@ -11,6 +11,7 @@ from pytorch_metric_learning.miners import MultiSimilarityMiner
 import saga_kernels.metric_common as metric_common
 import saga_kernels.multi_similarity as ms_mod
 from saga_kernels import multi_similarity_loss
+from saga_kernels._tl_utils import grad_dtype
 from saga_kernels.reference import multi_similarity_loss_reference
 
 from utils import JUNK, assert_batch_input_errors, assert_only_label_equality_matters, assert_rule
@@ -215,20 +216,22 @@ def test_bad_input_errors_name_the_argument(device):
 # ----------------------------------------------------------------------------------------------------
 from aot import Spec, assert_specs, skip_on_gpu  # noqa: E402
 
-_KERNEL_DTYPES = {torch.bfloat16: ("*bf16", "tl.bfloat16", "tf32"), torch.float32: ("*fp32", "tl.float32", "tf32x3")}
+_KERNEL_DTYPES = {torch.bfloat16: ("*bf16", "tl.bfloat16", "tf32"), torch.float32: ("*fp32", "tl.float32", "tf32x3"),
+                  torch.float16: ("*fp16", "tl.float16", "tf32")}
+_FP16_FUSED = ("*fp16", "tl.float32", "tf32")  # fp16 rows, the fused backward's dots on fp32 operands (grad_dot_config)
 _F32 = "*fp32"
 _STATS = dict(r_ptr=_F32, l_ptr="*i32", lse_pos_ptr=_F32, lse_neg_ptr=_F32, min_pos_ptr=_F32, max_neg_ptr=_F32,
               alpha="fp32", beta="fp32", base="fp32", eps="fp32")
 
 
-def _spec(kernel, types, cfg, dtype, label, divisible):
-    ptr, dot, precision = _KERNEL_DTYPES[dtype]
+def _spec(kernel, types, cfg, dtype, label, divisible, kernel_dtypes=None):
+    ptr, dot, precision = kernel_dtypes or _KERNEL_DTYPES[dtype]
     cfg = dict(cfg)
     warps = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     types = {k: ptr if v == "X" else v for k, v in dict(_STATS, **types).items()}
     return Spec("saga_kernels.multi_similarity", kernel, types,
                 dict(USE_MINER=True, DOT_DTYPE=dot, PRECISION=precision, **cfg),
-                label=f"{label} {str(dtype).replace('torch.', '')}", expect_wgmma=dtype != torch.float32,
+                label=f"{label} {str(dtype).replace('torch.', '')}", expect_wgmma=dot != "tl.float32",
                 divisible=divisible, **warps)
 
 
@@ -246,6 +249,14 @@ def _aot_specs():
         for d in sorted({fused, min(fused, 128)}, reverse=True):
             specs.append(_spec("_ms_bwd_kernel", dict(x_ptr="X", coef_ptr=_F32, u_ptr=_F32),
                                ms_mod.bwd_config(d, dtype), dtype, f"D={d}", ("N", "D", "stride_x", "stride_u")))
+    # fp16 rows: the gradient tile in an fp32 buffer, the fused backward on fp32 (tf32) operands with fp32's tiles
+    specs.append(_spec("_ms_grad_tile_kernel", dict(x_ptr="X", coef_ptr=_F32, w_ptr=_F32),
+                       ms_mod.grad_tile_config(512, torch.float16), torch.float16, "D=512",
+                       ("row0", "row1", "col0", "col1", "D", "stride_x", "stride_w")))
+    d = ms_mod.fused_max_d(grad_dtype(torch.float16))
+    specs.append(_spec("_ms_bwd_kernel", dict(x_ptr="X", coef_ptr=_F32, u_ptr=_F32),
+                       ms_mod.bwd_config(d, grad_dtype(torch.float16)), torch.float16, f"D={d}",
+                       ("N", "D", "stride_x", "stride_u"), kernel_dtypes=_FP16_FUSED))
     return specs
 
 

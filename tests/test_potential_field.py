@@ -20,7 +20,7 @@ import saga_kernels.metric_common as metric_common
 import saga_kernels.potential_field as pf_module
 from saga_kernels import potential_field_loss
 from saga_kernels._checks import input_checks
-from saga_kernels._tl_utils import dot_config
+from saga_kernels._tl_utils import dot_config, grad_dot_config, grad_dtype
 from saga_kernels.potential_field import MIN_DISTANCE
 from saga_kernels.reference import potential_field_loss_reference
 
@@ -338,10 +338,11 @@ def test_gpu_real_width_matches_reference():
 # ----------------------------------------------------------------------------------------------------------
 # sm_90 compile of every kernel with the configuration its launcher uses (tests/aot.py)
 # ----------------------------------------------------------------------------------------------------------
-def _spec(kernel, cfg, dtype, label, types, divisible):
+def _spec(kernel, cfg, dtype, label, types, divisible, fused_backward=False):
     consts = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-    dot_dtype, precision = dot_config(dtype, torch.device("cuda"), min_fp32_precision="tf32x3")
-    ptr = "*bf16" if dtype == torch.bfloat16 else "*fp32"
+    choose = grad_dot_config if fused_backward else dot_config
+    dot_dtype, precision = choose(dtype, torch.device("cuda"), min_fp32_precision="tf32x3")
+    ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}.get(dtype, "*fp32")
     types = {k: (ptr if v == "*in" else v) for k, v in types.items()}
     return Spec("saga_kernels.potential_field", kernel, types,
                 {**consts, "DOT_DTYPE": dot_dtype, "PRECISION": precision}, label=f"{str(dtype)[6:]} {label}",
@@ -363,11 +364,20 @@ for _dt in (torch.bfloat16, torch.float32):
     for _d in ((512, 128) if _dt == torch.bfloat16 else (256, 128)):  # the largest fused D, and 128
         assert pf_module.fused_backward(_d, _dt)
         AOT_SPECS.append(_spec("_pf_bwd_kernel", pf_module.bwd_config(_d, _dt), _dt, f"D={_d}",
-                               {**_SCALARS, **_SOURCES, "coef_ptr": "*fp32", "u_ptr": "*fp32"}, _DIV))
+                               {**_SCALARS, **_SOURCES, "coef_ptr": "*fp32", "u_ptr": "*fp32"}, _DIV,
+                               fused_backward=True))
     AOT_SPECS.append(_spec("_pf_grad_tile_kernel", pf_module.grad_tile_config(4096, _dt), _dt, "any D",
                            {**_SCALARS, "rr_ptr": "*fp32", "rc_ptr": "*fp32", "coef_ptr": "*fp32", "row_ptr": "*in",
                             "col_ptr": "*in", "lr_ptr": "*i64", "lc_ptr": "*i64", "g_ptr": "*in"},
                            ("n_rows", "stride_row", "stride_col", "stride_g", "D")))
+# fp16 inputs: the gradient tile in an fp32 buffer; the fused backward on fp32 (tf32) operands with fp32's tiles
+_dt = torch.float16
+AOT_SPECS.append(_spec("_pf_bwd_kernel", pf_module.bwd_config(256, grad_dtype(_dt)), _dt, "D=256",
+                       {**_SCALARS, **_SOURCES, "coef_ptr": "*fp32", "u_ptr": "*fp32"}, _DIV, fused_backward=True))
+AOT_SPECS.append(_spec("_pf_grad_tile_kernel", pf_module.grad_tile_config(4096, _dt), _dt, "any D",
+                       {**_SCALARS, "rr_ptr": "*fp32", "rc_ptr": "*fp32", "coef_ptr": "*fp32", "row_ptr": "*in",
+                        "col_ptr": "*in", "lr_ptr": "*i64", "lc_ptr": "*i64", "g_ptr": "*fp32"},
+                       ("n_rows", "stride_row", "stride_col", "stride_g", "D")))
 
 
 @skip_on_gpu

@@ -11,7 +11,7 @@ import saga_kernels.metric_common as metric_common
 import saga_kernels.proxy_anchor as pa_module
 from saga_kernels import proxy_anchor_loss
 from saga_kernels._checks import input_checks
-from saga_kernels._tl_utils import dot_config
+from saga_kernels._tl_utils import dot_config, grad_dot_config, grad_dtype
 from saga_kernels.reference import proxy_anchor_loss_reference
 
 from aot import Spec, skip_on_gpu
@@ -285,10 +285,10 @@ def test_gpu_real_width_matches_reference():
 # ----------------------------------------------------------------------------------------------------------
 # sm_90 compile of every kernel with the configuration its launcher uses (tests/aot.py)
 # ----------------------------------------------------------------------------------------------------------
-def _spec(kernel, cfg, dtype, label, types, divisible):
+def _spec(kernel, cfg, dtype, label, types, divisible, fused_backward=False):
     consts = {k: v for k, v in cfg.items() if k not in ("num_warps", "num_stages")}
-    dot_dtype, precision = dot_config(dtype, torch.device("cuda"))
-    ptr = "*bf16" if dtype == torch.bfloat16 else "*fp32"
+    dot_dtype, precision = (grad_dot_config if fused_backward else dot_config)(dtype, torch.device("cuda"))
+    ptr = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}.get(dtype, "*fp32")
     types = {k: (ptr if v == "*in" else v) for k, v in types.items()}
     return Spec("saga_kernels.proxy_anchor", kernel, types, {**consts, "DOT_DTYPE": dot_dtype, "PRECISION": precision},
                 label=f"{str(dtype)[6:]} {label}", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -312,10 +312,20 @@ for _dt in (torch.bfloat16, torch.float32):
         for _proxy_rows, _rows in ((False, "NA"), (True, "NB")):  # the embeddings' pass, the proxies' pass
             AOT_SPECS.append(_spec("_pa_bwd_kernel", {**pa_module.bwd_config(_d, _dt), "PROXY_ROWS": _proxy_rows},
                                    _dt, f"D={_d} {'proxy' if _proxy_rows else 'emb'} rows",
-                                   {**_SCALARS, **_BWD_PTRS}, (_rows, "D", "stride_a", "stride_b", "cols_per_split")))
+                                   {**_SCALARS, **_BWD_PTRS}, (_rows, "D", "stride_a", "stride_b", "cols_per_split"),
+                                   fused_backward=True))
     AOT_SPECS.append(_spec("_pa_grad_tile_kernel", pa_module.grad_tile_config(4096, _dt), _dt, "any D",
                            {**_SCALARS, **_FP32_PTRS, **_IN, "g_ptr": "*in"},
                            ("N", "D", "stride_x", "stride_w", "stride_g")))
+# fp16 inputs: the gradient tile in an fp32 buffer; the fused backward on fp32 (tf32) operands with fp32's tiles
+_dt = torch.float16
+for _proxy_rows, _rows in ((False, "NA"), (True, "NB")):
+    AOT_SPECS.append(_spec("_pa_bwd_kernel", {**pa_module.bwd_config(256, grad_dtype(_dt)), "PROXY_ROWS": _proxy_rows},
+                           _dt, f"D=256 {'proxy' if _proxy_rows else 'emb'} rows", {**_SCALARS, **_BWD_PTRS},
+                           (_rows, "D", "stride_a", "stride_b", "cols_per_split"), fused_backward=True))
+AOT_SPECS.append(_spec("_pa_grad_tile_kernel", pa_module.grad_tile_config(4096, _dt), _dt, "any D",
+                       {**_SCALARS, **_FP32_PTRS, **_IN, "g_ptr": "*fp32"},
+                       ("N", "D", "stride_x", "stride_w", "stride_g")))
 
 
 @skip_on_gpu

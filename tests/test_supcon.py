@@ -10,6 +10,7 @@ from pytorch_metric_learning.losses import SupConLoss
 import saga_kernels.metric_common as metric_common
 import saga_kernels.supcon as supcon_mod
 from saga_kernels import input_checks, supcon_loss
+from saga_kernels._tl_utils import grad_dtype
 from saga_kernels.reference import supcon_loss_reference
 
 from utils import JUNK, assert_batch_input_errors, assert_only_label_equality_matters, assert_rule, odd_labels
@@ -351,17 +352,19 @@ def test_gpu_no_host_sync(d, with_ref):
 # ----------------------------------------------------------------------------------------------------
 from aot import Spec, assert_specs, skip_on_gpu  # noqa: E402
 
-_KERNEL_DTYPES = {torch.bfloat16: ("*bf16", "tl.bfloat16", "tf32"), torch.float32: ("*fp32", "tl.float32", "tf32x3")}
+_KERNEL_DTYPES = {torch.bfloat16: ("*bf16", "tl.bfloat16", "tf32"), torch.float32: ("*fp32", "tl.float32", "tf32x3"),
+                  torch.float16: ("*fp16", "tl.float16", "tf32")}
+_FP16_FUSED = ("*fp16", "tl.float32", "tf32")  # fp16 rows, the fused backward's dots on fp32 operands (grad_dot_config)
 _F32 = "*fp32"
 
 
-def _spec(kernel, types, consts, cfg, dtype, label, divisible):
-    ptr, dot, precision = _KERNEL_DTYPES[dtype]
+def _spec(kernel, types, consts, cfg, dtype, label, divisible, kernel_dtypes=None):
+    ptr, dot, precision = kernel_dtypes or _KERNEL_DTYPES[dtype]
     cfg = dict(cfg)
     warps = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     types = {k: ptr if v == "X" else v for k, v in types.items()}
     return Spec("saga_kernels.supcon", kernel, types, dict(consts, DOT_DTYPE=dot, PRECISION=precision, **cfg),
-                label=f"{label} {str(dtype).replace('torch.', '')}", expect_wgmma=dtype != torch.float32,
+                label=f"{label} {str(dtype).replace('torch.', '')}", expect_wgmma=dot != "tl.float32",
                 divisible=divisible, **warps)
 
 
@@ -396,6 +399,21 @@ def _aot_specs():
                                         **{k: v for k, v in stats.items() if v is None}),
                                    supcon_mod.bwd_config(d, dtype), dtype, f"{what} D={d}",
                                    ("NA", "NB", "D", "stride_a", "stride_b", "stride_u")))
+    # fp16 rows: the gradient tile in an fp32 buffer, the fused backward on fp32 (tf32) operands with fp32's tiles
+    specs.append(_spec("_supcon_grad_tile_kernel",
+                       dict(q_ptr="X", k_ptr="X", rq_ptr=_F32, rk_ptr=_F32, lq_ptr="*i32", lk_ptr="*i32",
+                            lse_ptr=_F32, inv_pos_ptr=_F32, coef_ptr=_F32, w_ptr=_F32, inv_temp="fp32"),
+                       dict(SYMMETRIC=True, EXCLUDE_DIAGONAL=True), supcon_mod.grad_tile_config(512, torch.float16),
+                       torch.float16, "self D=512", ("row0", "row1", "col0", "col1", "D", "stride_q", "stride_k",
+                                                      "stride_w")))
+    d = supcon_mod.fused_max_d(grad_dtype(torch.float16))
+    specs.append(_spec("_supcon_bwd_kernel",
+                       dict(a_ptr="X", b_ptr="X", ra_ptr=_F32, rb_ptr=_F32, la_ptr="*i32", lb_ptr="*i32",
+                            coef_ptr=_F32, u_ptr=_F32, inv_temp="fp32", lse_a_ptr=_F32, inv_pos_a_ptr=_F32,
+                            lse_b_ptr=_F32, inv_pos_b_ptr=_F32),
+                       dict(A_STATS=True, B_STATS=True, EXCLUDE_DIAGONAL=True),
+                       supcon_mod.bwd_config(d, grad_dtype(torch.float16)), torch.float16, f"self D={d}",
+                       ("NA", "NB", "D", "stride_a", "stride_b", "stride_u"), kernel_dtypes=_FP16_FUSED))
     return specs
 
 
