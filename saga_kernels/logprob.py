@@ -871,6 +871,20 @@ def _(h, w, b, tgt, stats, g_logp, g_ent, scale, cap, inv_temp, ignore_index, im
             torch.empty_like(b) if need_db and b is not None else h.new_empty(0))
 
 
+@torch.library.custom_op("saga_kernels::linear_logprobs_jacobian_grad", mutates_args=())
+def _jacobian_grad_op(jac: torch.Tensor, jac_rows: torch.Tensor, tgt: torch.Tensor, g_logp: torch.Tensor | None,
+                      ignore_index: int, n: int, h_dtype: torch.dtype) -> torch.Tensor:
+    """Path 2's d_hidden (``_jacobian_grad``) as an op: inductor's own code for its data-dependent index_put wrote
+    garbage into some columns when it vectorizes for AVX2 or none (``ATEN_CPU_CAPABILITY=avx2`` / ``default``,
+    torch 2.13; tests/test_kernel_compile.py)."""
+    return _jacobian_grad(jac, jac_rows, tgt, g_logp, ignore_index, n, h_dtype)
+
+
+@_jacobian_grad_op.register_fake
+def _(jac, jac_rows, tgt, g_logp, ignore_index, n, h_dtype):
+    return jac.new_empty((n, jac.shape[1]), dtype=h_dtype)
+
+
 def _setup_op_context(ctx, inputs, output):
     h, w, b, tgt, scale, cap, inv_temp, ignore_index, with_ent, impl, path = inputs
     _, _, stats, jac, jac_rows = output
@@ -888,7 +902,7 @@ def _op_backward(ctx, g_logp, g_ent, *_):
     none = (None,) * 8
     if ctx.path == "jacobian":
         jac, jac_rows, tgt = ctx.saved_tensors
-        return (_jacobian_grad(jac, jac_rows, tgt, g_logp, ctx.ignore_index, ctx.n, ctx.h_dtype), None,
+        return (_jacobian_grad_op(jac, jac_rows, tgt, g_logp, ctx.ignore_index, ctx.n, ctx.h_dtype), None,
                 None) + none
     h, w, b, tgt, stats = ctx.saved_tensors
     g_logp = g_logp if g_logp is not None else torch.zeros_like(stats[0])

@@ -117,12 +117,34 @@ def close_set():
     return e, y, p, py
 
 
+def peer_draws(e, y, p, py, draws: int = 16) -> list:
+    """``draws`` equally valid float32 evaluations of the Gram peer: the D axis permuted (module docstring)."""
+    peers = []
+    for seed in range(draws):
+        perm = torch.randperm(e.shape[1], generator=torch.Generator().manual_seed(seed)).to(e.device)
+        back = torch.argsort(perm)
+        q = loss_and_grads(gram_peer, e[:, perm], y, p[:, perm], py)
+        peers.append((q[0], q[1][:, back], q[2][:, back]))
+    return peers
+
+
+def worst(values, gold):
+    """The value of ``values`` furthest from ``gold`` (Frobenius)."""
+    return max(values, key=lambda v: float((v.double() - gold).norm()))
+
+
 def test_closer_than_delta_and_coincident(impl, device):
-    """The close set: finite, and equal to the reference (both clamp) by the rule."""
-    e, y, p, py = close_set()
+    """The close set: finite, and equal to the reference (both clamp) by the rule against the worst of the peer's
+    equally valid orders (one order is no bound here: under ATEN_CPU_CAPABILITY=default ours missed by 80 where
+    that draw of the peer missed by 43; module docstring)."""
+    e, y, p, py = (t.to(device) for t in close_set())
     d = torch.cdist(F.normalize(e.double(), dim=1), F.normalize(e.double(), dim=1))
     assert d[0, 1] < 0.2 and d[0, 2] < 0.2 and d[6, 7] < MIN_DISTANCE
-    ours, gold = check(impl, e.to(device), y.to(device), p.to(device), py.to(device))
+    gold = loss_and_grads(reference, e.double(), y, p.double(), py)
+    ours = loss_and_grads(potential_field_loss, e, y, p, py, impl=impl)
+    assert all(torch.isfinite(t).all() for t in ours)
+    peers = peer_draws(e, y, p, py)
+    assert_gold_rule(ours, gold, [worst([q[k] for q in peers], gold[k]) for k in range(3)])
     n = e.shape[0] + p.shape[0]
     assert gold[0] > 2 * MIN_DISTANCE**-4 / (n * (n - 1))  # the clamped coincident pair (both orders) is in it
 
@@ -135,18 +157,12 @@ def test_near_pairs_per_point(impl, device):
     e, y, p, py = (t.to(device) for t in close_set())
     gold = loss_and_grads(reference, e.double(), y, p.double(), py)
     ours = loss_and_grads(potential_field_loss, e, y, p, py, impl=impl)
-    peers = []
-    for seed in range(16):
-        perm = torch.randperm(e.shape[1], generator=torch.Generator().manual_seed(seed)).to(device)
-        back = torch.argsort(perm)
-        q = loss_and_grads(gram_peer, e[:, perm], y, p[:, perm], py)
-        peers.append((q[0], q[1][:, back], q[2][:, back]))
-    assert_rule(ours[0], gold[0], max((q[0] for q in peers), key=lambda v: float((v.double() - gold[0]).abs())),
-                rel_slack=1e-5, what="loss")
+    peers = peer_draws(e, y, p, py)
+    assert_rule(ours[0], gold[0], worst([q[0] for q in peers], gold[0]), rel_slack=1e-5, what="loss")
     for k, name in ((1, "embedding"), (2, "proxy")):
         for i in range(gold[k].shape[0]):
-            worst = max((q[k][i] for q in peers), key=lambda v: float((v.double() - gold[k][i]).norm()))
-            assert_rule(ours[k][i], gold[k][i], worst, rel_slack=1e-5, norm="fro", what=f"grad of {name} {i}")
+            assert_rule(ours[k][i], gold[k][i], worst([q[k][i] for q in peers], gold[k][i]), rel_slack=1e-5,
+                        norm="fro", what=f"grad of {name} {i}")
 
 
 def test_hyperparameters(impl, device):
