@@ -3,8 +3,10 @@ import os
 import sys
 
 from .config import parse_args
+from .data.samplers import PAIR_KINDS
 from .errors import UserError
 from .preemption import EXIT_PREEMPTED
+from .readout import format_readout
 from .train import format_metrics, train
 
 
@@ -25,18 +27,26 @@ def main(argv=None) -> int:
 
 
 def report(result: dict) -> None:
-    """What a finished run prints: retrieval before -> after, the rollout totals, the plot and the run directory."""
+    """What a finished run prints: retrieval before -> after, the supervisor's readout after (and before), the rollout
+    totals (by pair kind), the plot and the run directory."""
     if result.get("after"):
         before, after = result.get("before"), result["after"]
         gain = f" (R@1 {after['R@1'] - before['R@1']:+.3f})" if before else ""
         print(f"retrieval on the held-out classes: before {format_metrics(before)} -> after {format_metrics(after)}"
               f"{gain}")
+    before, after = (format_readout(result.get(k) or {}) for k in ("before", "after"))
+    if after:
+        print(f"{after}" + (f"\n  (before training: {before.split(': ', 1)[1]})" if before else ""))
     if "reward_rate" in result:
         r = result["rollouts"]
         print(f"reward rate {result['reward_rate']:.3f} over {int(r['completions'])} completions "
               f"({int(r['unparseable'])} unparseable); {int(r['groups_contributing'])} of {int(r['pairs_drawn'])} "
               f"pairs had reward variance, {int(r['groups_kept'])} replayed; "
               f"shortfall against K: {int(r['shortfall'])}")
+        kinds = [k for k in PAIR_KINDS if r.get(f"pairs_drawn_{k}")]
+        print("  by pair kind (drawn / with reward variance / replayed): " + "; ".join(
+            f"{k} {int(r[f'pairs_drawn_{k}'])} / {int(r[f'groups_contributing_{k}'])} / {int(r[f'groups_kept_{k}'])}"
+            for k in kinds))
         shares = ", ".join(f"{k} {v:.0%}" for k, v in result["phase_share"].items())
         print(f"{result['seconds_per_step']:.2f} s/step ({shares}); wall {result['wall_seconds']:.0f} s")
     if result["random_init"]:

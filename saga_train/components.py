@@ -113,11 +113,29 @@ def build_components(cfg: Config, dist: dist_lib.DistInfo | None = None) -> Comp
         metric_loss = build_metric_loss(cfg.dml, len(train_set.class_names), cfg.embedding_size,
                                         cfg.proxies_per_class, pf_alpha=cfg.pf_alpha, pf_delta=cfg.pf_delta).to(device)
     embedder = Embedder(model.model.visual, pooler, processor.image_processor, cfg.image_size, cfg.pooler)
+    if cfg.init_embedder:
+        init_from_embedder(embedder, cfg.init_embedder)
     comps = Components(cfg, device, train_set, test_set, model, processor, embedder, metric_loss, description, dist,
                        random_init=random_init)
     dist_lib.broadcast_parameters(comps.trainable_parameters(), dist)
     comps.sync = dist_lib.GradientSync(comps.trainable_parameters(), dist)
     return comps
+
+
+def init_from_embedder(embedder: Embedder, path: str) -> None:
+    """Copy the tower and pooler weights of the embedder saved in ``path`` (``Embedder.save``, e.g. another run's
+    ``embedder/``) into ``embedder``; ``MissingFileError`` / ``ModelLoadError`` for a missing or damaged directory,
+    ``ConfigError`` naming ``path`` when its tower or pooler is not this run's (another size, pooler or model)."""
+    from .model import load_embedder
+
+    saved = load_embedder(path).state_dict()
+    mine = embedder.state_dict()
+    wrong = sorted(set(saved) ^ set(mine))
+    wrong += sorted(k for k in set(saved) & set(mine) if saved[k].shape != mine[k].shape)
+    if wrong:
+        raise ConfigError(f"init_embedder={path!r}: its weights do not fit this run's tower and pooler ({len(wrong)} "
+                          f"tensors differ, e.g. {wrong[0]!r}): a run of another model, pooler or embedding size")
+    embedder.load_state_dict(saved)
 
 
 def build_optimizer(comps: Components, total_steps: int):
@@ -137,5 +155,5 @@ def autocast(device: torch.device, cfg: Config):
     return contextlib.nullcontext()
 
 
-__all__ = ["Components", "build_components", "build_optimizer", "resolve_device", "resolve_model",
+__all__ = ["Components", "build_components", "build_optimizer", "init_from_embedder", "resolve_device", "resolve_model",
            "apply_cuda_speedups", "attention_implementation", "autocast"]

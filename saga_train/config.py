@@ -17,9 +17,12 @@ from .errors import ConfigError
 from .prompts import PROMPT_STYLES
 
 POOLERS = ("attention", "mean")
+PAIR_SAMPLING = ("balanced", "hard")
+REWARDS = ("verdict", "attributes")
 DML_LOSSES = ("potential_field", "proxy_anchor", "multi_similarity", "supcon")
 DEVICES = ("auto", "cpu", "cuda")
-CHOICES = {"pooler": POOLERS, "dml": DML_LOSSES, "prompt": PROMPT_STYLES, "device": DEVICES}
+CHOICES = {"pooler": POOLERS, "dml": DML_LOSSES, "prompt": PROMPT_STYLES, "device": DEVICES,
+           "pair_sampling": PAIR_SAMPLING, "reward": REWARDS}
 
 
 @dataclass(frozen=True)
@@ -37,9 +40,11 @@ class Config:
     synthetic_test_classes: int = 200  # SyntheticBirds held-out classes (the synthetic supervisor never saw them)
     world_seed: int = 0  # SyntheticBirds split (held-out classes) and its supervisor; training randomness is `seed`
     max_eval_images: int = 0  # cap on test images for evaluation (0 = all)
+    readout_pairs: int = 0  # held-out pairs the supervisor reads (greedy) at each evaluation (readout.py; 0 = off)
     # embedding map g = pooler o tower
     pooler: str = "attention"  # attention | mean
     embedding_size: int = 128  # D_e (paper: 4096)
+    init_embedder: str = ""  # start tower + pooler from a saved embedder directory (another run's embedder/)
     # losses: lambda_dml L_DML + lambda_lm L_GRPO + lambda_kl L_KL (0 turns one off)
     dml: str = "potential_field"
     lambda_dml: float = 1.0
@@ -72,6 +77,9 @@ class Config:
     kl_layer: int = -1  # LLM layer of the attention teacher; -1 = round(26/36 * layers) (26 for 8B)
     replay_tokens: int = 0  # phase C: completion tokens per forward (rows x longest); 0 = a whole group at once
     prompt: str = "dataset"  # dataset | generic
+    pair_sampling: str = "balanced"  # balanced (paper: random same / different pairs) | hard (see data/samplers.py)
+    reward: str = "verdict"  # verdict (paper) | attributes: + fraction of attributes described right (rollout.py)
+    shuffle_rewards: bool = False  # control: permute each group's rewards (their signal gone, their variance kept)
     # run
     seed: int = 0
     run_dir: str = "runs/saga-default"
@@ -96,6 +104,8 @@ class Config:
         _check_choice("dml", self.dml, DML_LOSSES)
         _check_choice("prompt", self.prompt, PROMPT_STYLES)
         _check_choice("device", self.device, DEVICES)
+        _check_choice("pair_sampling", self.pair_sampling, PAIR_SAMPLING)
+        _check_choice("reward", self.reward, REWARDS)
         for name in ("image_size", "embedding_size", "epochs", "classes_per_batch", "images_per_class",
                      "pairs_per_step", "group_size", "contributing_pairs", "max_pair_draws", "max_new_tokens",
                      "synthetic_images_per_class", "synthetic_test_images_per_class", "proxies_per_class"):
@@ -105,7 +115,7 @@ class Config:
             raise ConfigError(f"pf_alpha and pf_delta must be > 0, got {self.pf_alpha} and {self.pf_delta}")
         for name in ("lambda_dml", "lambda_lm", "lambda_kl", "lr_encoder", "lr_pooler", "lr_proxies",
                      "weight_decay", "grad_clip", "steps_per_epoch", "max_steps", "stop_after", "checkpoint_every",
-                     "threads", "max_eval_images", "replay_tokens", "eval_every"):
+                     "threads", "max_eval_images", "replay_tokens", "eval_every", "readout_pairs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.workers < -1:
@@ -120,6 +130,9 @@ class Config:
             from .preemption import signal_number
 
             signal_number(self.preempt_signal)
+        if self.shard_llm and self.readout_pairs:
+            raise ConfigError("readout_pairs: the readout generates with the whole LLM on rank 0, which --shard-llm "
+                              "splits over the ranks: set --readout-pairs 0 with --shard-llm")
         if self.images_per_class < 2:
             raise ConfigError("images_per_class must be >= 2 so that a batch holds same-class pairs")
 
@@ -138,13 +151,14 @@ PRESETS = {
     # measured on this world (DML alone, 150 steps) it gains more R@1 (+0.23 against +0.15) in half the phase-A
     # time, and its value visibly falls where PF's stays near its plateau (README "The embedded default")
     "default": dict(model="synthetic-supervisor", dml="supcon", lr_encoder=1e-4, epochs=6,
-                    synthetic_test_images_per_class=5),
+                    synthetic_test_images_per_class=5, readout_pairs=64),
     "paper": dict(
         image_size=224, pooler="attention", embedding_size=4096, dml="potential_field", pf_alpha=4.0, pf_delta=0.2,
         proxies_per_class=15, epochs=3,
         classes_per_batch=16, images_per_class=4, pairs_per_step=8, group_size=8, contributing_pairs=8,
         max_pair_draws=64, temperature=0.7, top_p=0.95, max_new_tokens=1024, kl_layer=26,
         lr_encoder=2e-5, lr_pooler=1e-4, lr_proxies=2e-3, run_dir="runs/saga-paper", checkpoint_every=500,
+        readout_pairs=64,
     ),
 }
 

@@ -63,18 +63,18 @@ class StepCounts:
     """The step's normalizers, over every group of every rank (TRL's ``num_items_in_batch`` convention)."""
 
     completion_tokens: int  # |T|: L_GRPO = sum of token terms / |T|
-    kl_rollouts: int  # r = 1 rollouts with item tokens: L_KL = sum of KL terms / this
+    kl_rollouts: int  # right-verdict (r = 1) rollouts with item tokens: L_KL = sum of KL terms / this
 
 
 def local_counts(groups) -> StepCounts:
-    """This rank's completion tokens and teaching rollouts (r = 1, with item tokens) over ``groups``."""
+    """This rank's completion tokens and teaching rollouts (right verdict, with item tokens) over ``groups``."""
     tokens = kl = 0
     for group in groups:
         mask = group.completion_mask.bool()
         tokens += int(mask.sum())
         if group.item_token_masks:
             described = torch.stack([(m.to(mask.device) & mask).any(-1) for m in group.item_token_masks.values()])
-            kl += int(((group.rewards.to(mask.device) == 1) & described.any(0)).sum())
+            kl += int((group.correct.to(mask.device) & described.any(0)).sum())
     return StepCounts(completion_tokens=tokens, kl_rollouts=kl)
 
 
@@ -327,7 +327,7 @@ def replay_group(model, group, options: ReplayOptions, counts: StepCounts, poole
     """
     ids, mask = group.completion_ids, group.completion_mask.bool()
     device = ids.device
-    rewarded = group.rewards.to(device) == 1
+    rewarded = group.correct.to(device)  # the right-verdict rollouts teach L_KL (the paper's r = 1)
     item_masks = {name: group.item_token_masks[item].to(device) & mask
                   for name, item in zip("ab", ITEM_KEYS)} if group.item_token_masks else {}
     want_kl = (options.lambda_kl > 0 and pooler is not None and counts.kl_rollouts > 0 and bool(item_masks)

@@ -13,7 +13,10 @@ trick pick the token, an exact sample of the same distribution): a pair's comple
 seed and its own logits, whichever call, batch or rank samples it (the same up to the round-off of a
 different batch shape).
 
-Reward ``r_g = 1`` iff the parsed verdict equals ``1[y_a == y_b]`` (unparseable -> 0, counted).
+Reward (``SamplingOptions.reward``): the paper's verdict reward ``r_g = 1`` iff the parsed verdict equals
+``1[y_a == y_b]`` (unparseable -> 0, counted), or, where the dataset knows the attributes the answer names, the
+attribute reward ``AttributeReward`` (the verdict's reward plus the fraction of attributes described right).
+``shuffle_rewards`` (a control) permutes each group's rewards with the pair's own seed.
 Advantage ``A_g = (r_g - mean(r)) / (std(r) + eps)`` within the group. Groups whose rewards are all
 equal carry no signal (``Group.contributes`` is False); the trainer's ``phase_b`` keeps drawing until
 K groups contribute or its cap of drawn pairs is reached (DAPO dynamic sampling), counting in
@@ -24,6 +27,7 @@ import dataclasses
 import functools
 import hashlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -44,7 +48,8 @@ class SamplingOptions:
     top_p: float
     max_new_tokens: int
     verdict_key: str  # the JSON key holding "yes" / "no"
-    item_masks: bool = False  # find the tokens describing item 1 / item 2 (for L_KL) in r = 1 rollouts
+    item_masks: bool = False  # find the tokens describing item 1 / item 2 (for L_KL) in right-verdict rollouts
+    shuffle_rewards: bool = False  # control: permute each group's rewards (the signal gone, the variance kept)
 
 
 @dataclass
@@ -60,7 +65,13 @@ class Group:
     rewards: torch.Tensor  # [G] float
     advantages: torch.Tensor  # [G] float
     temperature: float = 1.0  # of the distribution the completions were sampled from (replay scores them under it)
-    item_token_masks: dict = field(default_factory=dict)  # "item 1" -> [G, T] bool (r = 1 rollouts only)
+    item_token_masks: dict = field(default_factory=dict)  # "item 1" -> [G, T] bool (right-verdict rollouts only)
+    kind: str = ""  # the pair's kind (data.samplers.PAIR_KINDS), set by the trainer for its statistics
+
+    @property
+    def correct(self) -> torch.Tensor:
+        """``[G]`` bool: the completion's verdict is right (what the paper's reward is 1 for; L_KL's teachers)."""
+        return torch.tensor([v is not None and v == self.same for v in self.verdicts], device=self.rewards.device)
 
     @property
     def contributes(self) -> bool:
@@ -75,10 +86,21 @@ class RolloutStats:
     groups_contributing: int = 0  # sampled groups with reward variance
     groups_kept: int = 0  # contributing groups handed to phase C (at most K)
     completions: int = 0
-    rewarded: int = 0
+    rewarded: int = 0  # completions with the right verdict
+    reward_total: float = 0.0  # sum of the rewards (= rewarded for the verdict reward)
     unparseable: int = 0
     shortfall: int = 0  # K minus the groups kept when the cap was hit
     generate_calls: int = 0
+    # the same three counts by pair kind (data.samplers.PAIR_KINDS)
+    pairs_drawn_same: int = 0
+    pairs_drawn_one_attribute: int = 0
+    pairs_drawn_different: int = 0
+    groups_contributing_same: int = 0
+    groups_contributing_one_attribute: int = 0
+    groups_contributing_different: int = 0
+    groups_kept_same: int = 0
+    groups_kept_one_attribute: int = 0
+    groups_kept_different: int = 0
 
     @classmethod
     def counts(cls) -> tuple:
@@ -92,14 +114,62 @@ class RolloutStats:
             self.pairs_drawn += 1
             self.groups_contributing += int(group.contributes)
             self.completions += len(group.verdicts)
-            self.rewarded += int(group.rewards.sum())
+            self.rewarded += int(group.correct.sum())
+            self.reward_total += float(group.rewards.sum())
             self.unparseable += sum(v is None for v in group.verdicts)
+            if group.kind:
+                self._count(f"pairs_drawn_{group.kind}")
+                if group.contributes:
+                    self._count(f"groups_contributing_{group.kind}")
+
+    def keep(self, groups) -> None:
+        """Count the groups handed to phase C."""
+        self.groups_kept = len(groups)
+        for group in groups:
+            if group.kind:
+                self._count(f"groups_kept_{group.kind}")
+
+    def _count(self, name: str) -> None:
+        if not hasattr(self, name):
+            raise ValueError(f"unknown pair kind in {name!r}")
+        setattr(self, name, getattr(self, name) + 1)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["reward_rate"] = self.rewarded / max(self.completions, 1)
+        d["reward_mean"] = self.reward_total / max(self.completions, 1)
         d["unparseable_rate"] = self.unparseable / max(self.completions, 1)
         return d
+
+
+def verdict_reward(verdict, same: bool) -> float:
+    """The paper's reward: 1.0 iff the parsed verdict equals ``same`` (unparseable, None: 0.0)."""
+    return float(verdict is not None and verdict == same)
+
+
+@dataclass(frozen=True)
+class AttributeReward:
+    """The attribute-aware reward of one pair (an extension beyond the paper, which rewards the verdict only)::
+
+        r = 1[verdict == same] + (1 / 2A) * sum over items i in {1, 2} and attributes a of 1[read_i(a) == truth_i(a)]
+
+    in [0, 2]: the verdict's reward plus the fraction of the 2A attribute values the answer describes right (an
+    attribute not read counts as wrong). ``truths``: the two classes' ``{attribute: value}`` (what the dataset knows);
+    ``read``: ``text -> {"item 1": {attribute: value | None}, "item 2": {...}}`` (for the synthetic world
+    ``saga_train.synthetic.answers.parse_answer``). Values compare as stripped lowercase strings.
+    """
+
+    same: bool
+    truths: tuple  # ({attribute: value} of item 1, of item 2)
+    read: Callable
+
+    def __call__(self, text: str, verdict) -> float:
+        described = self.read(text)
+        slots = [(described.get(item) or {}, truth) for item, truth in zip(ITEM_KEYS, self.truths)]
+        total = sum(len(truth) for _, truth in slots)
+        right = sum(verdict_lib.same_value(got.get(name), value) for got, truth in slots
+                    for name, value in truth.items())
+        return verdict_reward(verdict, self.same) + right / max(total, 1)
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = ADVANTAGE_EPS) -> torch.Tensor:
@@ -295,16 +365,19 @@ class SeededSampling(LogitsProcessor):
 
 @torch.no_grad()
 def sample_groups(model, tokenizer, pair_inputs_list, sames, options: SamplingOptions, seeds=None,
-                  synced_gpus: bool = False) -> list:
+                  synced_gpus: bool = False, rewards=None) -> list:
     """One ``generate`` call for all pairs: ``len(pairs) x G`` sequences -> one Group per pair (in order).
 
     ``seeds``: one int per pair; completion g of pair p then samples from its own generator seeded with
-    ``mix_seed("completion", seeds[p], g)`` (see the module docstring). None: the global RNG.
+    ``mix_seed("completion", seeds[p], g)`` (see the module docstring), and ``options.shuffle_rewards`` permutes
+    with ``mix_seed("shuffle", seeds[p])``. None: the global RNG.
     ``synced_gpus``: every rank keeps decoding until all ranks are done (the LLM's layers are sharded).
+    ``rewards``: one ``(text, verdict) -> float`` per pair (e.g. ``AttributeReward``); None: ``verdict_reward``.
     """
-    if len(pair_inputs_list) != len(sames) or (seeds is not None and len(seeds) != len(sames)):
+    if len(pair_inputs_list) != len(sames) or any(x is not None and len(x) != len(sames) for x in (seeds, rewards)):
         raise ValueError(f"pair_inputs_list has {len(pair_inputs_list)} pairs, sames {len(sames)}"
-                         + ("" if seeds is None else f", seeds {len(seeds)}"))
+                         + ("" if seeds is None else f", seeds {len(seeds)}")
+                         + ("" if rewards is None else f", rewards {len(rewards)}"))
     if not pair_inputs_list:
         return []
     stops = stop_token_ids(model, tokenizer)
@@ -325,25 +398,40 @@ def sample_groups(model, tokenizer, pair_inputs_list, sames, options: SamplingOp
             synced_gpus=synced_gpus)
     completions = out[:, batch["input_ids"].shape[1]:]
     masks = completion_mask(completions, stops)
-    return [_make_group(tokenizer, inputs, same, completions[p * G:(p + 1) * G], masks[p * G:(p + 1) * G], options)
+    return [_make_group(tokenizer, inputs, same, completions[p * G:(p + 1) * G], masks[p * G:(p + 1) * G], options,
+                        reward=None if rewards is None else rewards[p], seed=None if seeds is None else seeds[p])
             for p, (inputs, same) in enumerate(zip(pair_inputs_list, sames))]
 
 
-def _make_group(tokenizer, inputs: dict, same: bool, completion_ids, mask, options: SamplingOptions) -> Group:
+def shuffled(rewards: torch.Tensor, seed) -> torch.Tensor:
+    """``rewards`` permuted (the shuffled-reward control): by a generator seeded with ``mix_seed("shuffle", seed)``,
+    or by the global RNG when ``seed`` is None."""
+    generator = None if seed is None else torch.Generator().manual_seed(mix_seed("shuffle", seed))
+    return rewards[torch.randperm(len(rewards), generator=generator)]
+
+
+def _make_group(tokenizer, inputs: dict, same: bool, completion_ids, mask, options: SamplingOptions, *,
+                reward=None, seed=None) -> Group:
     """Decode, parse and reward one pair's G completions (trimmed to the group's longest completion)."""
     length = max(int(mask.sum(-1).max()), 1)
     completion_ids, mask = completion_ids[:, :length], mask[:, :length]
     rows = [ids[m].tolist() for ids, m in zip(completion_ids, mask)]
     texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rows]
     verdicts = [verdict_lib.parse_verdict(t, options.verdict_key) for t in texts]
-    rewards = torch.tensor([float(v is not None and v == same) for v in verdicts])
+    if reward is None:
+        rewards = torch.tensor([verdict_reward(v, same) for v in verdicts])
+    else:
+        rewards = torch.tensor([float(reward(t, v)) for t, v in zip(texts, verdicts)])
+    if options.shuffle_rewards:
+        rewards = shuffled(rewards, seed)
     group = Group(same=same, inputs=inputs, completion_ids=completion_ids, completion_mask=mask, texts=texts,
                   verdicts=verdicts, rewards=rewards, advantages=group_advantages(rewards),
                   temperature=options.temperature)
     if options.item_masks:
+        correct = group.correct
         item_masks = {item: torch.zeros_like(mask, device="cpu") for item in ITEM_KEYS}
         for g, (r, text) in enumerate(zip(rows, texts)):
-            if rewards[g] == 1:
+            if correct[g]:
                 for item, m in item_token_masks(tokenizer, r, text).items():
                     item_masks[item][g, : len(r)] = m
         group.item_token_masks = {item: m.to(mask.device) for item, m in item_masks.items()}

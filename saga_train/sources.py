@@ -50,4 +50,20 @@ def load_splits(cfg):
         raise ConfigError(f"dataset={cfg.dataset!r} (data_root={cfg.data_root!r}): {e}") from e
 
 
-__all__ = ["SYNTHETIC_MODELS", "load_model", "load_splits"]
+def answer_reader(cfg, dataset):
+    """``text -> {"item 1": {attribute: value | None}, "item 2": {...}, "differences": ..., "verdict": ...}`` for a
+    run whose dataset knows its classes' attributes (``dataset.attributes(label) -> dict``: the synthetic world, whose
+    supervisor describes items as ``"<value> <attribute>, ..."``), else None (the answer's attributes cannot be
+    checked)."""
+    if cfg.dataset != SYNTHETIC_DATASET or not callable(getattr(dataset, "attributes", None)):
+        return None
+    import functools
+
+    from .prompts import prompt_spec
+    from .synthetic.answers import parse_answer
+
+    spec = prompt_spec(cfg.dataset, dataset)
+    return functools.partial(parse_answer, attribute_names=spec.attributes, verdict_key=spec.verdict_key)
+
+
+__all__ = ["SYNTHETIC_MODELS", "answer_reader", "load_model", "load_splits"]

@@ -2,6 +2,11 @@
 completions per pair, keep the groups with reward variance: rollout.py), phase C (replay the kept groups with
 gradients, each prefix once: replay.py), then clip, optimizer and schedule step.
 
+Phase B's pairs (``--pair-sampling``): "balanced", the paper's (random same / different pairs of the batch, later
+draws from the train split), or "hard" (``data.samplers.sample_hard_pairs`` on the batch's current embeddings, every
+draw from the batch). Its reward (``--reward``): "verdict", the paper's, or "attributes" (``rollout.AttributeReward``,
+where the dataset knows its classes' attributes).
+
 Determinism: the step's pairs and completions are a pure function of ``(seed, step)`` (``step_seed``,
 ``pair_seed``), the same on every rank and world size (distributed.py).
 """
@@ -12,12 +17,22 @@ import torch
 
 from . import distributed as dist_lib
 from .components import Components, autocast
-from .data.samplers import sample_pairs
+from .config import ConfigError
+from .data.samplers import pair_kind, sample_hard_pairs, sample_pairs
 from .data.stream import Batch
 from .model import llm_num_layers, resolve_kl_layer, square_rgb
 from .prompts import pair_prompt, prompt_spec
 from .replay import ReplayOptions, StepCounts, local_counts, replay_group, replay_plan
-from .rollout import RolloutStats, SamplingOptions, filler_group, mix_seed, pair_inputs, sample_groups
+from .rollout import (
+    AttributeReward,
+    RolloutStats,
+    SamplingOptions,
+    filler_group,
+    mix_seed,
+    pair_inputs,
+    sample_groups,
+)
+from .sources import answer_reader
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -39,6 +54,8 @@ class StepPlan:
     want: int  # K: contributing groups the step buffers (over all ranks)
     max_draws: int  # cap on the pairs the step samples (over all ranks)
     lockstep: bool = False  # the LLM's layers are sharded: every rank runs the same LLM passes
+    hard_pairs: bool = False  # pairs mined with the current embedding (data.samplers.sample_hard_pairs)
+    read_answer: object = None  # text -> described attributes, for the attribute reward (None: the verdict reward)
 
 
 def step_plan(comps: Components) -> StepPlan | None:
@@ -50,13 +67,22 @@ def step_plan(comps: Components) -> StepPlan | None:
         return None
     spec = prompt_spec(cfg.dataset, comps.train_set)
     kl_layer = resolve_kl_layer(cfg.kl_layer, llm_num_layers(comps.model))
+    read = None
+    if cfg.reward == "attributes":
+        read = answer_reader(cfg, comps.train_set)
+        if read is None:
+            raise ConfigError(f"reward='attributes' checks the attributes an answer describes, which needs a dataset "
+                              f"that knows its classes' attributes (the synthetic world); dataset={cfg.dataset!r} "
+                              "does not: use reward='verdict'")
     return StepPlan(
         prompt=pair_prompt(comps.processor, spec, cfg.prompt),
         sampling=SamplingOptions(group_size=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                                 max_new_tokens=cfg.max_new_tokens, verdict_key=spec.verdict_key, item_masks=kl),
+                                 max_new_tokens=cfg.max_new_tokens, verdict_key=spec.verdict_key, item_masks=kl,
+                                 shuffle_rewards=cfg.shuffle_rewards),
         replay=ReplayOptions(lambda_lm=cfg.lambda_lm, lambda_kl=cfg.lambda_kl if kl else 0.0, kl_layer=kl_layer,
                              replay_tokens=cfg.replay_tokens),
-        want=cfg.contributing_pairs, max_draws=cfg.max_pair_draws, lockstep=lockstep)
+        want=cfg.contributing_pairs, max_draws=cfg.max_pair_draws, lockstep=lockstep,
+        hard_pairs=cfg.pair_sampling == "hard", read_answer=read)
 
 
 def phase_a(comps: Components, batch: Batch) -> float:
@@ -79,10 +105,40 @@ def phase_a(comps: Components, batch: Batch) -> float:
     return float(loss.detach())
 
 
+@torch.no_grad()
+def batch_embeddings(comps: Components, batch: Batch) -> torch.Tensor:
+    """``[B, D_e]`` fp32 embeddings of the whole batch by the current embedder (no gradients, eval mode): what hard
+    pairs are mined with. Every rank computes all of them, so every rank mines the same pairs."""
+    was_training = comps.embedder.training
+    comps.embedder.eval()
+    try:
+        with autocast(comps.device, comps.cfg):
+            z, _, _ = comps.embedder(**comps.embedder.pixel_inputs(batch.images))
+    finally:
+        comps.embedder.train(was_training)
+    return z.float()
+
+
+def draw_pairs(comps: Components, plan: StepPlan, batch: Batch, count: int, generator, draws: int, hard) -> list:
+    """One draw of ``count`` pairs ``(i, j, same)``: balanced ones from the batch (first draw) or the train split
+    (later draws); hard ones always from the batch (``hard``: ``(embeddings, seen pairs)``)."""
+    if hard is not None:
+        return sample_hard_pairs(hard[0], batch.labels, count, generator, seen=hard[1])
+    return sample_pairs(batch.labels if draws == 0 else comps.train_set.labels, count, generator)
+
+
+def pair_rewards(plan: StepPlan, dataset, labels: list) -> list | None:
+    """The attribute reward of each ``(label_a, label_b)`` (None for the verdict reward)."""
+    if plan.read_answer is None:
+        return None
+    return [AttributeReward(a == b, (dataset.attributes(a), dataset.attributes(b)), plan.read_answer)
+            for a, b in labels]
+
+
 def phase_b(comps: Components, plan: StepPlan, batch: Batch, step: int):
-    """Draw pairs (first from the step's batch, then from the whole train split) and sample them until
-    ``plan.want`` groups have reward variance or ``plan.max_draws`` pairs were sampled. Returns (this rank's
-    groups among the step's first ``want`` contributing ones, RolloutStats of this rank's pairs).
+    """Draw pairs (``draw_pairs``) and sample them until ``plan.want`` groups have reward variance or
+    ``plan.max_draws`` pairs were sampled. Returns (this rank's groups among the step's first ``want`` contributing
+    ones, RolloutStats of this rank's pairs, by pair kind too).
 
     Every rank draws the same pairs (a generator seeded by (seed, step)); pair p of a draw is sampled by
     rank p % world, a rank's pairs of a draw in one ``generate`` call, each pair from its own seed
@@ -93,14 +149,18 @@ def phase_b(comps: Components, plan: StepPlan, batch: Batch, step: int):
     generator = torch.Generator().manual_seed(step_seed(cfg.seed, step))
     stats, kept = RolloutStats(), []
     drawn = draws = kept_total = 0
+    hard = (batch_embeddings(comps, batch), set()) if plan.hard_pairs else None
 
-    def image(i: int):  # the first draw indexes the (decoded) batch, later draws the train split
-        return square_rgb(batch.images[i] if draws == 0 else ds[i][0], cfg.image_size)
+    def from_batch() -> bool:
+        return draws == 0 or hard is not None
+
+    def image(i: int):  # balanced: the first draw indexes the (decoded) batch, later draws the train split
+        return square_rgb(batch.images[i] if from_batch() else ds[i][0], cfg.image_size)
 
     model.eval()
     while kept_total < plan.want and drawn < plan.max_draws:
-        labels = batch.labels if draws == 0 else ds.labels
-        pairs = sample_pairs(labels, min(cfg.pairs_per_step, plan.max_draws - drawn), generator)
+        labels = batch.labels if from_batch() else ds.labels
+        pairs = draw_pairs(comps, plan, batch, min(cfg.pairs_per_step, plan.max_draws - drawn), generator, draws, hard)
         mine = list(range(info.rank, len(pairs), info.world_size))
         # lockstep: a rank without a pair in this draw samples the draw's first one anyway (not counted, dropped)
         todo = mine or ([0] if plan.lockstep else [])
@@ -108,10 +168,13 @@ def phase_b(comps: Components, plan: StepPlan, batch: Batch, step: int):
         if todo:
             inputs = [pair_inputs(model, comps.processor, plan.prompt, image(pairs[p][0]), image(pairs[p][1]))
                       for p in todo]
+            pair_labels = [(labels[pairs[p][0]], labels[pairs[p][1]]) for p in todo]
             with autocast(comps.device, cfg):
                 groups = sample_groups(model, comps.processor.tokenizer, inputs, [pairs[p][2] for p in todo],
                                        plan.sampling, seeds=[pair_seed(cfg.seed, step, drawn + p) for p in todo],
-                                       synced_gpus=plan.lockstep)
+                                       synced_gpus=plan.lockstep, rewards=pair_rewards(plan, ds, pair_labels))
+            for group, (a, b) in zip(groups, pair_labels):
+                group.kind = pair_kind(ds, a, b)
         if mine:
             stats.add(groups)
         contributes = [0] * len(pairs)
@@ -123,7 +186,7 @@ def phase_b(comps: Components, plan: StepPlan, batch: Batch, step: int):
                 if p in mine:
                     kept.append(groups[mine.index(p)])
         drawn, draws = drawn + len(pairs), draws + 1
-    stats.groups_kept = len(kept)
+    stats.keep(kept)
     stats.shortfall = plan.want - kept_total if info.is_main else 0  # counted once: the log sums over ranks
     return kept, stats
 
@@ -181,5 +244,5 @@ def train_step(comps: Components, plan: StepPlan | None, optimizer, scheduler, b
     log.add(lr_encoder=optimizer.param_groups[0]["lr"])
 
 
-__all__ = ["StepPlan", "step_plan", "phase_a", "phase_b", "phase_c", "clip_gradients", "train_step", "step_seed",
-           "pair_seed"]
+__all__ = ["StepPlan", "step_plan", "phase_a", "batch_embeddings", "draw_pairs", "pair_rewards", "phase_b", "phase_c",
+           "clip_gradients", "train_step", "step_seed", "pair_seed"]

@@ -32,7 +32,10 @@ from .data.stream import StepBatches, data_loader, data_workers, steps_per_epoch
 from .errors import MissingFileError
 from .evaluate import evaluate_embedder
 from .preemption import PreemptionWatch
+from .prompts import pair_prompt, prompt_spec
+from .readout import format_readout, read_pairs, readout_metrics, readout_pairs
 from .runlog import RunLog, restore_records
+from .sources import answer_reader
 from .step import step_plan, step_seed, train_step
 
 METRICS = "metrics.jsonl"
@@ -127,6 +130,8 @@ def _train(cfg, log, watch: PreemptionWatch) -> dict:
         metrics = result[name.replace(" ", "_")] = evaluate_run(comps)
         run_log.evaluation(name, done, metrics)
         run_log.write(f"{'before training' if name == 'before' else name}: " + format_metrics(metrics))
+        if format_readout(metrics):
+            run_log.write("  " + format_readout(metrics))
 
     pending = evaluation_due(cfg, start, spe, total) if start else ("before" if cfg.eval_before else None)
     if main and pending and not any(r.get("eval") == pending and r["step"] == start for r in records):
@@ -174,11 +179,28 @@ def _metrics(record: dict) -> dict:
 
 
 def evaluate_run(comps) -> dict:
-    """Zero-shot retrieval metrics (R@K, NMI, MAP@R) of the current embedder on the test classes."""
+    """Zero-shot retrieval metrics (R@K, NMI, MAP@R) of the current embedder on the test classes and, with
+    ``cfg.readout_pairs``, the supervisor's readout of the current tower (``run_readout``)."""
     cfg = comps.cfg
-    return evaluate_embedder(comps.embedder, comps.test_set, max_images=cfg.max_eval_images,
-                             workers=data_workers(cfg, comps.test_set, comps.device),
-                             autocast=lambda: autocast(comps.device, cfg))
+    metrics = evaluate_embedder(comps.embedder, comps.test_set, max_images=cfg.max_eval_images,
+                                workers=data_workers(cfg, comps.test_set, comps.device),
+                                autocast=lambda: autocast(comps.device, cfg))
+    if cfg.readout_pairs:
+        metrics.update(readout_metrics(run_readout(comps)))
+    return metrics
+
+
+def run_readout(comps, pairs: list | None = None):
+    """The supervisor's greedy answers on the run's fixed held-out readout pairs (``readout.readout_pairs`` of the test
+    split, ``cfg.readout_pairs`` of them, seeded by the world: the same pairs in every run of a dataset), asked with
+    the run's prompt, through the current tower: ``readout.ReadoutAnswers``."""
+    cfg = comps.cfg
+    spec = prompt_spec(cfg.dataset, comps.train_set)
+    pairs = pairs if pairs is not None else readout_pairs(comps.test_set, cfg.readout_pairs, seed=cfg.world_seed)
+    with autocast(comps.device, cfg):
+        return read_pairs(comps.model, comps.processor, pair_prompt(comps.processor, spec, cfg.prompt), comps.test_set,
+                          pairs, verdict_key=spec.verdict_key, image_size=cfg.image_size,
+                          max_new_tokens=cfg.max_new_tokens, read=answer_reader(cfg, comps.test_set))
 
 
 def parameter_digest(params) -> str:

@@ -72,3 +72,8 @@ def item_span(text: str, item: str):
         end = text.find('"', start + 1)
         return (start, end + 1) if end > start else None
     return None
+
+
+def same_value(got, want) -> bool:
+    """A described attribute value equals the true one (stripped, case-insensitive); None (not described) never does."""
+    return got is not None and str(got).strip().lower() == str(want).strip().lower()

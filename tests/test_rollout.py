@@ -2,6 +2,7 @@
 through the vision tower once, dynamic sampling until K contributing groups or the cap."""
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -77,7 +78,8 @@ def test_rollout_stats_fields_listed_once():
     stats.add([group, group])
     assert (stats.pairs_drawn, stats.completions, stats.rewarded, stats.unparseable, stats.generate_calls) == (2, 6, 2,
                                                                                                             2, 1)
-    assert set(rollout.RolloutStats.counts()) == set(stats.as_dict()) - {"reward_rate", "unparseable_rate"}
+    derived = {"reward_rate", "reward_mean", "unparseable_rate"}
+    assert set(rollout.RolloutStats.counts()) == set(stats.as_dict()) - derived
     assert stats.as_dict()["reward_rate"] == pytest.approx(1 / 3)
     assert set(rollout.RolloutStats.counts()) <= set(runlog.RunLog.SUMMED)
 
@@ -140,3 +142,81 @@ def test_token_char_ranges_streamed_equal_prefix_decoding():
     assert fast == slow and fast[-1] == (len(answer), len(answer))  # EOS: skipped, empty
     text = tokenizer.decode(ids, skip_special_tokens=True)
     assert "".join(text[s:e] for s, e in fast) == text == answer
+
+
+# ------------------------------------------------------------------------------------------ rewards, kinds
+def _group(same, verdicts, rewards, kind=""):
+    g = len(verdicts)
+    return rollout.Group(same=same, inputs={}, completion_ids=torch.zeros(g, 2, dtype=torch.long),
+                         completion_mask=torch.ones(g, 2, dtype=torch.bool), texts=[""] * g, verdicts=verdicts,
+                         rewards=torch.tensor(rewards), advantages=torch.zeros(g), kind=kind)
+
+
+def test_attribute_reward_is_the_verdict_plus_the_fraction_described_right():
+    from saga_train.synthetic.answers import build_answer, parse_answer
+    from saga_train.synthetic.world import ATTRIBUTE_NAMES
+    from saga_train.verdict import parse_verdict
+
+    names = list(ATTRIBUTE_NAMES)
+    a = dict(zip(names, ("red", "blue", "green", "striped", "long", "fan")))
+    b = dict(a, **{"wing color": "red"})
+    reward = rollout.AttributeReward(False, (a, b), lambda t: parse_answer(t, names))
+
+    def score(text):
+        return reward(text, parse_verdict(text, "same_species"))
+
+    assert score(build_answer(a, b, names)) == 2.0
+    assert score(build_answer(a, b, names).replace('"no"', '"yes"')) == 1.0  # every value right, verdict wrong
+    seen_as = dict(b, **{"tail shape": "forked", "beak shape": "hooked"})  # item 2 read with two values wrong
+    assert score(build_answer(a, seen_as, names)) == pytest.approx(1.0 + 10 / 12, abs=1e-15)
+    assert score("not an answer") == 0.0
+    assert rollout.AttributeReward(True, (a, a), lambda t: {})("", True) == 1.0  # nothing described
+
+
+def test_shuffled_rewards_are_a_seeded_permutation():
+    rewards = torch.arange(8.0)
+    once = rollout.shuffled(rewards, 5)
+    assert torch.equal(once, rollout.shuffled(rewards, 5)) and not torch.equal(once, rewards)
+    assert torch.equal(once.sort().values, rewards)
+
+
+def test_sample_groups_uses_the_pair_rewards_and_shuffles_them():
+    spec = prompt_spec("cub")
+    tokenizer = build_tokenizer(vocabulary(spec))
+    processor = build_processor(tokenizer, IMAGE_SIZE)
+    model = build_tiny_qwen3vl(tokenizer, image_size=IMAGE_SIZE).eval()
+    rng = np.random.default_rng(0)
+    inputs = [rollout.pair_inputs(model, processor, pair_prompt(processor, spec), random_image(rng),
+                                  random_image(rng)) for _ in range(2)]
+    options = rollout.SamplingOptions(group_size=4, temperature=1.0, top_p=1.0, max_new_tokens=5,
+                                      verdict_key=spec.verdict_key)
+    by_length = [lambda text, verdict: float(len(text)), lambda text, verdict: -float(len(text))]
+    groups = rollout.sample_groups(model, tokenizer, inputs, [True, False], options, seeds=[1, 2], rewards=by_length)
+    for group, sign in zip(groups, (1, -1)):
+        assert group.rewards.tolist() == [sign * float(len(t)) for t in group.texts]
+        assert torch.equal(group.correct, torch.zeros(4, dtype=torch.bool))  # no verdict from a random model
+    control = rollout.sample_groups(model, tokenizer, inputs, [True, False], replace(options, shuffle_rewards=True),
+                                    seeds=[1, 2], rewards=by_length)
+    for group, shuffled, seed in zip(groups, control, (1, 2)):
+        assert group.texts == shuffled.texts  # the same completions ...
+        assert torch.equal(shuffled.rewards, rollout.shuffled(group.rewards, seed))  # ... rewards permuted
+    with pytest.raises(ValueError, match="rewards 1"):
+        rollout.sample_groups(model, tokenizer, inputs, [True, False], options, rewards=by_length[:1])
+
+
+def test_rollout_stats_by_pair_kind():
+    stats = rollout.RolloutStats()
+    groups = [_group(True, [True, False], [1.0, 0.0], "same"), _group(True, [True, True], [1.0, 1.0], "same"),
+              _group(False, [False, None], [1.5, 0.25], "one_attribute"), _group(False, [True, True], [0.0, 0.0],
+                                                                                 "different")]
+    stats.add(groups)
+    stats.keep([groups[0], groups[2]])
+    d = stats.as_dict()
+    assert (d["pairs_drawn_same"], d["pairs_drawn_one_attribute"], d["pairs_drawn_different"]) == (2, 1, 1)
+    assert (d["groups_contributing_same"], d["groups_contributing_one_attribute"],
+            d["groups_contributing_different"]) == (1, 1, 0)
+    assert (d["groups_kept"], d["groups_kept_same"], d["groups_kept_one_attribute"]) == (2, 1, 1)
+    assert d["rewarded"] == 4 and d["reward_total"] == 4.75  # right verdicts; the sum of the rewards
+    assert d["reward_rate"] == 0.5 and d["reward_mean"] == 4.75 / 8
+    with pytest.raises(ValueError, match="unknown pair kind"):
+        stats.add([_group(True, [True], [1.0], "odd")])

@@ -1,4 +1,5 @@
-"""Class-balanced P x K batches and balanced same/different pairs."""
+"""Class-balanced P x K batches; same/different pairs of a batch, balanced (the paper's) or hard (mined with the
+current embedding); the kind of a pair."""
 from __future__ import annotations
 
 import random
@@ -89,6 +90,31 @@ def _randbelow(generator, n: int) -> int:
     return generator.randrange(n)
 
 
+def _check_counts(by_class: dict, n_same: int, n_diff: int) -> list:
+    """The classes with >= 2 items; ValueError when a kind of pair is needed but impossible."""
+    multi = [c for c in sorted(by_class) if len(by_class[c]) >= 2]
+    if n_same and not multi:
+        raise ValueError("cannot draw a same-class pair: no class in labels has 2 or more items "
+                         "(use a class-balanced batch with images_per_class >= 2)")
+    if n_diff and len(by_class) < 2:
+        raise ValueError("cannot draw a different-class pair: labels hold a single class")
+    return multi
+
+
+def _shuffled(pairs: list, generator) -> list:
+    order = list(range(len(pairs)))
+    for k in range(len(order) - 1, 0, -1):  # Fisher-Yates with the caller's generator
+        r = _randbelow(generator, k + 1)
+        order[k], order[r] = order[r], order[k]
+    return [pairs[k] for k in order]
+
+
+def _generator(generator):
+    if generator is None or isinstance(generator, int):
+        return random.Random(generator or 0)
+    return generator
+
+
 def sample_pairs(labels: Sequence[int], num_pairs: int, generator=None) -> list[tuple[int, int, bool]]:
     """``num_pairs`` index pairs (i, j, same) over a batch: ceil(num_pairs/2) same-class, the rest different.
 
@@ -100,19 +126,13 @@ def sample_pairs(labels: Sequence[int], num_pairs: int, generator=None) -> list[
     labels = _as_label_list(labels)
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
-    if generator is None or isinstance(generator, int):
-        generator = random.Random(generator or 0)
+    generator = _generator(generator)
     by_class = defaultdict(list)
     for i, y in enumerate(labels):
         by_class[y].append(i)
     n_same = (num_pairs + 1) // 2
     n_diff = num_pairs - n_same
-    multi = [c for c in sorted(by_class) if len(by_class[c]) >= 2]
-    if n_same and not multi:
-        raise ValueError("cannot draw a same-class pair: no class in labels has 2 or more items "
-                         "(use a class-balanced batch with images_per_class >= 2)")
-    if n_diff and len(by_class) < 2:
-        raise ValueError("cannot draw a different-class pair: labels hold a single class")
+    multi = _check_counts(by_class, n_same, n_diff)
     possible_same = sum(len(by_class[c]) * (len(by_class[c]) - 1) // 2 for c in multi)
     possible_diff = len(labels) * (len(labels) - 1) // 2 - possible_same
 
@@ -138,8 +158,67 @@ def sample_pairs(labels: Sequence[int], num_pairs: int, generator=None) -> list[
                 i, j = sorted(draw())
             seen.add((i, j))
             pairs.append((i, j, same))
-    order = list(range(len(pairs)))
-    for k in range(len(order) - 1, 0, -1):  # Fisher-Yates with the caller's generator
-        r = _randbelow(generator, k + 1)
-        order[k], order[r] = order[r], order[k]
-    return [pairs[k] for k in order]
+    return _shuffled(pairs, generator)
+
+
+def sample_hard_pairs(embeddings: torch.Tensor, labels: Sequence[int], num_pairs: int, generator=None,
+                      seen: set | None = None) -> list[tuple[int, int, bool]]:
+    """``num_pairs`` hard index pairs ``(anchor, partner, same)`` over a batch, by the current embedding.
+
+    ceil(num_pairs/2) same-class pairs: a uniform anchor among the items with a same-class partner, paired with the
+    same-class item of LOWEST cosine similarity to it (the farthest); the rest different-class pairs: a uniform
+    anchor, paired with the other-class item of HIGHEST cosine similarity (its nearest wrong-class neighbour: what
+    retrieval confuses). A pair already in ``seen`` (sorted index tuples; updated in place, so a step's later draws
+    take the next hardest) is skipped for the anchor's next hardest partner while one is left. Ties go to the lower
+    index. ``embeddings`` ``[N, D]`` float (any norm), ``labels`` ``[N]``; generator as ``sample_pairs``. The order
+    is shuffled. An extension beyond the paper (its pairs are ``sample_pairs``): hard-negative mining as in
+    metric learning (e.g. Schroff et al. 2015, FaceNet), applied to the pairs the supervisor judges.
+    """
+    labels = _as_label_list(labels)
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or embeddings.shape[0] != len(labels):
+        raise ValueError(f"embeddings must be a [N, D] tensor with N = len(labels) = {len(labels)}, got "
+                         f"{tuple(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings)}")
+    if not torch.is_floating_point(embeddings) or not bool(torch.isfinite(embeddings).all()):
+        raise ValueError("embeddings must be finite floats")
+    if num_pairs < 1:
+        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+    generator = _generator(generator)
+    seen = set() if seen is None else seen
+    by_class = defaultdict(list)
+    for i, y in enumerate(labels):
+        by_class[y].append(i)
+    n_same = (num_pairs + 1) // 2
+    n_diff = num_pairs - n_same
+    multi = _check_counts(by_class, n_same, n_diff)
+    x = torch.nn.functional.normalize(embeddings.detach().double().cpu(), dim=1)
+    sim = (x @ x.T).tolist()
+    y = labels
+    anchors = {True: [i for c in multi for i in by_class[c]], False: list(range(len(y)))}
+    pairs = []
+    for count, same in ((n_same, True), (n_diff, False)):
+        for _ in range(count):
+            a = anchors[same][_randbelow(generator, len(anchors[same]))]
+            partners = [j for j in range(len(y)) if j != a and (y[j] == y[a]) == same]
+            # hardest first: same-class by ascending similarity, different-class by descending; then index
+            partners.sort(key=lambda j: (sim[a][j] if same else -sim[a][j], j))
+            fresh = [j for j in partners if (min(a, j), max(a, j)) not in seen]
+            b = (fresh or partners)[0]
+            seen.add((min(a, b), max(a, b)))
+            pairs.append((a, b, same))
+    return _shuffled(pairs, generator)
+
+
+PAIR_KINDS = ("same", "one_attribute", "different")
+
+
+def pair_kind(dataset, label_a: int, label_b: int) -> str:
+    """``"same"`` (one class), ``"one_attribute"`` (classes one attribute apart, for a dataset that knows its classes'
+    attributes: ``dataset.attributes(label) -> dict``) or ``"different"``."""
+    if label_a == label_b:
+        return "same"
+    attributes = getattr(dataset, "attributes", None)
+    if callable(attributes):
+        a, b = attributes(label_a), attributes(label_b)
+        if sum(a.get(k) != v for k, v in b.items()) == 1:
+            return "one_attribute"
+    return "different"

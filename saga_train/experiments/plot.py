@@ -1,10 +1,11 @@
 """Plot a SAGA run from its ``metrics.jsonl``: held-out R@1, reward rate and each loss over training.
 
 ``python -m saga_train.experiments.plot RUN_DIR [--out FILE.png]`` (default ``RUN_DIR/training.png``).
-Evaluation records (those with an ``"eval"`` key) give R@1 at their step; step records give the reward rate
-``rewarded / completions`` and the losses ``loss_dml``, ``loss_grpo``, ``loss_kl`` (each per step and as a
-running mean; L_GRPO and L_KL only of steps that replayed a group, ``groups_kept > 0``). Axes are honest: R@1 and
-the reward rate on [0, 1], every loss on its own full range.
+Evaluation records (those with an ``"eval"`` key) give R@1 at their step and, where the run read the supervisor
+(``--readout-pairs``), its readout: verdict accuracy by pair kind and attribute accuracy (readout.py); step records
+give the reward rate ``rewarded / completions`` and the losses ``loss_dml``, ``loss_grpo``, ``loss_kl`` (each per
+step and as a running mean; L_GRPO and L_KL only of steps that replayed a group, ``groups_kept > 0``). Axes are
+honest: R@1, the readout and the reward rate on [0, 1], every loss on its own full range.
 """
 import argparse
 import json
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from saga_train.errors import ConfigError, DamagedFileError, MissingFileError, UserError
 from saga_train.files import is_kind, read_bytes
+from saga_train.readout import PREFIX as READOUT
 
 METRICS_FILE = "metrics.jsonl"
 LOSSES = {"loss_dml": "L_DML", "loss_grpo": "L_GRPO", "loss_kl": "L_KL"}
@@ -42,7 +44,7 @@ NUMBERS = ("R@1", "completions", "rewarded", "groups_kept") + tuple(LOSSES)
 
 def _check_types(record: dict, where: str) -> None:
     """The values the plot reads are numbers (``step`` an integer, required where a value is plotted)."""
-    for key in NUMBERS:
+    for key in NUMBERS + tuple(k for k in record if k.startswith(READOUT)):
         if key in record and not is_kind(record[key], (int, float)):
             raise DamagedFileError(f"{where}: {key!r} must be a number, got {record[key]!r}")
     if "step" in record and not is_kind(record["step"], int):
@@ -53,13 +55,16 @@ def _check_types(record: dict, where: str) -> None:
 
 def read_curves(metrics_path, window: int = 10) -> dict:
     """Lists from a metrics.jsonl file: ``steps``, ``reward``, ``reward_mean`` (completion-weighted over the last
-    ``window`` steps with rollouts), ``eval_steps``, ``r_at_1``, and per loss key of ``LOSSES`` present in the
-    records ``{"steps", "values", "mean"}`` under ``curves["losses"][key]``, and ``logged``: the loss keys any step
-    record had. An incomplete LAST line (a run killed while writing it) is skipped with a warning; any other line
+    ``window`` steps with rollouts), ``eval_steps``, ``r_at_1``, ``readout`` (per readout key without its
+    ``readout/`` prefix, e.g. ``verdict/same``, ``{"steps", "values"}`` of the evaluations), per loss key of
+    ``LOSSES`` present in the records ``{"steps", "values", "mean"}`` under ``curves["losses"][key]``, and
+    ``logged``: the loss keys any step record had. An incomplete LAST line (a run killed while writing it) is
+    skipped with a warning; any other line
     that is not a JSON object (torn, garbage, not UTF-8), a value the plot reads that is not a number, or a file
     without any record raises ``DamagedFileError`` (a ValueError) naming the file and the line."""
     steps, rewarded, completions, eval_steps, r_at_1 = [], [], [], [], []
     losses = {key: {"steps": [], "values": []} for key in LOSSES}
+    readout = {}
     logged = set()
     raw = read_bytes(metrics_path, allow_empty=True)
     lines = [(n, line) for n, line in enumerate(raw.split(b"\n"), 1) if line.strip()]
@@ -82,6 +87,10 @@ def read_curves(metrics_path, window: int = 10) -> dict:
             if "R@1" in record:
                 eval_steps.append(record.get("step", 0))
                 r_at_1.append(record["R@1"])
+            for key in (k for k in record if k.startswith(READOUT)):
+                curve = readout.setdefault(key[len(READOUT):], {"steps": [], "values": []})
+                curve["steps"].append(record.get("step", 0))
+                curve["values"].append(record[key])
             continue
         replayed = record.get("groups_kept", 1) > 0  # L_GRPO / L_KL of a step that replayed nothing: not a value
         for key, curve in losses.items():
@@ -98,11 +107,13 @@ def read_curves(metrics_path, window: int = 10) -> dict:
     for curve in losses.values():
         curve["mean"] = running_mean(curve["values"], window)
     return {"steps": steps, "reward": reward, "reward_mean": reward_mean, "eval_steps": eval_steps,
-            "r_at_1": r_at_1, "losses": {k: c for k, c in losses.items() if c["steps"]}, "logged": sorted(logged)}
+            "r_at_1": r_at_1, "losses": {k: c for k, c in losses.items() if c["steps"]}, "logged": sorted(logged),
+            "readout": readout}
 
 
 def plot_run(run_dir, out=None) -> Path:
-    """Write the PNG (R@1; reward rate; L_DML; L_GRPO; L_KL) for ``run_dir``; returns its path."""
+    """Write the PNG (R@1; reward rate; L_DML; L_GRPO; L_KL; the supervisor's readout) for ``run_dir``; returns its
+    path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,10 +150,9 @@ def plot_run(run_dir, out=None) -> Path:
             why = "no step of this run replayed a group" if key in curves["logged"] else "off in this run"
             ax.text(0.5, 0.5, f"{name}: {why}", ha="center", va="center", transform=ax.transAxes)
         ax.set_ylabel(name)
-    loss_axes[-1].axis("off")
-    for ax in (loss_axes[1], loss_axes[2]):
+    plot_readout(loss_axes[-1], curves["readout"])
+    for ax in (loss_axes[2], loss_axes[3]):
         ax.set_xlabel("step")
-    loss_axes[1].xaxis.set_tick_params(labelbottom=True)  # the panel under it is off
     for ax in axes.flat:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
     fig.suptitle(run_dir.name)
@@ -155,6 +165,25 @@ def plot_run(run_dir, out=None) -> Path:
     finally:
         plt.close(fig)
     return out
+
+
+READOUT_LINES = {"verdict": "verdict, all pairs", "verdict/same": "verdict, same class",
+                 "verdict/one_attribute": "verdict, one attribute apart", "verdict/random": "verdict, random classes",
+                 "attributes": "attributes described right", "descriptions_agree/same": "same-class descriptions agree"}
+
+
+def plot_readout(ax, readout: dict) -> None:
+    """The supervisor's readout at each evaluation (``READOUT_LINES`` present in the run) on [0, 1]."""
+    shown = [key for key in READOUT_LINES if key in readout]
+    for key in shown:
+        ax.plot(readout[key]["steps"], readout[key]["values"], "o-", ms=3, label=READOUT_LINES[key])
+    if shown:
+        ax.legend(loc="lower left", fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no supervisor readout in this run\n(--readout-pairs 0)", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("supervisor readout (held-out pairs)")
 
 
 def main(argv=None) -> int:
