@@ -65,8 +65,6 @@ def step_plan(comps: Components) -> StepPlan | None:
     kl = cfg.lambda_kl > 0 and cfg.pooler == "attention"
     if not (cfg.lambda_lm > 0 or kl):
         return None
-    spec = prompt_spec(cfg.dataset, comps.train_set)
-    kl_layer = resolve_kl_layer(cfg.kl_layer, llm_num_layers(comps.model))
     read = None
     if cfg.reward == "attributes":
         read = answer_reader(cfg, comps.train_set)
@@ -74,6 +72,8 @@ def step_plan(comps: Components) -> StepPlan | None:
             raise ConfigError(f"reward='attributes' checks the attributes an answer describes, which needs a dataset "
                               f"that knows its classes' attributes (the synthetic world); dataset={cfg.dataset!r} "
                               "does not: use reward='verdict'")
+    spec = prompt_spec(cfg.dataset, comps.train_set)
+    kl_layer = resolve_kl_layer(cfg.kl_layer, llm_num_layers(comps.model))
     return StepPlan(
         prompt=pair_prompt(comps.processor, spec, cfg.prompt),
         sampling=SamplingOptions(group_size=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
