@@ -151,7 +151,7 @@ PRESETS = {
     # measured on this world (DML alone, 150 steps) it gains more R@1 (+0.23 against +0.15) in half the phase-A
     # time, and its value visibly falls where PF's stays near its plateau (README "The embedded default")
     "default": dict(model="synthetic-supervisor", dml="supcon", lr_encoder=1e-4, epochs=6,
-                    synthetic_test_images_per_class=5, readout_pairs=64),
+                    synthetic_test_images_per_class=5, readout_pairs=128),
     "paper": dict(
         image_size=224, pooler="attention", embedding_size=4096, dml="potential_field", pf_alpha=4.0, pf_delta=0.2,
         proxies_per_class=15, epochs=3,

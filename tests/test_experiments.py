@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from saga_train.config import make_config
-from saga_train.experiments import ablation, plot
+from saga_train.experiments import ablation, mechanism, plot
 
 
 def test_arm_configs(tmp_path):
@@ -30,9 +30,10 @@ def test_arm_configs(tmp_path):
 def _fake_run(cfg, arm):
     rng = np.random.default_rng(cfg.seed * 10 + len(arm))
     hits = (rng.random(50) < (0.8 if arm == "saga" else 0.5)).astype(int).tolist()
+    verdicts = (rng.random(20) < 0.7).astype(int).tolist()
     return {"R@1": float(np.mean(hits)), "R@4": 0.5, "NMI": 0.3, "wall_seconds": 1.0, "hits": hits,
             "curve": [[0, 0.3], [10, float(np.mean(hits))]], "probe_embedding": [0.5 + cfg.seed / 10] * 6,
-            "probe_tower_mean": [0.9] * 6}
+            "probe_tower_mean": [0.9] * 6, "verdict_right": verdicts, "readout/verdict": float(np.mean(verdicts))}
 
 
 @pytest.fixture
@@ -60,13 +61,16 @@ def test_run_ablation_writes_tables_and_curves(tmp_path, fake_runs):
     assert written["summary"] == json.loads(json.dumps(record["summary"]))
     saga_r1 = [np.mean(_fake_run(ablation.arm_config(base, "saga", s, tmp_path), "saga")["hits"]) for s in (0, 1)]
     assert written["summary"]["saga"]["R@1"]["mean"] == pytest.approx(np.mean(saga_r1))
-    assert set(written["paired"]) == {"0", "1"}
-    for seed, d in written["paired"].items():
-        a, b = (np.array(written["runs"][arm][seed]["hits"]) for arm in ("saga", "dml"))
-        assert d["diff"] == pytest.approx((a - b).mean()) and d["lo"] <= d["diff"] <= d["hi"]
+    assert set(written["paired"]) == {"saga - dml"} and set(written["paired"]["saga - dml"]) == {"R@1", "verdict"}
+    for score, key in (("R@1", "hits"), ("verdict", "verdict_right")):
+        assert set(written["paired"]["saga - dml"][score]) == {"0", "1"}
+        for seed, d in written["paired"]["saga - dml"][score].items():
+            a, b = (np.array(written["runs"][arm][seed][key]) for arm in ("saga", "dml"))
+            assert d["diff"] == pytest.approx((a - b).mean()) and d["lo"] <= d["diff"] <= d["hi"]
     assert written["probes"]["dml"]["probe_embedding"] == pytest.approx([0.55] * 6)
     text = (tmp_path / "out" / "ablation.md").read_text()
-    assert text.startswith("# SAGA ablation") and "| 0 | " in text and "95% CI" in text
+    assert text.startswith("# SAGA ablation") and "| saga - dml | 0 | " in text and "95% CI" in text
+    assert "supervisor's readout of each arm's final tower" in text
     assert "| dml | embedding | 0.550 |" in text and "verdict accuracy 0.970" in text
     with Image.open(tmp_path / "out" / "ablation-curves.png") as image:
         assert image.size[0] > 100
@@ -92,12 +96,13 @@ def test_run_arm_on_a_tiny_model(tmp_path):
     base = make_config(model="tiny-random", image_size=32, synthetic_train_classes=8, synthetic_test_classes=30,
                        synthetic_images_per_class=2,
                        synthetic_test_images_per_class=2, classes_per_batch=4, images_per_class=2, embedding_size=16,
-                       max_steps=2, eval_every=1, progress=False)
-    untrained = ablation.run_arm(ablation.arm_config(base, "untrained", 0, tmp_path), "untrained")
-    dml = ablation.run_arm(ablation.arm_config(base, "dml", 0, tmp_path), "dml")
+                       max_steps=2, eval_every=1, progress=False, max_new_tokens=4)
+    untrained = ablation.run_arm(ablation.arm_config(base, "untrained", 0, tmp_path), "untrained", readout_pairs=4)
+    dml = ablation.run_arm(ablation.arm_config(base, "dml", 0, tmp_path), "dml", readout_pairs=4)
     for out in (untrained, dml):
         assert len(out["hits"]) == 60 and out["R@1"] == pytest.approx(np.mean(out["hits"]))
         assert len(out["probe_embedding"]) == len(out["probe_tower_mean"]) == 6
+        assert len(out["verdict_right"]) == len(out["attributes_right"]) == 4 and "readout/verdict/same" in out
     assert [step for step, _ in dml["curve"]] == [0, 1, 2] and dml["curve"][0][1] == pytest.approx(untrained["R@1"])
 
 
@@ -150,3 +155,48 @@ def test_merge_names_a_file_that_is_not_an_ablation_record(tmp_path, capsys):
         assert ablation.main(["--merge", str(tmp_path / name), "--out", str(tmp_path / "o")]) == 2
         assert name in capsys.readouterr().err
 
+
+
+# ------------------------------------------------------------------------------------------ mechanism
+def test_mechanism_configs(tmp_path):
+    base = make_config(**ablation.PAPER_REGIME)
+    damage = mechanism.damage_config(base, 1, 100, tmp_path)
+    assert (damage.lambda_lm, damage.lambda_kl, damage.lr_encoder, damage.max_steps) == (0.0, 0.0, 1e-3, 100)
+    cfgs = {arm: mechanism.arm_config(base, arm, 1, 50, "dmg", tmp_path) for arm in mechanism.ARMS}
+    assert all(c.init_embedder == "dmg" and c.max_steps == 50 and c.lr_encoder == 3e-4 for c in cfgs.values())
+    for arm in ("verdict_random", "verdict_hard", "attributes_random", "attributes_hard", "shuffled"):
+        assert (cfgs[arm].lambda_dml, cfgs[arm].lambda_kl, cfgs[arm].lambda_lm) == (0.0, 0.0, 1.0), arm
+    assert cfgs["verdict_hard"].pair_sampling == "hard" and cfgs["attributes_random"].reward == "attributes"
+    assert cfgs["shuffled"].shuffle_rewards and not cfgs["verdict_random"].shuffle_rewards
+    assert (cfgs["dml_only"].lambda_dml, cfgs["dml_only"].lambda_lm) == (1.0, 0.0)
+    with pytest.raises(ValueError, match="unknown arm"):
+        mechanism.arm_config(base, "nope", 0, 1, "dmg", tmp_path)
+
+
+def test_mechanism_end_to_end_on_a_tiny_world(tmp_path, signal):
+    base = make_config(image_size=32, synthetic_train_classes=8, synthetic_test_classes=30,
+                       synthetic_images_per_class=2, synthetic_test_images_per_class=2, classes_per_batch=4,
+                       images_per_class=2, embedding_size=16, group_size=3, pairs_per_step=2, max_new_tokens=6,
+                       progress=False)
+    records = []
+    for seed in (0, 1):
+        records.append(mechanism.run_mechanism(base, [seed], ["verdict_hard", "shuffled", "dml_only"], damage_steps=2,
+                                               steps=2, readout_pairs=4, run_root=tmp_path / "runs",
+                                               out_dir=tmp_path / f"out{seed}", log=lambda *_: None))
+    run = records[0]["runs"]["0"]
+    assert set(run) == {"damaged", "verdict_hard", "shuffled", "dml_only"}
+    assert len(run["shuffled"]["verdict_right"]) == 4 and len(run["dml_only"]["hits"]) == 60
+    assert run["shuffled"]["rollouts"]["pairs_drawn"] >= 1 and "rollouts" not in run["dml_only"]
+    d = records[0]["paired"]["verdict_hard - dml_only"]["0"]["R@1"]
+    a, b = (np.array(run[arm]["hits"]) for arm in ("verdict_hard", "dml_only"))
+    assert d["diff"] == pytest.approx((a - b).mean())
+    assert set(records[0]["paired"]) == {"verdict_hard - damaged", "shuffled - damaged", "dml_only - damaged",
+                                         "verdict_hard - dml_only", "verdict_hard - shuffled"}
+    merged = mechanism.merge_records(records)
+    assert merged["meta"]["seed_list"] == [0, 1] and merged["summary"]["shuffled"]["R@1"]["n"] == 2
+    text = mechanism.markdown(merged)
+    assert "| verdict_hard - shuffled | 1 |" in text and "| damaged |" in text
+    files = [str(tmp_path / f"out{seed}" / "mechanism.json") for seed in (0, 1)]
+    assert mechanism.main(["--merge", *files, "--out", str(tmp_path / "merged")]) == 0
+    with pytest.raises(ValueError, match="appears in two records"):
+        mechanism.merge_records([records[0], records[0]])

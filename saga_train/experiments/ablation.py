@@ -14,12 +14,15 @@ vision tower with the same step budget in a seed:
 - ``dml_kl``: + attention KL (``lambda_lm = 0``; rollouts still run: they pick the teacher maps).
 - ``saga``: every loss.
 - ``saga_generic``: every loss, the generic prompt (no role, no attribute list; the supervisor was taught it).
+- ``dml_grpo_best`` / ``saga_best``: ``dml_grpo`` / ``saga`` with the pair sampling and reward that taught best in the
+  damage -> recovery experiment (``BEST``; ``experiments/mechanism.py``).
 
 A seed is the training seed (pooler init, batches, rollouts); the split and supervisor stay fixed. Per run:
-R@K / NMI / MAP@R on the held-out classes, R@1 over training (``eval_every``), per-query R@1 hits, and
-per-attribute linear probes (``analysis.attribute_probes``) on the embedding and on the tower's mean token.
-Writes ``ablation.json``, ``ablation.md`` (arm table, per-seed paired SAGA - DML difference with a bootstrap
-95% CI over the test queries, probe table) and ``ablation-curves.png`` into ``--out``.
+R@K / NMI / MAP@R on the held-out classes, R@1 over training (``eval_every``), per-query R@1 hits,
+per-attribute linear probes (``analysis.attribute_probes``) on the embedding and on the tower's mean token, and the
+supervisor's readout of the final tower (``tower_readout``: ``--readout-pairs`` fixed held-out pairs).
+Writes ``ablation.json``, ``ablation.md`` (arm table, readout table, per-seed paired differences against DML
+(``PAIRED``) with bootstrap 95% CIs over the test queries, probe table) and ``ablation-curves.png`` into ``--out``.
 """
 import argparse
 import dataclasses
@@ -32,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+# the pair sampling and reward that taught the tower most in experiments/mechanism.py (benchmarks/results/mechanism.md)
+BEST = {"pair_sampling": "hard", "reward": "attributes"}
 ARMS = {
     "untrained": None,
     "dml": {"lambda_lm": 0.0, "lambda_kl": 0.0},
@@ -39,13 +44,16 @@ ARMS = {
     "dml_kl": {"lambda_lm": 0.0},
     "saga": {},
     "saga_generic": {"prompt": "generic"},
+    "dml_grpo_best": {"lambda_kl": 0.0, **BEST},
+    "saga_best": dict(BEST),
 }
 # the paper's regime at this scale (see the module docstring); --set overrides any of it
 PAPER_REGIME = dict(model="synthetic-supervisor", dataset="synthetic", world_seed=0, synthetic_train_classes=40,
                     synthetic_images_per_class=8, synthetic_test_images_per_class=5, eval_every=25,
                     eval_every_epoch=False, progress=False)
 METRIC_KEYS = ("R@1", "R@4", "NMI", "MAP@R")
-PAIRED = ("saga", "dml")  # the paired comparison reported per seed
+PAIRED = (("saga", "dml"), ("dml_grpo", "dml"), ("saga_best", "dml"), ("dml_grpo_best", "dml"), ("dml_kl", "dml"))
+READOUT_PAIRS = 256  # held-out pairs of the final readout of every arm
 
 
 def arm_config(base, arm: str, seed: int, run_root):
@@ -98,8 +106,26 @@ def r_at_1_curve(run_dir) -> list:
     return [[s, r] for s, r in zip(curves["eval_steps"], curves["r_at_1"])]
 
 
-def run_arm(cfg, arm: str) -> dict:
-    """Train (or, for ``untrained``, only build) one configuration; its metrics, curve, hits and probes."""
+def tower_readout(cfg, embedder_dir: str | None, count: int) -> dict:
+    """The supervisor's readout (``saga_train.readout``) of the tower + pooler saved in ``embedder_dir`` (None: the
+    run's own initial tower) on ``count`` fixed held-out pairs: ``{"readout": its metrics, "verdict_right": [P] 0/1,
+    "attributes_right": [P] fraction of the pair's 2A values described right (absent without attributes)}``."""
+    from saga_train import components
+    from saga_train.config import make_config
+    from saga_train.readout import readout_metrics
+    from saga_train.train import run_readout
+
+    comps = components.build_components(make_config(cfg, init_embedder=embedder_dir or "", readout_pairs=count))
+    answers = run_readout(comps)
+    out = {"readout": readout_metrics(answers), "verdict_right": answers.verdict_right.astype(int).tolist()}
+    if answers.attribute_right is not None:
+        out["attributes_right"] = answers.attribute_right.reshape(len(answers.kinds), -1).mean(1).tolist()
+    return out
+
+
+def run_arm(cfg, arm: str, readout_pairs: int = READOUT_PAIRS) -> dict:
+    """Train (or, for ``untrained``, only build) one configuration; its metrics, curve, hits, probes and (with
+    ``readout_pairs``) the supervisor's readout of its final tower."""
     from saga_train import components, sources
     from saga_train import train as trainer
     from saga_train.evaluate import evaluate
@@ -120,6 +146,9 @@ def run_arm(cfg, arm: str) -> dict:
     features = heldout_features(embedder, test_set)
     out.update(evaluate(features.embedding, features.labels))
     out.update(analyse(features, test_set))
+    if readout_pairs:
+        read = tower_readout(cfg, None if ARMS[arm] is None else str(Path(cfg.run_dir) / "embedder"), readout_pairs)
+        out.update(read.pop("readout"), **read)  # the readout's metrics as scalars of the run (summarize)
     out["wall_seconds"] = time.perf_counter() - start
     return out
 
@@ -139,13 +168,27 @@ def summarize(runs: dict) -> dict:
     return out
 
 
-def paired_differences(runs: dict, pair=PAIRED, seed: int = 0) -> dict:
-    """Per seed: ``paired_bootstrap`` of ``pair[0]`` minus ``pair[1]`` per-query R@1 hits."""
+def paired_differences(runs: dict, pair=PAIRED[0], seed: int = 0, key: str = "hits") -> dict:
+    """Per seed: ``paired_bootstrap`` of ``pair[0]`` minus ``pair[1]`` per-item scores ``key`` (``hits``: per-query
+    R@1; ``verdict_right`` / ``attributes_right``: per readout pair)."""
     from .analysis import paired_bootstrap
 
     a, b = (runs.get(arm, {}) for arm in pair)
-    return {s: paired_bootstrap(a[s]["hits"], b[s]["hits"], seed=seed) for s in sorted(set(a) & set(b))
-            if "hits" in a[s] and "hits" in b[s]}
+    return {s: paired_bootstrap(a[s][key], b[s][key], seed=seed) for s in sorted(set(a) & set(b))
+            if key in a[s] and key in b[s]}
+
+
+def all_paired(runs: dict, pairs=PAIRED) -> dict:
+    """``{"a - b": {score: {seed: bootstrap}}}`` for every pair of ``pairs`` both present in ``runs``; scores: R@1
+    (per query) and, where the runs read the supervisor, its verdict and attributes (per readout pair)."""
+    out = {}
+    for a, b in pairs:
+        if a in runs and b in runs:
+            scores = {name: {str(s): d for s, d in paired_differences(runs, (a, b), key=key).items()}
+                      for name, key in (("R@1", "hits"), ("verdict", "verdict_right"),
+                                        ("attributes", "attributes_right"))}
+            out[f"{a} - {b}"] = {name: by_seed for name, by_seed in scores.items() if by_seed}
+    return out
 
 
 def probe_means(runs: dict) -> dict:
@@ -174,14 +217,26 @@ def markdown(record: dict) -> str:
         lines.append(f"| {arm} | {cell(stats, 'R@1')} | {cell(stats, 'R@4')} | {cell(stats, 'MAP@R')} | "
                      f"{cell(stats, 'NMI')} | {cell(stats, 'reward_rate', 2)} | {cell(stats, 'steps', 0)} | "
                      f"{cell(stats, 'wall_seconds', 0)} |")
+    if any("readout/verdict" in stats for stats in summary.values()):
+        lines += ["", "The supervisor's readout of each arm's final tower (greedy, fixed held-out pairs: half "
+                      "same-class, a quarter one attribute apart, a quarter random classes):", "",
+                  "| arm | verdict | same | one attribute | random | attributes | same-class descriptions agree |",
+                  "|---|---|---|---|---|---|---|"]
+        for arm, stats in summary.items():
+            lines.append(f"| {arm} | {cell(stats, 'readout/verdict')} | {cell(stats, 'readout/verdict/same', 2)} | "
+                         f"{cell(stats, 'readout/verdict/one_attribute', 2)} | "
+                         f"{cell(stats, 'readout/verdict/random', 2)} | {cell(stats, 'readout/attributes')} | "
+                         f"{cell(stats, 'readout/descriptions_agree/same', 2)} |")
     paired = record.get("paired", {})
     if paired:
-        a, b = meta.get("paired", PAIRED)
-        lines += ["", f"Paired difference {a} - {b} in R@1 per seed (same queries; percentile bootstrap over the "
-                      "test queries, 10,000 resamples):", "", "| seed | difference | 95% CI | queries |",
-                  "|---|---|---|---|"]
-        for seed, d in paired.items():
-            lines.append(f"| {seed} | {d['diff']:+.3f} | [{d['lo']:+.3f}, {d['hi']:+.3f}] | {d['n']} |")
+        lines += ["", "Paired differences per seed (same queries / readout pairs; percentile bootstrap, 10,000 "
+                      "resamples; 95% CI in brackets):", "", "| comparison | seed | R@1 | verdict | attributes |",
+                  "|---|---|---|---|---|"]
+        for name, scores in paired.items():
+            for seed in scores.get("R@1", {}):
+                lines.append(f"| {name} | {seed} | " + " | ".join(
+                    f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" if (d := scores.get(k, {}).get(seed))
+                    else "–" for k in ("R@1", "verdict", "attributes")) + " |")
     probes = record.get("probes", {})
     names = meta.get("attributes", [])
     if probes and names:
@@ -242,7 +297,7 @@ def plot_curves(runs: dict, out_path) -> Path:
 def build_record(runs: dict, meta: dict, supervisor: dict) -> dict:
     """The full record: runs, summary, paired differences, probe means."""
     return {"meta": meta, "supervisor": supervisor, "runs": runs, "summary": summarize(runs),
-            "paired": {str(s): d for s, d in paired_differences(runs).items()}, "probes": probe_means(runs)}
+            "paired": all_paired(runs), "probes": probe_means(runs)}
 
 
 def run_ablation(base, seeds, arms, run_root, out_dir, log=print) -> dict:
@@ -263,7 +318,8 @@ def run_ablation(base, seeds, arms, run_root, out_dir, log=print) -> dict:
             m = runs[arm][str(seed)]
             log(f"seed {seed}, arm {arm}: " + ", ".join(f"{k}={m[k]:.3f}" for k in METRIC_KEYS + ("wall_seconds",)
                                                          if k in m))
-    meta = {"seeds": len(seeds), "seed_list": list(seeds), "arms": list(arms), "paired": list(PAIRED),
+    meta = {"seeds": len(seeds), "seed_list": list(seeds), "arms": list(arms), "paired": [list(p) for p in PAIRED],
+            "best": BEST,
             "attributes": list(ATTRIBUTE_NAMES), "base_config": dataclasses.asdict(base),
             "supervisor_path": str(supervisor_path) if supervisor_path else base.model,
             "note": "Same supervisor tower init and step budget in every arm of a seed; metrics on the held-out "
