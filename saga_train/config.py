@@ -40,7 +40,7 @@ class Config:
     synthetic_test_classes: int = 200  # SyntheticBirds held-out classes (the synthetic supervisor never saw them)
     world_seed: int = 0  # SyntheticBirds split (held-out classes) and its supervisor; training randomness is `seed`
     max_eval_images: int = 0  # cap on test images for evaluation (0 = all)
-    readout_pairs: int = 0  # held-out pairs the supervisor reads (greedy) at each evaluation (readout.py; 0 = off)
+    readout_pairs: int = 0  # held-out pairs the supervisor reads at each evaluation (readout.py; 0 = off; not sharded)
     # embedding map g = pooler o tower
     pooler: str = "attention"  # attention | mean
     embedding_size: int = 128  # D_e (paper: 4096)
@@ -130,9 +130,6 @@ class Config:
             from .preemption import signal_number
 
             signal_number(self.preempt_signal)
-        if self.shard_llm and self.readout_pairs:
-            raise ConfigError("readout_pairs: the readout generates with the whole LLM on rank 0, which --shard-llm "
-                              "splits over the ranks: set --readout-pairs 0 with --shard-llm")
         if self.images_per_class < 2:
             raise ConfigError("images_per_class must be >= 2 so that a batch holds same-class pairs")
 

@@ -44,6 +44,10 @@ RANDOM_INIT_NOTICE = ("NOTE: the MLLM is a randomly initialized tiny Qwen3-VL: i
                       "GRPO / attention-distillation signal in this run means nothing; only the metric loss teaches.")
 
 
+SHARDED_READOUT_NOTICE = ("NOTE: no supervisor readout in this run: it generates with the whole LLM on rank 0, which "
+                          "--shard-llm splits over the ranks (--readout-pairs is ignored)")
+
+
 def train(cfg, log=print) -> dict:
     """Train (or resume) per ``cfg``; returns ``{"before": metrics, "after": metrics, ...}``, with ``"preempted":
     k`` when a preemption signal stopped it after step k (a checkpoint holds step k)."""
@@ -119,6 +123,8 @@ def _train(cfg, log, watch: PreemptionWatch) -> dict:
             f"over {dist.world_size} rank(s)), embedding + norm + LM head {llm_bytes['replicated'] / 2**20:.1f} MiB")
         if comps.random_init:
             log(RANDOM_INIT_NOTICE)
+        if cfg.readout_pairs and cfg.shard_llm:
+            log(SHARDED_READOUT_NOTICE)
 
     stop = min(total, cfg.stop_after) if cfg.stop_after else total
     run_log = RunLog(metrics_path, dist, start=start, stop=stop, progress=cfg.progress, log=log)
@@ -180,12 +186,13 @@ def _metrics(record: dict) -> dict:
 
 def evaluate_run(comps) -> dict:
     """Zero-shot retrieval metrics (R@K, NMI, MAP@R) of the current embedder on the test classes and, with
-    ``cfg.readout_pairs``, the supervisor's readout of the current tower (``run_readout``)."""
+    ``cfg.readout_pairs``, the supervisor's readout of the current tower (``run_readout``; not with ``--shard-llm``,
+    whose LLM only all ranks together can run)."""
     cfg = comps.cfg
     metrics = evaluate_embedder(comps.embedder, comps.test_set, max_images=cfg.max_eval_images,
                                 workers=data_workers(cfg, comps.test_set, comps.device),
                                 autocast=lambda: autocast(comps.device, cfg))
-    if cfg.readout_pairs:
+    if cfg.readout_pairs and not cfg.shard_llm:  # SHARDED_READOUT_NOTICE
         metrics.update(readout_metrics(run_readout(comps)))
     return metrics
 

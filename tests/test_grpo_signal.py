@@ -117,8 +117,6 @@ def test_attribute_reward_is_refused_where_it_cannot_apply(tmp_path):
                                       dist=None)
         with pytest.raises(ConfigError, match="reward='attributes'.*knows its classes' attributes"):
             step_lib.step_plan(comps)
-    with pytest.raises(ConfigError, match="--shard-llm"):
-        make_config(shard_llm=True, readout_pairs=8)
     with pytest.raises(ConfigError, match="pair_sampling"):
         make_config(pair_sampling="hardest")
     assert sources.answer_reader(make_config(dataset="cub"), object()) is None
