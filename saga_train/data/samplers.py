@@ -90,15 +90,21 @@ def _randbelow(generator, n: int) -> int:
     return generator.randrange(n)
 
 
-def _check_counts(by_class: dict, n_same: int, n_diff: int) -> list:
-    """The classes with >= 2 items; ValueError when a kind of pair is needed but impossible."""
+def _pair_plan(labels: list, num_pairs: int):
+    """``(indices by class, same-class pairs to draw, different-class pairs, the classes with >= 2 items)``: half
+    the pairs (rounded up) same-class; ValueError when a kind of pair is needed but impossible."""
+    by_class = defaultdict(list)
+    for i, y in enumerate(labels):
+        by_class[y].append(i)
+    n_same = (num_pairs + 1) // 2
+    n_diff = num_pairs - n_same
     multi = [c for c in sorted(by_class) if len(by_class[c]) >= 2]
     if n_same and not multi:
         raise ValueError("cannot draw a same-class pair: no class in labels has 2 or more items "
                          "(use a class-balanced batch with images_per_class >= 2)")
     if n_diff and len(by_class) < 2:
         raise ValueError("cannot draw a different-class pair: labels hold a single class")
-    return multi
+    return by_class, n_same, n_diff, multi
 
 
 def _shuffled(pairs: list, generator) -> list:
@@ -127,12 +133,7 @@ def sample_pairs(labels: Sequence[int], num_pairs: int, generator=None) -> list[
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
     generator = _generator(generator)
-    by_class = defaultdict(list)
-    for i, y in enumerate(labels):
-        by_class[y].append(i)
-    n_same = (num_pairs + 1) // 2
-    n_diff = num_pairs - n_same
-    multi = _check_counts(by_class, n_same, n_diff)
+    by_class, n_same, n_diff, multi = _pair_plan(labels, num_pairs)
     possible_same = sum(len(by_class[c]) * (len(by_class[c]) - 1) // 2 for c in multi)
     possible_diff = len(labels) * (len(labels) - 1) // 2 - possible_same
 
@@ -184,12 +185,7 @@ def sample_hard_pairs(embeddings: torch.Tensor, labels: Sequence[int], num_pairs
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
     generator = _generator(generator)
     seen = set() if seen is None else seen
-    by_class = defaultdict(list)
-    for i, y in enumerate(labels):
-        by_class[y].append(i)
-    n_same = (num_pairs + 1) // 2
-    n_diff = num_pairs - n_same
-    multi = _check_counts(by_class, n_same, n_diff)
+    by_class, n_same, n_diff, multi = _pair_plan(labels, num_pairs)
     x = torch.nn.functional.normalize(embeddings.detach().double().cpu(), dim=1)
     sim = (x @ x.T).tolist()
     y = labels

@@ -380,8 +380,21 @@ def parse_value(text: str):
         return text
 
 
-def main(argv=None) -> int:
+def regime_config(settings):
+    """``PAPER_REGIME`` with the ``--set KEY=VALUE`` items ``settings`` over it (``parse_value``); ConfigError for an
+    item without ``=`` or a bad key / value."""
     from saga_train.config import ConfigError, make_config
+
+    overrides = dict(PAPER_REGIME)
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = parse_value(value)
+    return make_config(**overrides)
+
+
+def main(argv=None) -> int:
     from saga_train.errors import UserError
 
     parser = argparse.ArgumentParser(prog="python -m saga_train.experiments.ablation",
@@ -414,14 +427,7 @@ def main(argv=None) -> int:
         print(markdown(record))
         return 0
     try:
-        overrides = dict(PAPER_REGIME)
-        for item in args.set:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-            overrides[key] = parse_value(value)
-        base = make_config(**overrides)
-        record = run_ablation(base, args.seeds, args.arms, args.run_root, args.out)
+        record = run_ablation(regime_config(args.set), args.seeds, args.arms, args.run_root, args.out)
     except (UserError, ValueError) as e:  # a setting, a path, a missing or damaged file (e.g. metrics.jsonl)
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from .ablation import PAPER_REGIME, heldout_features, parse_value, tower_readout
+from .ablation import heldout_features, regime_config, tower_readout
 
 DAMAGE = dict(lambda_lm=0.0, lambda_kl=0.0, lr_encoder=1e-3)
 RECOVERY = dict(lr_encoder=3e-4, contributing_pairs=4, max_pair_draws=8)
@@ -246,7 +246,7 @@ def run_mechanism(base, seeds, arms, *, damage_steps: int, steps: int, readout_p
 
 
 def main(argv=None) -> int:
-    from saga_train.config import ConfigError, make_config
+    from saga_train.config import ConfigError
     from saga_train.errors import UserError
 
     parser = argparse.ArgumentParser(prog="python -m saga_train.experiments.mechanism",
@@ -275,13 +275,7 @@ def main(argv=None) -> int:
         else:
             if min(args.steps, args.damage_steps, args.readout_pairs) < 1:
                 raise ConfigError("--steps, --damage-steps and --readout-pairs must be >= 1")
-            overrides = dict(PAPER_REGIME)
-            for item in args.set:
-                key, sep, value = item.partition("=")
-                if not sep:
-                    raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-                overrides[key] = parse_value(value)
-            record = run_mechanism(make_config(**overrides), args.seeds, args.arms, damage_steps=args.damage_steps,
+            record = run_mechanism(regime_config(args.set), args.seeds, args.arms, damage_steps=args.damage_steps,
                                    steps=args.steps, readout_pairs=args.readout_pairs, run_root=args.run_root,
                                    out_dir=args.out)
     except (UserError, ValueError, KeyError) as e:
