@@ -54,7 +54,8 @@ def report(result: dict) -> None:
               "signal was meaningful in this run.")
     from .experiments.plot import plot_run  # matplotlib, only once a run is done
 
-    print(f"R@1, reward rate and losses over training: {os.path.abspath(plot_run(result['run_dir']))}")
+    plot = os.path.abspath(plot_run(result["run_dir"]))
+    print(f"R@1, reward rate, losses and the supervisor readout over training: {plot}")
     print(f"run directory: {os.path.abspath(result['run_dir'])}")
 
 
