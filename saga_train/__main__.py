@@ -39,9 +39,10 @@ def report(result: dict) -> None:
         print(f"{after}" + (f"\n  (before training: {before.split(': ', 1)[1]})" if before else ""))
     if "reward_rate" in result:
         r = result["rollouts"]
-        print(f"reward rate {result['reward_rate']:.3f} over {int(r['completions'])} completions "
-              f"({int(r['unparseable'])} unparseable); {int(r['groups_contributing'])} of {int(r['pairs_drawn'])} "
-              f"pairs had reward variance, {int(r['groups_kept'])} replayed; "
+        mean = f", mean reward {result['reward_mean']:.3f}" if result["reward_mean"] != result["reward_rate"] else ""
+        print(f"reward rate (right verdicts) {result['reward_rate']:.3f}{mean} over {int(r['completions'])} "
+              f"completions ({int(r['unparseable'])} unparseable); {int(r['groups_contributing'])} of "
+              f"{int(r['pairs_drawn'])} pairs had reward variance, {int(r['groups_kept'])} replayed; "
               f"shortfall against K: {int(r['shortfall'])}")
         kinds = [k for k in PAIR_KINDS if r.get(f"pairs_drawn_{k}")]
         print("  by pair kind (drawn / with reward variance / replayed): " + "; ".join(

@@ -35,7 +35,7 @@ META_KEYS = ("step", "optim_param_groups", "scheduler", "rng_python", "rng_numpy
 # settings a resumed run may change; any other difference from the checkpoint's config is an error
 RESUME_MAY_CHANGE = ("resume", "auto_resume", "preempt_signal", "stop_after", "progress", "eval_before",
                      "eval_every_epoch", "eval_every", "checkpoint_every", "threads", "device", "workers",
-                     "replay_tokens", "shard_llm")
+                     "replay_tokens", "shard_llm", "init_embedder")  # init_embedder: the checkpoint holds the weights
 
 
 def _sync_dir(directory: str) -> None:

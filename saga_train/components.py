@@ -99,7 +99,9 @@ class Components:
         return [p for group in self.param_groups().values() for p in group]
 
 
-def build_components(cfg: Config, dist: dist_lib.DistInfo | None = None) -> Components:
+def build_components(cfg: Config, dist: dist_lib.DistInfo | None = None, *, initialize: bool = True) -> Components:
+    """The run's components; ``initialize=False`` (a resume: the checkpoint holds the weights) skips
+    ``cfg.init_embedder``."""
     dist = dist or dist_lib.DistInfo()
     device = resolve_device(cfg)
     if device.type == "cuda" and dist.enabled:
@@ -113,7 +115,7 @@ def build_components(cfg: Config, dist: dist_lib.DistInfo | None = None) -> Comp
         metric_loss = build_metric_loss(cfg.dml, len(train_set.class_names), cfg.embedding_size,
                                         cfg.proxies_per_class, pf_alpha=cfg.pf_alpha, pf_delta=cfg.pf_delta).to(device)
     embedder = Embedder(model.model.visual, pooler, processor.image_processor, cfg.image_size, cfg.pooler)
-    if cfg.init_embedder:
+    if cfg.init_embedder and initialize:
         init_from_embedder(embedder, cfg.init_embedder)
     comps = Components(cfg, device, train_set, test_set, model, processor, embedder, metric_loss, description, dist,
                        random_init=random_init)

@@ -130,6 +130,10 @@ class Config:
             from .preemption import signal_number
 
             signal_number(self.preempt_signal)
+        if self.reward == "attributes" and self.dataset != "synthetic":
+            raise ConfigError(f"reward='attributes' checks the attributes an answer describes, which needs a dataset "
+                              f"that knows its classes' attributes (the synthetic world); dataset={self.dataset!r} "
+                              "does not: use reward='verdict'")
         if self.images_per_class < 2:
             raise ConfigError("images_per_class must be >= 2 so that a batch holds same-class pairs")
 

@@ -187,7 +187,8 @@ def load_embedder(path: str, device: str = "cpu") -> Embedder:
     from .files import damaged, field, read_json, read_safetensors, state_dict_problems
 
     if not os.path.isdir(path):
-        raise MissingFileError(f"{path!r} is not a saved SAGA embedder: no such directory")
+        raise MissingFileError(f"{path!r} is not a saved SAGA embedder: "
+                               + ("a file, not a directory" if os.path.exists(path) else "no such directory"))
     config_path = os.path.join(path, EMBEDDER_CONFIG)
     if not os.path.isfile(config_path):
         raise MissingFileError(f"{path!r} is not a saved SAGA embedder: {EMBEDDER_CONFIG} is missing")

@@ -3,9 +3,11 @@
 SAGA's supervisor is the frozen LLM reading the tower being trained (METHOD.md): as the tower changes, so does what
 the LLM sees. The readout asks it, greedily, about a FIXED set of held-out pairs and scores the answers:
 
-- ``readout_pairs(test_set, count, seed)``: half the pairs same-class, a quarter one attribute apart (where the split
-  knows its classes' attributes and some class has a neighbour in it; else those go to random pairs) and the rest
-  two random distinct classes, as ``ReadoutPair(kind, index_a, index_b)`` (dataset indices: two distinct images).
+- ``readout_pairs(test_set, count, seed)``: half the pairs same-class (rounded up), a quarter one attribute apart
+  (rounded down; where the split knows its classes' attributes and some class has a neighbour in it; else those go
+  to random pairs) and the rest two random distinct classes, as ``ReadoutPair(kind, index_a, index_b)`` (dataset
+  indices: two distinct images). Each pair is drawn independently, so a pair can repeat (e.g. 253 distinct of 256
+  on the default 1,000-image test split); the set is fixed, and a paired comparison resamples it as it is.
 - ``read_pairs(...)``: the greedy answers, parsed: per pair the verdict's correctness and whether the two item
   descriptions are the same text, and (with ``read``, a dataset that knows its classes' attributes) per pair, item
   and attribute whether the described value is the true one. ``ReadoutAnswers`` keeps them per pair, for paired
@@ -21,6 +23,7 @@ the LLM sees. The readout asks it, greedily, about a FIXED set of held-out pairs
 
 Chance verdict accuracy is 0.5 (half the pairs are same-class).
 """
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -63,6 +66,11 @@ def _one_attribute_partners(dataset, label: int) -> list:
     return list(neighbours(label)) if callable(neighbours) else []
 
 
+def distinct_pairs(dataset) -> int:
+    """How many distinct pairs of two images ``dataset`` has: ``N (N - 1) / 2``."""
+    return len(dataset.labels) * (len(dataset.labels) - 1) // 2
+
+
 def readout_pairs(dataset, count: int, seed: int = 0) -> list:
     """``count`` fixed pairs of ``dataset`` (a test split: ``labels`` and ``ds[i] -> (image, label)``) by
     ``READOUT_MIX``, drawn by ``random.Random(f"readout-{seed}")``; ValueError when the split has no class with two
@@ -78,9 +86,13 @@ def readout_pairs(dataset, count: int, seed: int = 0) -> list:
         raise ValueError("the readout needs a split with a class of >= 2 images and >= 2 classes")
     near = {c: [d for d in _one_attribute_partners(dataset, c) if d in by_class] for c in classes}
     with_near = [c for c in classes if near[c]]
+    possible = distinct_pairs(dataset)
+    if count > possible:
+        raise ValueError(f"count={count} exceeds the {possible} distinct pairs of the split's {len(dataset.labels)} "
+                         "images")
     rng = random.Random(f"readout-{seed}")
-    n_same = round(count * READOUT_MIX[0])
-    n_near = round(count * READOUT_MIX[1]) if with_near else 0
+    n_same = math.ceil(count * READOUT_MIX[0])  # an odd count keeps its same-class half
+    n_near = math.floor(count * READOUT_MIX[1]) if with_near else 0
     pairs = []
     for k in range(count):
         if k < n_same:
@@ -202,5 +214,6 @@ def format_readout(metrics: dict) -> str:
     return text
 
 
-__all__ = ["READOUT_KINDS", "READOUT_MIX", "ReadoutAnswers", "ReadoutPair", "format_readout", "item_descriptions",
+__all__ = ["READOUT_KINDS", "READOUT_MIX", "ReadoutAnswers", "ReadoutPair", "distinct_pairs", "format_readout",
+           "item_descriptions",
            "read_pairs", "readout_metrics", "readout_pairs", "score_answer"]

@@ -84,6 +84,7 @@ class RunLog:
                "seconds_per_step": step_time / max(steps, 1)}
         if rollouts:
             out["reward_rate"] = t["rewarded"] / max(t["completions"], 1)
+            out["reward_mean"] = t["reward_total"] / max(t["completions"], 1)
             out["rollouts"] = {k: t[k] for k in self.SUMMED}
         return out
 

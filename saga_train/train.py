@@ -21,6 +21,7 @@ process would (up to round-off; distributed.py). Images are decoded in DataLoade
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import torch
@@ -29,11 +30,12 @@ from . import checkpoints
 from . import distributed as dist_lib
 from .components import autocast, build_components, build_optimizer, resolve_device
 from .data.stream import StepBatches, data_loader, data_workers, steps_per_epoch
-from .errors import MissingFileError
+from .errors import ConfigError, MissingFileError
 from .evaluate import evaluate_embedder
+from .model import EMBEDDER_CONFIG
 from .preemption import PreemptionWatch
 from .prompts import pair_prompt, prompt_spec
-from .readout import format_readout, read_pairs, readout_metrics, readout_pairs
+from .readout import distinct_pairs, format_readout, read_pairs, readout_metrics, readout_pairs
 from .runlog import RunLog, restore_records
 from .sources import answer_reader
 from .step import step_plan, step_seed, train_step
@@ -66,6 +68,36 @@ def resuming(cfg, ckpt_path: str, log=print) -> bool:
     return bool(found) and (cfg.resume or cfg.auto_resume)
 
 
+def make_run_dir(path: str) -> None:
+    """Create the run directory ``path`` (and its parents); ConfigError naming it when it cannot be one (a file in
+    the way, no permission)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run_dir={path!r} cannot be a run directory: {e.strerror or e}") from e
+
+
+def check_test_split(cfg, test_set) -> None:
+    """The evaluations and the readout can run on the test split (checked before training, not after it):
+    ConfigError naming what is wrong."""
+    if cfg.eval_before or cfg.eval_every_epoch or cfg.eval_every:
+        n = len(test_set) if not cfg.max_eval_images else min(len(test_set), cfg.max_eval_images)
+        labels = list(test_set.labels[:n])
+        if len(set(labels)) == len(labels):
+            raise ConfigError(f"the evaluation needs a class with >= 2 images among the {n} test images it embeds "
+                              "(max_eval_images, synthetic_test_images_per_class); every class there has one")
+    if cfg.readout_pairs and not cfg.shard_llm:
+        try:
+            readout_pairs(test_set, readout_size(cfg, test_set), seed=cfg.world_seed)
+        except ValueError as e:
+            raise ConfigError(f"readout_pairs={cfg.readout_pairs}: {e}") from e
+
+
+def readout_size(cfg, test_set) -> int:
+    """``cfg.readout_pairs``, at most the test split's distinct pairs (a small split is read whole, with a note)."""
+    return min(cfg.readout_pairs, distinct_pairs(test_set))
+
+
 def evaluation_due(cfg, done: int, spe: int, total: int) -> str | None:
     """The name of the evaluation due once ``done`` >= 1 steps are done (``"epoch e"``, ``"step k"``), or None."""
     if cfg.eval_every_epoch and (done % spe == 0 or done == total):
@@ -84,6 +116,9 @@ def _start_fresh(cfg, metrics_path: str, log) -> None:
             "--resume continues one)")
     for path in old:
         os.remove(path)
+    embedder = os.path.join(cfg.run_dir, EMBEDDER)
+    if os.path.isfile(os.path.join(embedder, EMBEDDER_CONFIG)):  # an earlier run's: it would outlive this one's start
+        shutil.rmtree(embedder)
     checkpoints.remove_stale_temporaries(cfg.run_dir)
     checkpoints.atomic_write_text(os.path.join(cfg.run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
 
@@ -96,13 +131,14 @@ def _train(cfg, log, watch: PreemptionWatch) -> dict:
     if probe_device.type == "cpu" and cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = dist_lib.init_distributed(probe_device.type)
-    comps = build_components(cfg, dist)
+    comps = build_components(cfg, dist, initialize=not resume)
     llm_bytes = dist_lib.llm_parameter_bytes(comps.model)
+    check_test_split(cfg, comps.test_set)
     spe = steps_per_epoch(cfg, comps.train_set)
     total = cfg.max_steps or cfg.epochs * spe
     optimizer, scheduler = build_optimizer(comps, total)
     plan = step_plan(comps)
-    os.makedirs(cfg.run_dir, exist_ok=True)
+    make_run_dir(cfg.run_dir)
     metrics_path = os.path.join(cfg.run_dir, METRICS)
     main = dist.is_main
 
@@ -125,6 +161,9 @@ def _train(cfg, log, watch: PreemptionWatch) -> dict:
             log(RANDOM_INIT_NOTICE)
         if cfg.readout_pairs and cfg.shard_llm:
             log(SHARDED_READOUT_NOTICE)
+        elif readout_size(cfg, comps.test_set) < cfg.readout_pairs:
+            log(f"NOTE: the supervisor readout reads {readout_size(cfg, comps.test_set)} pairs, all the test split "
+                f"has, not readout_pairs={cfg.readout_pairs}")
 
     stop = min(total, cfg.stop_after) if cfg.stop_after else total
     run_log = RunLog(metrics_path, dist, start=start, stop=stop, progress=cfg.progress, log=log)
@@ -203,7 +242,8 @@ def run_readout(comps, pairs: list | None = None):
     the run's prompt, through the current tower: ``readout.ReadoutAnswers``."""
     cfg = comps.cfg
     spec = prompt_spec(cfg.dataset, comps.train_set)
-    pairs = pairs if pairs is not None else readout_pairs(comps.test_set, cfg.readout_pairs, seed=cfg.world_seed)
+    if pairs is None:
+        pairs = readout_pairs(comps.test_set, readout_size(cfg, comps.test_set), seed=cfg.world_seed)
     with autocast(comps.device, cfg):
         return read_pairs(comps.model, comps.processor, pair_prompt(comps.processor, spec, cfg.prompt), comps.test_set,
                           pairs, verdict_key=spec.verdict_key, image_size=cfg.image_size,

@@ -200,3 +200,34 @@ def test_mechanism_end_to_end_on_a_tiny_world(tmp_path, signal):
     assert mechanism.main(["--merge", *files, "--out", str(tmp_path / "merged")]) == 0
     with pytest.raises(ValueError, match="appears in two records"):
         mechanism.merge_records([records[0], records[0]])
+
+
+def test_mechanism_and_ablation_clis_name_what_is_wrong(tmp_path, capsys):
+    good = {"meta": {"seed_list": [0], "base_config": {}, "arms": ["shuffled"], "steps": 1, "damage_steps": 1,
+                     "readout_pairs": 2}, "runs": {"0": {"damaged": {"readout": {}, "verdict_right": [1], "hits": [1],
+                                                                     "R@1": 1.0}}}}
+    cases = {"list.json": "[]", "empty-object.json": "{}",
+             "no-arm.json": json.dumps(good),
+             "seed-name.json": json.dumps(dict(good, runs={"untrained": {}})),
+             "no-settings.json": json.dumps({"meta": {"seed_list": [0]}, "runs": {}})}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        assert mechanism.main(["--merge", str(tmp_path / name), "--out", str(tmp_path / "o")]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and name in err and "Traceback" not in err, (name, err)
+    assert mechanism.main(["--merge", str(tmp_path / "no-arm.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "seed 0 has no complete 'shuffled' run" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert mechanism.main(["--seeds", "0", "0"]) == 2 and "must not repeat" in capsys.readouterr().err
+    assert mechanism.main(["--seeds", "0", "--out", str(tmp_path / "a-file")]) == 2
+    assert "cannot be an output directory" in capsys.readouterr().err
+    assert ablation.main(["--seeds", "0", "--run-root", str(tmp_path / "a-file" / "r")]) == 2
+    assert "cannot be an output directory" in capsys.readouterr().err
+    # a mechanism record is not an ablation record, and the other way round
+    mech = {"meta": dict(good["meta"]), "runs": {}}
+    (tmp_path / "mechanism.json").write_text(json.dumps(mech))
+    assert ablation.main(["--merge", str(tmp_path / "mechanism.json"), "--out", str(tmp_path / "o")]) == 2
+    assert "lacks note" in capsys.readouterr().err
+    a = dict(mech, meta=dict(mech["meta"], steps=2))
+    with pytest.raises(ValueError, match="different settings: steps$"):
+        mechanism.merge_records([mech, a])

@@ -112,11 +112,12 @@ def test_attribute_reward_gets_each_pairs_true_attributes(tmp_path, monkeypatch)
 
 
 def test_attribute_reward_is_refused_where_it_cannot_apply(tmp_path):
-    for dataset in ("folder", "cub"):
-        comps = types.SimpleNamespace(cfg=make_config(dataset=dataset, reward="attributes"), train_set=object(),
-                                      dist=None)
+    for dataset in ("folder", "cub"):  # refused by the config, before anything loads
         with pytest.raises(ConfigError, match="reward='attributes'.*knows its classes' attributes"):
-            step_lib.step_plan(comps)
+            make_config(dataset=dataset, reward="attributes")
+    comps = types.SimpleNamespace(cfg=make_config(reward="attributes"), train_set=object(), dist=None)
+    with pytest.raises(ConfigError, match="reward='attributes'.*knows its classes' attributes"):
+        step_lib.step_plan(comps)  # a split without attributes
     with pytest.raises(ConfigError, match="pair_sampling"):
         make_config(pair_sampling="hardest")
     assert sources.answer_reader(make_config(dataset="cub"), object()) is None
@@ -149,3 +150,55 @@ def test_init_embedder_starts_from_another_runs_embedder(tmp_path):
         components.build_components(small(tmp_path / "d", init_embedder=saved, embedding_size=8))
     with pytest.raises(MissingFileError):
         components.build_components(small(tmp_path / "e", init_embedder=str(tmp_path / "nothing")))
+
+
+def test_a_resume_ignores_init_embedder(tmp_path):
+    """The checkpoint holds the weights: a resume neither needs the init directory nor reloads it."""
+    first = small(tmp_path / "a", max_steps=2, lambda_lm=0.0, lambda_kl=0.0, warmup_fraction=0.0)
+    train_lib.train(first, log=lambda *_: None)
+    init = tmp_path / "init"
+    os.rename(os.path.join(first.run_dir, "embedder"), init)
+    common = dict(max_steps=2, lambda_lm=0.0, lambda_kl=0.0, init_embedder=str(init), eval_every_epoch=False)
+    straight = small(tmp_path / "b", **common)
+    train_lib.train(straight, log=lambda *_: None)
+    halves = small(tmp_path / "c", **common, stop_after=1)
+    train_lib.train(halves, log=lambda *_: None)
+    os.rename(init, tmp_path / "moved")
+    train_lib.train(make_config(halves, resume=True, stop_after=0, init_embedder=""), log=lambda *_: None)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(os.path.join(c.run_dir, "checkpoint.safetensors")) for c in (straight, halves))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("embedder."))
+
+
+def test_what_cannot_work_is_refused_before_training(tmp_path, capsys):
+    from saga_train.__main__ import main
+
+    with pytest.raises(ConfigError, match="class with >= 2 images"):
+        train_lib.train(small(tmp_path, synthetic_test_images_per_class=1, max_steps=1), log=lambda *_: None)
+    assert not os.path.exists(os.path.join(tmp_path, "run", "checkpoint.safetensors"))  # refused before step 1
+    with pytest.raises(ConfigError, match="max_eval_images"):
+        train_lib.train(small(tmp_path, max_eval_images=1, max_steps=1), log=lambda *_: None)
+    split = dict(synthetic_test_classes=30, synthetic_test_images_per_class=2)
+    assert train_lib.readout_size(small(tmp_path, readout_pairs=2000, **split), sources.load_splits(
+        small(tmp_path, **split))[1]) == 1770  # a small split is read whole (with a note in the log)
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="cannot be a run directory"):
+        train_lib.train(small(tmp_path, run_dir=str(tmp_path / "a-file" / "run"), max_steps=1), log=lambda *_: None)
+    with pytest.raises(ConfigError, match="reward='attributes'"):
+        make_config(dataset="folder", reward="attributes")
+    assert main(["--model", "tiny-random", "--run-dir", str(tmp_path / "a-file"), "--max-steps", "1"]) == 2
+    assert "cannot be a run directory" in capsys.readouterr().err
+    with pytest.raises(MissingFileError, match="a file, not a directory"):
+        components.build_components(small(tmp_path / "x", init_embedder=str(tmp_path / "a-file")))
+
+
+def test_a_fresh_start_removes_an_earlier_runs_embedder(tmp_path):
+    cfg = small(tmp_path, max_steps=1, lambda_lm=0.0, lambda_kl=0.0)
+    train_lib.train(cfg, log=lambda *_: None)
+    assert os.path.isdir(os.path.join(cfg.run_dir, "embedder"))
+    train_lib.train(make_config(cfg, stop_after=0, max_steps=2, eval_every_epoch=False, eval_before=False,
+                                checkpoint_every=0), log=lambda *_: None)
+    halted = make_config(cfg, max_steps=4, stop_after=1)
+    train_lib.train(halted, log=lambda *_: None)  # fresh, stopped before the end: no embedder of its own yet
+    assert not os.path.exists(os.path.join(cfg.run_dir, "embedder"))

@@ -40,7 +40,10 @@ def test_pairs_without_attributes_are_same_and_random():
         labels = [0, 0, 1, 1, 2]
 
     kinds = [p.kind for p in readout.readout_pairs(Plain(), 9)]
-    assert kinds.count("same") == 4 and kinds.count("random") == 5
+    assert kinds.count("same") == 5 and kinds.count("random") == 4  # half, rounded up
+    assert [p.kind for p in readout.readout_pairs(Plain(), 1)] == ["same"]
+    with pytest.raises(ValueError, match="exceeds the 10 distinct pairs"):
+        readout.readout_pairs(Plain(), 11)
     with pytest.raises(ValueError, match="class of >= 2 images"):
         readout.readout_pairs(type("One", (), {"labels": [0, 1, 2]})(), 4)
     with pytest.raises(ValueError, match="count"):

@@ -331,16 +331,36 @@ def run_ablation(base, seeds, arms, run_root, out_dir, log=print) -> dict:
     return record
 
 
-def read_record(path) -> dict:
-    """An ``ablation.json`` written by ``write_record``; ValueError naming ``path`` when it is not one."""
+def read_json_record(path, what: str, meta_keys) -> dict:
+    """The JSON object of an experiment record at ``path`` with ``"meta"`` (holding ``meta_keys``) and ``"runs"``
+    objects; ValueError naming ``path`` and ``what`` it should be otherwise."""
     try:
         record = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not JSON ({e})") from e
-    if not isinstance(record, dict) or not {"meta", "runs"} <= set(record) \
-            or not {"base_config", "seed_list"} <= set(record["meta"]):
-        raise ValueError(f"{path} is not an ablation record (ablation.json written by this module)")
+    if not (isinstance(record, dict) and isinstance(record.get("meta"), dict) and isinstance(record.get("runs"), dict)):
+        raise ValueError(f"{path} is not {what}: no 'meta' and 'runs' objects")
+    missing = [k for k in meta_keys if k not in record["meta"]]
+    if missing:
+        raise ValueError(f"{path} is not {what}: its meta lacks {', '.join(missing)}")
     return record
+
+
+def read_record(path) -> dict:
+    """An ``ablation.json`` written by ``write_record``; ValueError naming ``path`` when it is not one."""
+    return read_json_record(path, "an ablation record (ablation.json written by this module)",
+                            ("base_config", "seed_list", "note", "arms"))
+
+
+def output_dirs(*paths) -> None:
+    """Create the directories an experiment writes into BEFORE it runs; UserError naming one that cannot be."""
+    from saga_train.errors import UserError
+
+    for path in paths:
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{path} cannot be an output directory: {e.strerror or e}") from e
 
 
 def merge_records(records: list) -> dict:
@@ -414,6 +434,7 @@ def main(argv=None) -> int:
     if args.merge:
         records = []
         try:
+            output_dirs(args.out)
             for path in args.merge:
                 try:
                     records.append(read_record(path))
@@ -429,6 +450,9 @@ def main(argv=None) -> int:
         print(markdown(record))
         return 0
     try:
+        if len(set(args.seeds)) < len(args.seeds) or len(set(args.arms)) < len(args.arms):
+            raise UserError("--seeds and --arms must not repeat a value")
+        output_dirs(args.out, args.run_root)
         record = run_ablation(regime_config(args.set), args.seeds, args.arms, args.run_root, args.out)
     except (UserError, ValueError) as e:  # a setting, a path, a missing or damaged file (e.g. metrics.jsonl)
         print(f"error: {e}", file=sys.stderr)

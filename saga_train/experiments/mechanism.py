@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from .ablation import heldout_features, regime_config, tower_readout
+from .ablation import heldout_features, output_dirs, read_json_record, regime_config, tower_readout
 
 DAMAGE = dict(lambda_lm=0.0, lambda_kl=0.0, lr_encoder=1e-3)
 RECOVERY = dict(lr_encoder=3e-4, contributing_pairs=4, max_pair_draws=8)
@@ -148,10 +148,12 @@ def summarize(runs: dict, arms) -> dict:
                 continue
             flat = dict(m["readout"], **{"R@1": m["R@1"]})
             if "reward_rate" in m:
-                flat["reward_rate"] = m["reward_rate"]
                 rollouts = m["rollouts"]
-                for kind in ("same", "one_attribute", "different"):
-                    flat[f"replayed_share/{kind}"] = rollouts[f"groups_kept_{kind}"] / max(rollouts["groups_kept"], 1)
+                flat["reward_rate"] = m["reward_rate"]
+                flat["reward_mean"] = rollouts["reward_total"] / max(rollouts["completions"], 1)
+                for kind in ("same", "one_attribute", "different"):  # only of runs that replayed a group
+                    if rollouts["groups_kept"]:
+                        flat[f"replayed_share/{kind}"] = rollouts[f"groups_kept_{kind}"] / rollouts["groups_kept"]
             for key, value in flat.items():
                 values.setdefault(key, []).append(value)
         out[arm] = {k: {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
@@ -172,16 +174,18 @@ def markdown(record: dict) -> str:
              "", f"Damage: {meta['damage']}, {meta['damage_steps']} steps from the supervisor's tower. Recovery: "
              f"{meta['recovery']}, {meta['steps']} steps from the damaged tower. Readout: {meta['readout_pairs']} "
              "fixed held-out pairs (half same-class, a quarter one attribute apart, a quarter random classes), greedy. "
-             "Mean ± std over seeds.", "",
+             "Mean ± std over seeds. Right verdicts: the fraction of training rollouts with the right verdict; mean "
+             "reward: what GRPO maximized (verdict reward in [0, 1], attribute reward in [0, 2]).", "",
              "| arm | verdict | same | one attr. | random | attributes | same-class descriptions agree | R@1 | "
-             "reward rate | replayed: same / one attr. / different |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "right verdicts | mean reward | replayed: same / one attr. / different |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         share = " / ".join(cell(arm, f"replayed_share/{k}", 2) for k in ("same", "one_attribute", "different"))
         lines.append(f"| {arm} | {cell(arm, 'readout/verdict')} | {cell(arm, 'readout/verdict/same', 2)} | "
                      f"{cell(arm, 'readout/verdict/one_attribute', 2)} | {cell(arm, 'readout/verdict/random', 2)} | "
                      f"{cell(arm, 'readout/attributes')} | {cell(arm, 'readout/descriptions_agree/same', 2)} | "
-                     f"{cell(arm, 'R@1')} | {cell(arm, 'reward_rate', 2)} | "
-                     f"{share if 'reward_rate' in summary.get(arm, {}) else '–'} |")
+                     f"{cell(arm, 'R@1')} | {cell(arm, 'reward_rate', 2)} | {cell(arm, 'reward_mean', 2)} | "
+                     f"{share if 'replayed_share/same' in summary.get(arm, {}) else '–'} |")
     names = meta.get("attributes", [])
     if names:
         lines += ["", "Per-attribute readout (fraction of both items' values described right, mean over seeds):", "",
@@ -212,14 +216,33 @@ def write_record(record: dict, out_dir) -> None:
     (out / "mechanism.md").write_text(markdown(record))
 
 
+SETTINGS = ("base_config", "arms", "steps", "damage_steps", "readout_pairs")
+RUN_KEYS = ("readout", "verdict_right", "hits", "R@1")
+
+
+def read_record(path) -> dict:
+    """A ``mechanism.json`` written by ``write_record``: every seed (an integer) with the damaged run and every arm
+    of its meta, each with ``RUN_KEYS``; ValueError naming ``path`` and what is wrong otherwise."""
+    what = "a mechanism record (mechanism.json written by this module)"
+    record = read_json_record(path, what, ("seed_list",) + SETTINGS)
+    for seed, by_arm in record["runs"].items():
+        if not seed.lstrip("-").isdigit() or not isinstance(by_arm, dict):
+            raise ValueError(f"{path} is not {what}: run {seed!r} is not a seed's runs")
+        for arm in ("damaged", *record["meta"]["arms"]):
+            run = by_arm.get(arm)
+            if not isinstance(run, dict) or any(k not in run for k in RUN_KEYS):
+                raise ValueError(f"{path}: seed {seed} has no complete {arm!r} run (needs {', '.join(RUN_KEYS)})")
+    return record
+
+
 def merge_records(records: list) -> dict:
     """One record from several (e.g. one process per seed) made with the same settings."""
     if not records:
         raise ValueError("nothing to merge")
-    keys = ("base_config", "arms", "steps", "damage_steps", "readout_pairs")
     for r in records[1:]:
-        if any(r["meta"][k] != records[0]["meta"][k] for k in keys):
-            raise ValueError(f"cannot merge mechanism records made with different settings ({', '.join(keys)})")
+        differ = [k for k in SETTINGS if r["meta"][k] != records[0]["meta"][k]]
+        if differ:
+            raise ValueError(f"cannot merge mechanism records made with different settings: {', '.join(differ)}")
     runs = {}
     for r in records:
         for seed, by_arm in r["runs"].items():
@@ -264,17 +287,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.merge:
+            output_dirs(args.out)
             records = []
             for path in args.merge:
                 try:
-                    records.append(json.loads(Path(path).read_text()))
-                except (OSError, ValueError) as e:
-                    raise UserError(f"{path}: not a mechanism record ({e})") from e
+                    records.append(read_record(path))
+                except (OSError, ValueError) as e:  # e.g. not UTF-8: name the file when e does not
+                    raise UserError(str(e) if str(path) in str(e) else f"{path}: {e}") from e
             record = merge_records(records)
             write_record(record, args.out)
         else:
             if min(args.steps, args.damage_steps, args.readout_pairs) < 1:
                 raise ConfigError("--steps, --damage-steps and --readout-pairs must be >= 1")
+            if len(set(args.seeds)) < len(args.seeds) or len(set(args.arms)) < len(args.arms):
+                raise ConfigError("--seeds and --arms must not repeat a value")
+            output_dirs(args.out, args.run_root)
             record = run_mechanism(regime_config(args.set), args.seeds, args.arms, damage_steps=args.damage_steps,
                                    steps=args.steps, readout_pairs=args.readout_pairs, run_root=args.run_root,
                                    out_dir=args.out)
