@@ -234,7 +234,7 @@ def in_the_middle(line: bytes):
 
 def ablation_record(tmp_path):
     path = tmp_path / "ablation.json"
-    path.write_text(json.dumps({"meta": {"base_config": {}, "seed_list": [0]}, "runs": {}}))
+    path.write_text(json.dumps({"meta": {"base_config": {}, "seed_list": [0], "note": "", "arms": []}, "runs": {}}))
     return Case(str(path), lambda: ablation.read_record(path),
                 lambda: ablation.main(["--merge", str(path), "--out", str(tmp_path / "merged")]))
 

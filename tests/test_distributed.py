@@ -75,8 +75,8 @@ def _worker(rank, world, port, configs, out_dir):
         replayed.append(len(groups))
         return phase_c(comps, plan, groups)
 
-    def build_components(cfg, dist=None):
-        comps = build(cfg, dist)
+    def build_components(cfg, dist=None, **kwargs):
+        comps = build(cfg, dist, **kwargs)
         if cfg.run_dir.endswith("_ckpt"):  # what --grad-checkpointing does on CUDA
             comps.model.model.language_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
