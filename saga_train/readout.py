@@ -130,10 +130,7 @@ def score_answer(text: str, same: bool, verdict_key: str, truths=None, read=None
     out = {"verdict_right": verdict is not None and verdict == same, "parsed": verdict is not None,
            "descriptions_agree": first is not None and first == second}
     if read is not None and truths is not None:
-        described = read(text)
-        names = list(truths[0])
-        out["attribute_right"] = [[verdict_lib.same_value((described.get(item) or {}).get(n), truth[n]) for n in names]
-                                  for item, truth in zip(ITEM_KEYS, truths)]
+        out["attribute_right"] = verdict_lib.attributes_right(read(text), truths)
     return out
 
 

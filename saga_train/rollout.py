@@ -164,12 +164,8 @@ class AttributeReward:
     read: Callable
 
     def __call__(self, text: str, verdict) -> float:
-        described = self.read(text)
-        slots = [(described.get(item) or {}, truth) for item, truth in zip(ITEM_KEYS, self.truths)]
-        total = sum(len(truth) for _, truth in slots)
-        right = sum(verdict_lib.same_value(got.get(name), value) for got, truth in slots
-                    for name, value in truth.items())
-        return verdict_reward(verdict, self.same) + right / max(total, 1)
+        right = [ok for item in verdict_lib.attributes_right(self.read(text), self.truths) for ok in item]
+        return verdict_reward(verdict, self.same) + sum(right) / max(len(right), 1)
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = ADVANTAGE_EPS) -> torch.Tensor:

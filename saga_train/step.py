@@ -105,28 +105,6 @@ def phase_a(comps: Components, batch: Batch) -> float:
     return float(loss.detach())
 
 
-@torch.no_grad()
-def batch_embeddings(comps: Components, batch: Batch) -> torch.Tensor:
-    """``[B, D_e]`` fp32 embeddings of the whole batch by the current embedder (no gradients, eval mode): what hard
-    pairs are mined with. Every rank computes all of them, so every rank mines the same pairs."""
-    was_training = comps.embedder.training
-    comps.embedder.eval()
-    try:
-        with autocast(comps.device, comps.cfg):
-            z, _, _ = comps.embedder(**comps.embedder.pixel_inputs(batch.images))
-    finally:
-        comps.embedder.train(was_training)
-    return z.float()
-
-
-def draw_pairs(comps: Components, plan: StepPlan, batch: Batch, count: int, generator, draws: int, hard) -> list:
-    """One draw of ``count`` pairs ``(i, j, same)``: balanced ones from the batch (first draw) or the train split
-    (later draws); hard ones always from the batch (``hard``: ``(embeddings, seen pairs)``)."""
-    if hard is not None:
-        return sample_hard_pairs(hard[0], batch.labels, count, generator, seen=hard[1])
-    return sample_pairs(batch.labels if draws == 0 else comps.train_set.labels, count, generator)
-
-
 def pair_rewards(plan: StepPlan, dataset, labels: list) -> list | None:
     """The attribute reward of each ``(label_a, label_b)`` (None for the verdict reward)."""
     if plan.read_answer is None:
@@ -136,9 +114,11 @@ def pair_rewards(plan: StepPlan, dataset, labels: list) -> list | None:
 
 
 def phase_b(comps: Components, plan: StepPlan, batch: Batch, step: int):
-    """Draw pairs (``draw_pairs``) and sample them until ``plan.want`` groups have reward variance or
-    ``plan.max_draws`` pairs were sampled. Returns (this rank's groups among the step's first ``want`` contributing
-    ones, RolloutStats of this rank's pairs, by pair kind too).
+    """Draw pairs and sample them until ``plan.want`` groups have reward variance or ``plan.max_draws`` pairs were
+    sampled: balanced pairs from the batch (first draw), then from the train split; hard pairs always from the batch,
+    mined with its current embeddings (every rank embeds the whole batch, so every rank mines the same pairs).
+    Returns (this rank's groups among the step's first ``want`` contributing ones, RolloutStats of this rank's pairs,
+    by pair kind too).
 
     Every rank draws the same pairs (a generator seeded by (seed, step)); pair p of a draw is sampled by
     rank p % world, a rank's pairs of a draw in one ``generate`` call, each pair from its own seed
@@ -149,10 +129,12 @@ def phase_b(comps: Components, plan: StepPlan, batch: Batch, step: int):
     generator = torch.Generator().manual_seed(step_seed(cfg.seed, step))
     stats, kept = RolloutStats(), []
     drawn = draws = kept_total = 0
-    hard = (batch_embeddings(comps, batch), set()) if plan.hard_pairs else None
+    if plan.hard_pairs:
+        with autocast(comps.device, cfg):
+            embeddings, seen = comps.embedder.embed_images(batch.images), set()
 
     def from_batch() -> bool:
-        return draws == 0 or hard is not None
+        return draws == 0 or plan.hard_pairs
 
     def image(i: int):  # balanced: the first draw indexes the (decoded) batch, later draws the train split
         return square_rgb(batch.images[i] if from_batch() else ds[i][0], cfg.image_size)
@@ -160,7 +142,9 @@ def phase_b(comps: Components, plan: StepPlan, batch: Batch, step: int):
     model.eval()
     while kept_total < plan.want and drawn < plan.max_draws:
         labels = batch.labels if from_batch() else ds.labels
-        pairs = draw_pairs(comps, plan, batch, min(cfg.pairs_per_step, plan.max_draws - drawn), generator, draws, hard)
+        count = min(cfg.pairs_per_step, plan.max_draws - drawn)
+        pairs = (sample_hard_pairs(embeddings, labels, count, generator, seen=seen) if plan.hard_pairs
+                 else sample_pairs(labels, count, generator))
         mine = list(range(info.rank, len(pairs), info.world_size))
         # lockstep: a rank without a pair in this draw samples the draw's first one anyway (not counted, dropped)
         todo = mine or ([0] if plan.lockstep else [])
@@ -244,5 +228,5 @@ def train_step(comps: Components, plan: StepPlan | None, optimizer, scheduler, b
     log.add(lr_encoder=optimizer.param_groups[0]["lr"])
 
 
-__all__ = ["StepPlan", "step_plan", "phase_a", "batch_embeddings", "draw_pairs", "pair_rewards", "phase_b", "phase_c",
-           "clip_gradients", "train_step", "step_seed", "pair_seed"]
+__all__ = ["StepPlan", "step_plan", "phase_a", "pair_rewards", "phase_b", "phase_c", "clip_gradients", "train_step",
+           "step_seed", "pair_seed"]

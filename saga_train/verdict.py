@@ -74,6 +74,16 @@ def item_span(text: str, item: str):
     return None
 
 
+def attributes_right(described: dict, truths) -> list:
+    """``[[bool] * A for each item]``: whether each attribute value an answer describes (``described``: ``{"item 1":
+    {attribute: value | None}, "item 2": ...}``) is the true one (``truths``: the two items' ``{attribute: value}``;
+    the order of their keys)."""
+    from .prompts import ITEM_KEYS
+
+    return [[same_value((described.get(item) or {}).get(name), value) for name, value in truth.items()]
+            for item, truth in zip(ITEM_KEYS, truths)]
+
+
 def same_value(got, want) -> bool:
     """A described attribute value equals the true one (stripped, case-insensitive); None (not described) never does."""
     return got is not None and str(got).strip().lower() == str(want).strip().lower()

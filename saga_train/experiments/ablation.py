@@ -346,6 +346,19 @@ def read_json_record(path, what: str, meta_keys) -> dict:
     return record
 
 
+def read_records(paths, read) -> list:
+    """``read(path)`` of every path (``--merge``); a UserError naming the file for any way one is not a record."""
+    from saga_train.errors import UserError
+
+    records = []
+    for path in paths:
+        try:
+            records.append(read(path))
+        except (UserError, OSError, ValueError, TypeError) as e:  # e.g. not UTF-8: name the file when e does not
+            raise UserError(str(e) if str(path) in str(e) else f"{path}: {e}") from e
+    return records
+
+
 def read_record(path) -> dict:
     """An ``ablation.json`` written by ``write_record``; ValueError naming ``path`` when it is not one."""
     return read_json_record(path, "an ablation record (ablation.json written by this module)",
@@ -432,17 +445,9 @@ def main(argv=None) -> int:
                         help="instead of running: unite ablation.json files (e.g. one process per seed) into --out")
     args = parser.parse_args(argv)
     if args.merge:
-        records = []
         try:
             output_dirs(args.out)
-            for path in args.merge:
-                try:
-                    records.append(read_record(path))
-                except (UserError, OSError, ValueError) as e:  # e.g. not UTF-8: name the file when e does not
-                    raise UserError(str(e) if str(path) in str(e) else f"{path}: {e}") from e
-                except TypeError as e:  # e.g. "meta" is not an object
-                    raise UserError(f"{path} is not an ablation record ({e})") from e
-            record = merge_records(records)
+            record = merge_records(read_records(args.merge, read_record))
         except (UserError, OSError, ValueError) as e:
             print(f"error: --merge: {e}", file=sys.stderr)
             return 2

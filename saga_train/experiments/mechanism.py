@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from .ablation import heldout_features, output_dirs, read_json_record, regime_config, tower_readout
+from .ablation import heldout_features, output_dirs, read_json_record, read_records, regime_config, tower_readout
 
 DAMAGE = dict(lambda_lm=0.0, lambda_kl=0.0, lr_encoder=1e-3)
 RECOVERY = dict(lr_encoder=3e-4, contributing_pairs=4, max_pair_draws=8)
@@ -288,13 +288,7 @@ def main(argv=None) -> int:
     try:
         if args.merge:
             output_dirs(args.out)
-            records = []
-            for path in args.merge:
-                try:
-                    records.append(read_record(path))
-                except (OSError, ValueError) as e:  # e.g. not UTF-8: name the file when e does not
-                    raise UserError(str(e) if str(path) in str(e) else f"{path}: {e}") from e
-            record = merge_records(records)
+            record = merge_records(read_records(args.merge, read_record))
             write_record(record, args.out)
         else:
             if min(args.steps, args.damage_steps, args.readout_pairs) < 1:
