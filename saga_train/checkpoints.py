@@ -5,9 +5,12 @@ safetensors file (metadata: the step, the optimizer's param groups, the schedule
 the config); ``load_checkpoint`` restores all of it and refuses a checkpoint written with other settings than those
 in ``RESUME_MAY_CHANGE``.
 
-Crash consistency (a process killed at any instant): every write goes to a temporary file (``.<name>.<random>.tmp``)
-in the same directory, is flushed to the disk (``fsync``) and put in place by ``os.replace``, then the directory is
-synced, so a reader sees the old file or the new one, never a half-written one. The newest checkpoint is
+Crash consistency (a process killed at any instant): every write goes to a file of the same name in a private
+temporary directory (``.<name>.<random>.tmp/``) beside its destination, is flushed to the disk (``fsync``) and put in
+place by ``os.replace``, then the directory is synced, so a reader sees the old file or the new one, never a
+half-written one. The private directory also holds whatever temporaries the writing library makes of its own
+(safetensors >= 0.7 writes ``.tmpXXXXXX`` and renames it), so what a kill leaves behind is one ``.*.tmp`` entry,
+which ``remove_stale_temporaries`` removes on the next start. The newest checkpoint is
 ``checkpoint.safetensors``, the one before ``checkpoint.previous.safetensors`` (rotated by the save); the loader
 takes the newest that reads whole and warns when it falls back. ``atomic_replace_dir`` does the same for a directory
 (the embedder).
@@ -48,41 +51,36 @@ def _sync_dir(directory: str) -> None:
             os.close(fd)
 
 
-def _temp_path(path: str) -> str:
-    directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    return tmp
-
-
 @contextlib.contextmanager
-def _atomic(path: str, previous: str | None = None):
-    """Yield a temporary path beside ``path``; on success fsync it and ``os.replace`` it onto ``path`` (the file it
-    replaces first renamed to ``previous`` when given)."""
-    tmp = _temp_path(path)
+def atomic_path(path: str, previous: str | None = None):
+    """Yield a path to write ``path``'s new content to (same file name, so writers that go by the extension work,
+    inside a private ``.<name>.<random>.tmp/`` directory beside ``path``); when the block returns, fsync it and
+    ``os.replace`` it onto ``path`` (the file it replaces first renamed to ``previous`` when given). On an exception
+    nothing is put in place and the temporary directory is removed."""
+    directory, name = os.path.split(os.path.abspath(path))
+    scratch = tempfile.mkdtemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     try:
+        tmp = os.path.join(scratch, name)
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         if previous and os.path.exists(path):
             os.replace(path, previous)
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    _sync_dir(os.path.dirname(os.path.abspath(path)))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    _sync_dir(directory)
 
 
 def atomic_save_file(tensors: dict, path: str, metadata: dict | None = None) -> None:
     """safetensors ``save_file`` through a synced temp file in the same directory + ``os.replace``."""
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
 
 
 def atomic_write_text(path: str, text: str) -> None:
     """``text`` into ``path`` (UTF-8) through a synced temp file in the same directory + ``os.replace``."""
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
@@ -153,7 +151,7 @@ def save_checkpoint(comps, optimizer, scheduler, step: int, path: str) -> None:
         "rng_numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
         "config": comps.cfg.to_dict(),
     }
-    with _atomic(path, previous=previous_path(path)) as tmp:
+    with atomic_path(path, previous=previous_path(path)) as tmp:
         save_file(tensors, tmp, metadata={"saga": json.dumps(meta)})
 
 
@@ -249,6 +247,6 @@ def _restore(comps, optimizer, scheduler, meta, tensors) -> None:
     np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
 
 
-__all__ = ["CHECKPOINT", "PREVIOUS", "RESUME_MAY_CHANGE", "atomic_replace_dir", "atomic_save_file",
+__all__ = ["CHECKPOINT", "PREVIOUS", "RESUME_MAY_CHANGE", "atomic_path", "atomic_replace_dir", "atomic_save_file",
            "atomic_write_text", "checkpoint_files", "load_checkpoint", "previous_path", "read_checkpoint",
            "remove_stale_temporaries", "save_checkpoint"]

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from saga_train.checkpoints import atomic_path, atomic_save_file, atomic_write_text
 from saga_train.data.base import ImageLoadError
 from saga_train.data.folder import list_images
 from saga_train.errors import ConfigError, DamagedFileError, MissingFileError, UserError
@@ -106,16 +107,16 @@ def build_index(embeddings: torch.Tensor):
 
 
 def save_gallery(out_dir: str, gallery: Gallery) -> None:
-    """``embeddings.safetensors`` + ``gallery.json`` (paths, labels, class names) + ``index.faiss``."""
+    """``embeddings.safetensors`` + ``gallery.json`` (paths, labels, class names) + ``index.faiss``, each written
+    atomically (a kill leaves each file whole, old or new; ``load_gallery`` refuses files that do not match)."""
     import faiss
-    from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    save_file({"embeddings": gallery.embeddings.contiguous()}, os.path.join(out_dir, EMBEDDINGS_FILE))
-    with open(os.path.join(out_dir, META_FILE), "w", encoding="utf-8") as f:
-        json.dump({"paths": gallery.paths, "labels": gallery.labels, "class_names": gallery.class_names}, f)
-    faiss.write_index(gallery.index if gallery.index is not None else build_index(gallery.embeddings),
-                      os.path.join(out_dir, INDEX_FILE))
+    atomic_save_file({"embeddings": gallery.embeddings.contiguous()}, os.path.join(out_dir, EMBEDDINGS_FILE))
+    atomic_write_text(os.path.join(out_dir, META_FILE), json.dumps(
+        {"paths": gallery.paths, "labels": gallery.labels, "class_names": gallery.class_names}))
+    with atomic_path(os.path.join(out_dir, INDEX_FILE)) as tmp:
+        faiss.write_index(gallery.index if gallery.index is not None else build_index(gallery.embeddings), tmp)
 
 
 def load_gallery(out_dir: str, rebuild_index: bool = False) -> Gallery:

@@ -4,6 +4,8 @@ a named point (the n-th call of a writer, an evaluation, a step), or that the pa
 A point is ``(name, n)``:
 - ``record``: the n-th metrics line is half written (no newline), then the kill;
 - ``checkpoint-file``: the n-th checkpoint's temporary file is half written, then the kill;
+- ``library-temporary``: the n-th checkpoint is being written by safetensors, which (>= 0.7) writes a ``.tmpXXXXXX``
+  of its own beside the path it was given and renames it; the kill comes while that file exists;
 - ``checkpoint-rename``: the n-th checkpoint is written and the one before renamed to ``.previous``; the kill comes
   before the new one is renamed in (no ``checkpoint.safetensors`` at that instant);
 - ``embedder``: the embedder's temporary directory is written; the kill comes before it is renamed in;
@@ -56,6 +58,11 @@ def _truncate(tensors, path, metadata=None):
         f.truncate(os.path.getsize(path) // 2)
 
 
+def _library_temporary(tensors, path, metadata=None):
+    with open(os.path.join(os.path.dirname(path), ".tmpK1LLed"), "wb") as f:
+        f.write(b"half")
+
+
 def install_point(mp: pytest.MonkeyPatch, name: str, n: int) -> None:
     from saga_train import checkpoints, runlog, train
     from saga_train.model import Embedder
@@ -65,12 +72,14 @@ def install_point(mp: pytest.MonkeyPatch, name: str, n: int) -> None:
         mp.setattr(runlog, "write_record", _on_call(n, before=_half_line)(runlog.write_record))
     elif name == "checkpoint-file":
         mp.setattr(checkpoints, "save_file", _on_call(n, after=_truncate)(checkpoints.save_file))
+    elif name == "library-temporary":
+        mp.setattr(checkpoints, "save_file", _on_call(n, before=_library_temporary)(checkpoints.save_file))
     elif name == "checkpoint-rename":
         real_replace = os.replace
         count = [0]
 
         def replace(src, dst):
-            if os.path.basename(dst) == checkpoints.CHECKPOINT and src.endswith(".tmp"):
+            if os.path.basename(dst) == checkpoints.CHECKPOINT and os.path.dirname(src).endswith(".tmp"):
                 count[0] += 1
                 if count[0] == n:
                     kill()

@@ -267,6 +267,8 @@ def plot_curves(runs: dict, out_path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from saga_train.checkpoints import atomic_path
+
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     lowest = 1.0
@@ -291,7 +293,8 @@ def plot_curves(runs: dict, out_path) -> Path:
     axes[1].legend(loc="lower right")
     fig.tight_layout()
     out_path = Path(out_path)
-    fig.savefig(out_path, dpi=100)
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return out_path
 

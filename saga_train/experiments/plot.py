@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from saga_train.checkpoints import atomic_path
 from saga_train.errors import ConfigError, DamagedFileError, MissingFileError, UserError
 from saga_train.files import is_kind, read_bytes
 from saga_train.readout import PREFIX as READOUT
@@ -159,7 +160,8 @@ def plot_run(run_dir, out=None) -> Path:
     fig.tight_layout()
     out = Path(out) if out else run_dir / "training.png"
     try:
-        fig.savefig(out, dpi=100)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=100)
     except ValueError as e:  # matplotlib: an extension it cannot write
         raise ConfigError(f"--out {out}: {e}") from e
     finally:
