@@ -56,9 +56,13 @@ def atomic_path(path: str, previous: str | None = None):
     """Yield a path to write ``path``'s new content to (same file name, so writers that go by the extension work,
     inside a private ``.<name>.<random>.tmp/`` directory beside ``path``); when the block returns, fsync it and
     ``os.replace`` it onto ``path`` (the file it replaces first renamed to ``previous`` when given). On an exception
-    nothing is put in place and the temporary directory is removed."""
+    nothing is put in place and the temporary directory is removed. A directory that cannot hold the temporary raises
+    the OSError of that (``FileNotFoundError``, ``PermissionError``, ...) naming ``path``."""
     directory, name = os.path.split(os.path.abspath(path))
-    scratch = tempfile.mkdtemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    try:
+        scratch = tempfile.mkdtemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    except OSError as e:  # no such directory, no permission: name the file asked for, not the temporary
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from e
     try:
         tmp = os.path.join(scratch, name)
         yield tmp
@@ -73,13 +77,13 @@ def atomic_path(path: str, previous: str | None = None):
 
 
 def atomic_save_file(tensors: dict, path: str, metadata: dict | None = None) -> None:
-    """safetensors ``save_file`` through a synced temp file in the same directory + ``os.replace``."""
+    """safetensors ``save_file`` of ``tensors`` (and ``metadata``) to ``path`` through ``atomic_path``."""
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """``text`` into ``path`` (UTF-8) through a synced temp file in the same directory + ``os.replace``."""
+    """``text`` into ``path`` (UTF-8) through ``atomic_path``."""
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
