@@ -5,7 +5,7 @@ import sys
 from .config import parse_args
 from .data.samplers import PAIR_KINDS
 from .errors import UserError
-from .preemption import EXIT_PREEMPTED
+from .preemption import EXIT_PREEMPTED, PreemptionWatch
 from .readout import format_readout
 from .train import format_metrics, train
 
@@ -19,7 +19,9 @@ def main(argv=None) -> int:
         if result.get("preempted"):
             return EXIT_PREEMPTED
         if result["rank"] == 0:  # torchrun: rank 0 reports
-            report(result)
+            # the run is complete: a preemption signal now waits for the plot (a second or so), then the exit is 0
+            with PreemptionWatch(cfg.preempt_signal, message="the run is complete; finishing its report and plot"):
+                report(result)
     except UserError as e:  # what the user can fix; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,33 +1,24 @@
-"""Checkpoints of a run, and the atomic file writers every file the project writes goes through.
+"""Checkpoints of a run.
 
 ``save_checkpoint`` writes encoder + pooler + proxies + optimizer + scheduler + RNG states + step into one
 safetensors file (metadata: the step, the optimizer's param groups, the scheduler, the Python / numpy RNG states and
 the config); ``load_checkpoint`` restores all of it and refuses a checkpoint written with other settings than those
 in ``RESUME_MAY_CHANGE``.
 
-Crash consistency (a process killed at any instant): every write goes to a file of the same name in a private
-temporary directory (``.<name>.<random>.tmp/``) beside its destination, is flushed to the disk (``fsync``) and put in
-place by ``os.replace``, then the directory is synced, so a reader sees the old file or the new one, never a
-half-written one. The private directory also holds whatever temporaries the writing library makes of its own
-(safetensors >= 0.7 writes ``.tmpXXXXXX`` and renames it), so what a kill leaves behind is one ``.*.tmp`` entry,
-which ``remove_stale_temporaries`` removes on the next start. The newest checkpoint is
-``checkpoint.safetensors``, the one before ``checkpoint.previous.safetensors`` (rotated by the save); the loader
-takes the newest that reads whole and warns when it falls back. ``atomic_replace_dir`` does the same for a directory
-(the embedder).
+Every file is written through ``saga_train.atomic`` (crash consistency: a reader sees the old file or the new one).
+The newest checkpoint is ``checkpoint.safetensors``, the one before ``checkpoint.previous.safetensors`` (rotated by
+the save); the loader takes the newest that reads whole and warns when it falls back.
 """
-import contextlib
-import glob
 import json
 import os
 import random
-import shutil
-import tempfile
 import warnings
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .atomic import atomic_path
 from .config import ConfigError
 from .errors import DamagedFileError, MissingFileError
 from .files import damaged, one_line
@@ -39,92 +30,6 @@ META_KEYS = ("step", "optim_param_groups", "scheduler", "rng_python", "rng_numpy
 RESUME_MAY_CHANGE = ("resume", "auto_resume", "preempt_signal", "stop_after", "progress", "eval_before",
                      "eval_every_epoch", "eval_every", "checkpoint_every", "threads", "device", "workers",
                      "replay_tokens", "shard_llm", "init_embedder")  # init_embedder: the checkpoint holds the weights
-
-
-def _sync_dir(directory: str) -> None:
-    """fsync a directory (the renames in it), where the OS allows it."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str, previous: str | None = None):
-    """Yield a path to write ``path``'s new content to (same file name, so writers that go by the extension work,
-    inside a private ``.<name>.<random>.tmp/`` directory beside ``path``); when the block returns, fsync it and
-    ``os.replace`` it onto ``path`` (the file it replaces first renamed to ``previous`` when given). On an exception
-    nothing is put in place and the temporary directory is removed. A directory that cannot hold the temporary raises
-    the OSError of that (``FileNotFoundError``, ``PermissionError``, ...) naming ``path``."""
-    directory, name = os.path.split(os.path.abspath(path))
-    try:
-        scratch = tempfile.mkdtemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    except OSError as e:  # no such directory, no permission: name the file asked for, not the temporary
-        raise OSError(e.errno, e.strerror, os.fspath(path)) from e
-    try:
-        tmp = os.path.join(scratch, name)
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        if previous and os.path.exists(path):
-            os.replace(path, previous)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    _sync_dir(directory)
-
-
-def atomic_save_file(tensors: dict, path: str, metadata: dict | None = None) -> None:
-    """safetensors ``save_file`` of ``tensors`` (and ``metadata``) to ``path`` through ``atomic_path``."""
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """``text`` into ``path`` (UTF-8) through ``atomic_path``."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-
-def atomic_replace_dir(path: str, write) -> None:
-    """``write(directory)`` fills a fresh temporary directory beside ``path``, which then replaces ``path``: the old
-    directory is renamed away, the new one renamed in, the old one removed. A kill between the two renames leaves
-    no ``path`` (never a mixed one); the trainer writes it again on resume."""
-    parent, name = os.path.split(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
-    try:
-        write(tmp)
-        for file in glob.glob(os.path.join(tmp, "**"), recursive=True):
-            if os.path.isfile(file):
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
-        old = None
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".old")
-            os.replace(path, os.path.join(old, name))
-        os.replace(tmp, path)
-        _sync_dir(parent)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def remove_stale_temporaries(directory: str) -> list:
-    """Remove what killed writers left in ``directory`` (``.<name>.<random>.tmp`` / ``.old``); returns the paths."""
-    stale = glob.glob(os.path.join(directory, ".*.tmp")) + glob.glob(os.path.join(directory, ".*.old"))
-    for path in stale:
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.remove(path)
-    return stale
 
 
 def _trainable_state(comps) -> dict:
@@ -251,6 +156,5 @@ def _restore(comps, optimizer, scheduler, meta, tensors) -> None:
     np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
 
 
-__all__ = ["CHECKPOINT", "PREVIOUS", "RESUME_MAY_CHANGE", "atomic_path", "atomic_replace_dir", "atomic_save_file",
-           "atomic_write_text", "checkpoint_files", "load_checkpoint", "previous_path", "read_checkpoint",
-           "remove_stale_temporaries", "save_checkpoint"]
+__all__ = ["CHECKPOINT", "PREVIOUS", "RESUME_MAY_CHANGE", "checkpoint_files", "load_checkpoint", "previous_path",
+           "read_checkpoint", "save_checkpoint"]

@@ -22,3 +22,8 @@ class MissingFileError(UserError, FileNotFoundError):
 class DamagedFileError(UserError, ValueError):
     """A file that exists but cannot be used: empty, truncated, not its format, or without a key it needs. The
     readers of ``saga_train.files`` raise it (or the caller's own subclass of ``UserError``) naming the file."""
+
+
+class WriteError(UserError, OSError):
+    """A file that cannot be written (no such directory, no permission, no space left, a directory in the way); the
+    message names the file. Raised by the writers of ``saga_train.atomic``."""

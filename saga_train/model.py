@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .checkpoints import atomic_save_file, atomic_write_text
+from .atomic import atomic_save_file, atomic_write_text
 from .errors import MissingFileError, UserError
 from .pooler import build_pooler
 

@@ -32,7 +32,8 @@ def signal_number(name: str) -> signal.Signals:
 
 
 class PreemptionWatch:
-    """Context manager catching SIGTERM and ``extra_signal`` (a name; "" for none) while a run trains.
+    """Context manager catching SIGTERM and ``extra_signal`` (a name; "" for none) while a run trains (or, after it,
+    while the CLI writes its report and plot); ``message`` is what it prints when one arrives.
 
     The handlers only record the signal (and say so on stderr); forked DataLoader workers inherit them and ignore the
     signal (the trainer shuts them down). ``requested(dist)`` tells whether any rank got one
@@ -40,7 +41,8 @@ class PreemptionWatch:
     cannot install handlers) it watches nothing. The previous handlers come back on exit.
     """
 
-    def __init__(self, extra_signal: str = ""):
+    def __init__(self, extra_signal: str = "", message: str = "stopping after the step in flight, with a checkpoint"):
+        self.message = message
         self.signals = [signal.SIGTERM] + ([signal_number(extra_signal)] if extra_signal else [])
         self.received = None
         self._previous = {}
@@ -51,7 +53,7 @@ class PreemptionWatch:
             return
         if self.received is None:
             self.received = signal.Signals(signum).name
-            os.write(2, f"\n{self.received} received: stopping after the step in flight, with a checkpoint\n".encode())
+            os.write(2, f"\n{self.received} received: {self.message}\n".encode())
 
     def __enter__(self):
         self._pid = os.getpid()

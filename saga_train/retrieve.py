@@ -16,6 +16,7 @@ command line with ``error: <the file and what is wrong>`` and exit status 2 (``c
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import os
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from saga_train.checkpoints import atomic_path, atomic_save_file, atomic_write_text
+from saga_train.atomic import atomic_path, atomic_save_file, atomic_write_text
 from saga_train.data.base import ImageLoadError
 from saga_train.data.folder import list_images
 from saga_train.errors import ConfigError, DamagedFileError, MissingFileError, UserError
@@ -106,22 +107,50 @@ def build_index(embeddings: torch.Tensor):
     return index
 
 
+def embeddings_sha256(embeddings: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (what ``gallery.json`` records of ``embeddings.safetensors``)."""
+    digest = hashlib.sha256(f"{embeddings.dtype} {list(embeddings.shape)}".encode())
+    digest.update(embeddings.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_gallery(out_dir: str, gallery: Gallery) -> None:
-    """``embeddings.safetensors`` + ``gallery.json`` (paths, labels, class names) + ``index.faiss``, each written
-    atomically (a kill leaves each file whole, old or new; ``load_gallery`` refuses files that do not match)."""
+    """``embeddings.safetensors``, ``index.faiss``, then ``gallery.json`` (paths, labels, class names and the sha256
+    of the other two), each written atomically. ``gallery.json`` comes last and vouches for the others, so files left
+    by a kill between two of the writes, or copied in from another gallery, do not match it and ``load_gallery``
+    refuses them."""
     import faiss
 
     os.makedirs(out_dir, exist_ok=True)
-    atomic_save_file({"embeddings": gallery.embeddings.contiguous()}, os.path.join(out_dir, EMBEDDINGS_FILE))
-    atomic_write_text(os.path.join(out_dir, META_FILE), json.dumps(
-        {"paths": gallery.paths, "labels": gallery.labels, "class_names": gallery.class_names}))
+    embeddings = gallery.embeddings.contiguous()
+    atomic_save_file({"embeddings": embeddings}, os.path.join(out_dir, EMBEDDINGS_FILE))
     with atomic_path(os.path.join(out_dir, INDEX_FILE)) as tmp:
-        faiss.write_index(gallery.index if gallery.index is not None else build_index(gallery.embeddings), tmp)
+        faiss.write_index(gallery.index if gallery.index is not None else build_index(embeddings), tmp)
+        index_sha256 = file_sha256(tmp)
+    atomic_write_text(os.path.join(out_dir, META_FILE), json.dumps(
+        {"paths": gallery.paths, "labels": gallery.labels, "class_names": gallery.class_names,
+         "embeddings_sha256": embeddings_sha256(embeddings), "index_sha256": index_sha256}))
+
+
+def _recorded_sha256(meta: dict, key: str, meta_path: str) -> str | None:
+    value = meta.get(key)
+    if value is not None and not isinstance(value, str):
+        raise damaged(meta_path, f"{key!r} must be a hex string, got {type(value).__name__}", error=GalleryError)
+    return value
 
 
 def load_gallery(out_dir: str, rebuild_index: bool = False) -> Gallery:
     """The gallery saved by ``save_gallery`` in ``out_dir`` (its index rebuilt when asked or when index.faiss is
-    missing). A missing file raises ``MissingFileError``; a damaged one, or files that do not match each other,
+    missing). A missing file raises ``MissingFileError``; a damaged one, or files that do not match each other (counts,
+    shapes, and the sha256 that ``gallery.json`` records; galleries saved before it recorded them are checked without),
     ``GalleryError`` naming the file and what is wrong."""
     for name in (EMBEDDINGS_FILE, META_FILE):
         if not os.path.isfile(os.path.join(out_dir, name)):
@@ -145,6 +174,11 @@ def load_gallery(out_dir: str, rebuild_index: bool = False) -> Gallery:
         if not UNLABELED <= label < len(class_names):
             raise damaged(meta_path, f"'labels'[{i}] is {label}: neither {UNLABELED} (no class) nor one of the "
                                      f"{len(class_names)} class_names", error=GalleryError)
+    recorded = _recorded_sha256(meta, "embeddings_sha256", meta_path)
+    if recorded is not None and recorded != embeddings_sha256(embeddings):
+        raise damaged(embeddings_path, f"does not match {META_FILE} (not the embeddings it records: written by another "
+                                       "`embed`, or an `embed` killed between its files); run `embed` again",
+                      error=GalleryError)
     index_path = os.path.join(out_dir, INDEX_FILE)
     if rebuild_index or not os.path.isfile(index_path):
         index = build_index(embeddings)
@@ -154,6 +188,10 @@ def load_gallery(out_dir: str, rebuild_index: bool = False) -> Gallery:
             index = read_faiss_index(index_path, error=GalleryError)
         except GalleryError as e:
             raise GalleryError(f"{e}{rebuild}") from e
+        recorded = _recorded_sha256(meta, "index_sha256", meta_path)
+        if recorded is not None and recorded != file_sha256(index_path):
+            raise damaged(index_path, f"does not match {META_FILE} (not the index it records: written by another "
+                                      f"`embed`, or an `embed` killed between its files){rebuild}", error=GalleryError)
         if (index.ntotal, index.d) != tuple(embeddings.shape):
             raise damaged(index_path, f"indexes {index.ntotal} vectors of {index.d} dims but {EMBEDDINGS_FILE} "
                                       f"holds {len(embeddings)} of {embeddings.shape[1]}{rebuild}", error=GalleryError)
@@ -293,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.grid:
         grid = render_grid(args.images, ids, scores, gallery, labels, args.thumb)
         try:
-            grid.save(args.grid)
+            with atomic_path(args.grid) as tmp:
+                grid.save(tmp)
         except ValueError as e:  # PIL: an extension it cannot write
             raise ConfigError(f"--grid {args.grid}: {e}") from e
         print(f"wrote {args.grid}")

@@ -104,7 +104,7 @@ def restore_records(path: str, step: int) -> list:
     run) and drops a last line a kill cut short; rewrites the file atomically. Raises ``DamagedFileError`` naming the
     file and line for any other line that is not a JSON record (the file was damaged, not cut short by a kill).
     """
-    from .checkpoints import atomic_write_text
+    from .atomic import atomic_write_text
     from .errors import DamagedFileError
 
     if not os.path.exists(path):

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from . import checkpoints
+from . import atomic, checkpoints
 from . import distributed as dist_lib
 from .components import autocast, build_components, build_optimizer, resolve_device
 from .data.stream import StepBatches, data_loader, data_workers, steps_per_epoch
@@ -119,8 +119,8 @@ def _start_fresh(cfg, metrics_path: str, log) -> None:
     embedder = os.path.join(cfg.run_dir, EMBEDDER)
     if os.path.isfile(os.path.join(embedder, EMBEDDER_CONFIG)):  # an earlier run's: it would outlive this one's start
         shutil.rmtree(embedder)
-    checkpoints.remove_stale_temporaries(cfg.run_dir)
-    checkpoints.atomic_write_text(os.path.join(cfg.run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
+    atomic.remove_stale_temporaries(cfg.run_dir)
+    atomic.atomic_write_text(os.path.join(cfg.run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
 
 
 def _train(cfg, log, watch: PreemptionWatch) -> dict:
@@ -147,7 +147,7 @@ def _train(cfg, log, watch: PreemptionWatch) -> dict:
         start = checkpoints.load_checkpoint(comps, optimizer, scheduler, ckpt_path, warn=log)
         log(f"resumed from {cfg.run_dir} at step {start}/{total}")
         if main:
-            checkpoints.remove_stale_temporaries(cfg.run_dir)
+            atomic.remove_stale_temporaries(cfg.run_dir)
             records = restore_records(metrics_path, start)
     elif main:
         _start_fresh(cfg, metrics_path, log)
@@ -210,7 +210,7 @@ def _train(cfg, log, watch: PreemptionWatch) -> dict:
 
     if main and done == total and "preempted" not in result:
         result["after"] = result.get(f"epoch_{(total - 1) // spe}")
-        checkpoints.atomic_replace_dir(os.path.join(cfg.run_dir, EMBEDDER), comps.embedder.save)
+        atomic.atomic_replace_dir(os.path.join(cfg.run_dir, EMBEDDER), comps.embedder.save)
     if main and done > start:
         result.update(run_log.summary(done - start, rollouts=plan is not None))
     result["parameter_digest"] = parameter_digest(comps.trainable_parameters())

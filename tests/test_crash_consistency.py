@@ -128,7 +128,7 @@ def test_killed_at_any_instant_then_resumed_equals_uninterrupted(forkserver, tmp
 WRITER = """
 import os, signal, sys, threading, time
 import torch
-from saga_train.checkpoints import atomic_save_file
+from saga_train.atomic import atomic_save_file
 directory = sys.argv[1]
 
 def kill_when_a_library_temporary_exists():
@@ -150,7 +150,7 @@ def test_a_kill_inside_the_safetensors_writer_leaves_only_what_the_next_start_re
     import subprocess
     import sys
 
-    from saga_train.checkpoints import remove_stale_temporaries
+    from saga_train.atomic import remove_stale_temporaries
 
     proc = subprocess.run([sys.executable, "-c", WRITER, str(tmp_path)], capture_output=True, text=True, timeout=120)
     if proc.returncode == 0:
@@ -162,22 +162,3 @@ def test_a_kill_inside_the_safetensors_writer_leaves_only_what_the_next_start_re
     assert remove_stale_temporaries(str(tmp_path)) == [str(tmp_path / names[0])]
     assert os.listdir(tmp_path) == []
 
-
-def test_atomic_path_keeps_the_name_and_leaves_nothing_on_failure(tmp_path):
-    from saga_train.checkpoints import atomic_path
-
-    target = tmp_path / "plot.png"
-    with atomic_path(target) as tmp:
-        assert os.path.basename(tmp) == "plot.png"  # writers that go by the extension (savefig, faiss) work
-        assert os.path.dirname(os.path.dirname(tmp)) == str(tmp_path)
-        with open(tmp, "wb") as f:
-            f.write(b"new")
-    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["plot.png"]
-    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(b"half")
-        raise RuntimeError("the writer failed")
-    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["plot.png"]  # old file, no temporary
-    with pytest.raises(FileNotFoundError, match="No such file or directory: '.*/missing/x.png'"):
-        with atomic_path(tmp_path / "missing" / "x.png"):
-            pass

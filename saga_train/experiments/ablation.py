@@ -267,7 +267,7 @@ def plot_curves(runs: dict, out_path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from saga_train.checkpoints import atomic_path
+    from saga_train.atomic import atomic_path
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]

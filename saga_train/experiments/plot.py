@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from saga_train.checkpoints import atomic_path
+from saga_train.atomic import atomic_path
 from saga_train.errors import ConfigError, DamagedFileError, MissingFileError, UserError
 from saga_train.files import is_kind, read_bytes
 from saga_train.readout import PREFIX as READOUT
@@ -158,10 +158,12 @@ def plot_run(run_dir, out=None) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps
     fig.suptitle(run_dir.name)
     fig.tight_layout()
-    out = Path(out) if out else run_dir / "training.png"
+    out = Path(out) if out is not None else run_dir / "training.png"
     try:
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, dpi=100)
+        if not out.name:
+            raise ConfigError(f"--out {str(out)!r} names no file")
+        with atomic_path(out) as tmp:  # the format said, so that matplotlib writes exactly tmp (no ".png" added)
+            fig.savefig(tmp, dpi=100, format=out.suffix[1:] or "png")
     except ValueError as e:  # matplotlib: an extension it cannot write
         raise ConfigError(f"--out {out}: {e}") from e
     finally:

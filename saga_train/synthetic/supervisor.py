@@ -348,7 +348,7 @@ def stage1(cfg: SupervisorConfig, model, processor, train_set, test_set, spec, *
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from ..model import atomic_save_file
+    from ..atomic import atomic_save_file
     from .perception import pretrain_tower, readout_accuracy
 
     visual, path = model.model.visual, stage1_path(cfg)
