@@ -4,10 +4,10 @@ Crash consistency (a process killed at any instant): a write goes to a file of t
 directory beside its destination, ``.<name>.saga-<host>-<pid>-<random>.tmp/``, is flushed to the disk (``fsync``) and
 put in place by ``os.replace``, then the directory is synced, so a reader sees the old file or the new one, never a
 half-written one. The private directory also catches whatever temporaries the writing library makes of its own
-(safetensors >= 0.7 writes ``.tmpXXXXXX`` and renames it). What a kill leaves behind is that one directory: the next
-write of the same file on the same host removes those of processes that no longer run, and a training start removes
-every one in its run directory (``remove_stale_temporaries``). Names that do not follow the pattern (a user's own
-``.notes.tmp``) are never touched.
+(safetensors >= 0.7 writes ``.tmp`` + six random characters and renames it). What a kill leaves behind is that one
+directory: the next write of the same file on the same host removes those of processes that no longer run, and a
+training start removes every one in its run directory (``remove_stale_temporaries``). Names that do not follow the
+pattern (a user's own ``.notes.tmp``) are never touched.
 
 A destination that is a symbolic link is written through to its target. A write that fails for a reason the user
 can fix (no such directory, no permission, no space left, a directory in the way) raises ``WriteError`` naming the
@@ -29,22 +29,24 @@ _HOST = re.sub(r"[^A-Za-z0-9]", "-", socket.gethostname())[:32] or "host"
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.saga-(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)-[a-z0-9_]{8}\.(?:tmp|old)$")
 
 
-def _temporary_dir(directory: str, name: str, suffix: str, shown: str) -> str:
-    """A fresh private directory ``.<name>.saga-<host>-<pid>-<random><suffix>`` in ``directory``."""
+@contextlib.contextmanager
+def _write_errors_name(shown: str):
+    """Turn an I/O failure inside the block (an OSError, or what safetensors' Rust writer raises for one:
+    ``... (os error 28)``) into ``WriteError`` naming ``shown``; anything else passes through unchanged."""
     try:
-        return tempfile.mkdtemp(dir=directory, prefix=f".{name}.saga-{_HOST}-{os.getpid()}-", suffix=suffix)
-    except OSError as e:
-        raise _write_error(shown, e) from e
+        yield
+    except WriteError:
+        raise
+    except Exception as e:
+        if isinstance(e, OSError) or (isinstance(e, SafetensorError) and "os error" in str(e).lower()):
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise WriteError(f"cannot write {shown}: {reason}") from e
+        raise
 
 
-def _write_error(shown: str, e: BaseException) -> WriteError:
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-    return WriteError(f"cannot write {shown}: {reason}")
-
-
-def _is_io_error(e: BaseException) -> bool:
-    """An OSError, or what safetensors' Rust writer raises for one (``... (os error 28)``)."""
-    return isinstance(e, OSError) or (isinstance(e, SafetensorError) and "os error" in str(e).lower())
+def _temporary_dir(directory: str, name: str, suffix: str) -> str:
+    """A fresh private directory ``.<name>.saga-<host>-<pid>-<random><suffix>`` in ``directory``."""
+    return tempfile.mkdtemp(dir=directory, prefix=f".{name}.saga-{_HOST}-{os.getpid()}-", suffix=suffix)
 
 
 def _alive(pid: int) -> bool:
@@ -103,22 +105,17 @@ def atomic_path(path, previous: str | None = None):
     target = os.path.realpath(path)
     directory, name = os.path.split(target)
     remove_stale_temporaries(directory, name=name, dead_only=True)
-    scratch = _temporary_dir(directory, name, ".tmp", shown)
+    with _write_errors_name(shown):
+        scratch = _temporary_dir(directory, name, ".tmp")
     try:
         tmp = os.path.join(scratch, name)
-        try:
+        with _write_errors_name(shown):
             yield tmp
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             if previous and os.path.exists(target):
                 os.replace(target, previous)
             os.replace(tmp, target)
-        except WriteError:
-            raise
-        except Exception as e:
-            if _is_io_error(e):
-                raise _write_error(shown, e) from e
-            raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     _sync_dir(directory)
@@ -151,32 +148,27 @@ def atomic_replace_dir(path, write) -> None:
     shown = os.fspath(path)
     target = os.path.realpath(path)
     parent, name = os.path.split(target)
-    try:
+    with _write_errors_name(shown):
         os.makedirs(parent, exist_ok=True)
-    except OSError as e:
-        raise _write_error(shown, e) from e
-    remove_stale_temporaries(parent, name=name, dead_only=True)
-    tmp = _temporary_dir(parent, name, ".tmp", shown)
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())
-        write(tmp)
-        for root, _, files in os.walk(tmp):
-            for file in files:
-                with open(os.path.join(root, file), "rb") as f:
-                    os.fsync(f.fileno())
-        old = None
-        if os.path.exists(target):
-            old = _temporary_dir(parent, name, ".old", shown)
-            os.replace(target, os.path.join(old, name))
-        os.replace(tmp, target)
-        _sync_dir(parent)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and not isinstance(e, WriteError) and _is_io_error(e):
-            raise _write_error(shown, e) from e
-        raise
-
+        remove_stale_temporaries(parent, name=name, dead_only=True)
+        tmp = _temporary_dir(parent, name, ".tmp")
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())
+            write(tmp)
+            for root, _, files in os.walk(tmp):
+                for file in files:
+                    with open(os.path.join(root, file), "rb") as f:
+                        os.fsync(f.fileno())
+            old = None
+            if os.path.exists(target):
+                old = _temporary_dir(parent, name, ".old")
+                os.replace(target, os.path.join(old, name))
+            os.replace(tmp, target)
+            _sync_dir(parent)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 __all__ = ["atomic_path", "atomic_replace_dir", "atomic_save_file", "atomic_write_text", "remove_stale_temporaries"]

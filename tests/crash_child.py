@@ -4,8 +4,9 @@ a named point (the n-th call of a writer, an evaluation, a step), or that the pa
 A point is ``(name, n)``:
 - ``record``: the n-th metrics line is half written (no newline), then the kill;
 - ``checkpoint-file``: the n-th checkpoint's temporary file is half written, then the kill;
-- ``library-temporary``: the n-th checkpoint is being written by safetensors, which (>= 0.7) writes a ``.tmpXXXXXX``
-  of its own beside the path it was given and renames it; the kill comes while that file exists;
+- ``library-temporary``: the n-th checkpoint is being written by safetensors, which (>= 0.7) writes a
+  ``.tmp<6 random characters>`` of its own beside the path it was given and renames it; the kill comes while that
+  file exists;
 - ``checkpoint-rename``: the n-th checkpoint is written and the one before renamed to ``.previous``; the kill comes
   before the new one is renamed in (no ``checkpoint.safetensors`` at that instant);
 - ``embedder``: the embedder's temporary directory is written; the kill comes before it is renamed in;

@@ -144,9 +144,10 @@ atomic_save_file({"x": torch.zeros(64 * 2**20)}, os.path.join(directory, "big.sa
 
 
 def test_a_kill_inside_the_safetensors_writer_leaves_only_what_the_next_start_removes(tmp_path):
-    """The real safetensors (>= 0.7 writes a ``.tmpXXXXXX`` of its own and renames it), SIGKILLed while that file
-    exists: the directory holds only our private ``.big.safetensors.<random>.tmp/``, which remove_stale_temporaries
-    takes away (the CI failure of a timed kill: a loose ``.tmppud2FN`` in the run directory)."""
+    """The real safetensors (>= 0.7 writes a ``.tmp<6 random characters>`` of its own and renames it), SIGKILLed
+    while that file exists: the directory holds only our private ``.big.safetensors.<random>.tmp/``, which
+    remove_stale_temporaries takes away (the CI failure of a timed kill: a loose ``.tmppud2FN`` in the run
+    directory)."""
     import subprocess
     import sys
 
